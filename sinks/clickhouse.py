@@ -1,0 +1,115 @@
+"""ClickHouse: the connection Weir shares in a process, and the tables the sinks write.
+
+chdb (the embedded engine) can be opened by one process at a time, so a
+Weir process opens it once and every stage shares this handle; calls are
+serialized by a lock (clickhouse-connect's chdb backend is not thread-safe).
+Tables are ReplacingMergeTree keyed by event id (or source coordinates), so
+re-delivered batches collapse: read with ``FINAL`` for exact counts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import clickhouse_connect
+
+DDL = [
+    """CREATE TABLE IF NOT EXISTS clickstream (
+        event_id String, event_type LowCardinality(String), user_id String, session_id String,
+        ts DateTime64(3, 'UTC'), device_id Nullable(String), ip Nullable(String), page Nullable(String),
+        query Nullable(String), product_id Nullable(String), amount Nullable(Float64)
+    ) ENGINE = ReplacingMergeTree ORDER BY event_id""",
+    """CREATE TABLE IF NOT EXISTS predictions (
+        event_id String, payment_id String, card_id String, customer_id String, score Float64,
+        model_name LowCardinality(String), model_version LowCardinality(String), latency_ms Float64,
+        event_ts DateTime64(3, 'UTC'), predicted_ts DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree ORDER BY (model_name, event_id)""",
+    """CREATE TABLE IF NOT EXISTS labels (
+        event_id String, payment_id String, is_fraud UInt8, payment_ts DateTime64(3, 'UTC'),
+        label_ts DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree ORDER BY payment_id""",
+    """CREATE TABLE IF NOT EXISTS alerts (
+        alert_id String, ts DateTime64(3, 'UTC'), detector LowCardinality(String), metric String,
+        value Float64, threshold Float64, model_version String, message String
+    ) ENGINE = ReplacingMergeTree ORDER BY alert_id""",
+    """CREATE TABLE IF NOT EXISTS retrain_requests (
+        request_id String, ts DateTime64(3, 'UTC'), reason String, since_ts Nullable(DateTime64(3, 'UTC'))
+    ) ENGINE = ReplacingMergeTree ORDER BY request_id""",
+    """CREATE TABLE IF NOT EXISTS model_events (
+        event_id String, ts DateTime64(3, 'UTC'), model_name String, version Int32, stage String,
+        artifact_uri String, sha256 String, metrics Map(String, Float64)
+    ) ENGINE = ReplacingMergeTree ORDER BY event_id""",
+    """CREATE TABLE IF NOT EXISTS scored_features (
+        event_id String, payment_id String, card_id String, ts DateTime64(3, 'UTC'),
+        features Array(Float32), score Float64, model_version LowCardinality(String)
+    ) ENGINE = ReplacingMergeTree ORDER BY event_id""",
+    """CREATE TABLE IF NOT EXISTS feature_log (
+        view LowCardinality(String), entity_id String, event_id String, ts DateTime64(3, 'UTC'),
+        values Array(Float64)
+    ) ENGINE = ReplacingMergeTree ORDER BY (view, entity_id, ts, event_id)""",
+    """CREATE TABLE IF NOT EXISTS dlq (
+        topic String, partition Int32, offset Int64, reason LowCardinality(String), detail String,
+        stage String, source_topic String, key Nullable(String), value String, ts DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree ORDER BY (topic, partition, offset)""",
+]
+
+
+class ClickHouse:
+    """A process-wide ClickHouse handle: ``chdb://<dir>`` (embedded) or an http(s) URL."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._client = clickhouse_connect.get_client(dsn=dsn)
+        self._lock = threading.RLock()
+
+    def ensure_schema(self) -> None:
+        for ddl in DDL:
+            self.command(ddl)
+
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        with self._lock:
+            return self._client.command(sql, parameters=parameters)
+
+    def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+        if not rows:
+            return
+        with self._lock:
+            self._client.insert(table, rows, column_names=list(columns))
+
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self._client.query(sql, parameters=parameters).result_rows)
+
+    def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        rows = self.rows(sql, parameters)
+        return rows[0][0] if rows else None
+
+    @property
+    def client(self) -> Any:
+        """A clickhouse-connect client whose every call holds this handle's lock."""
+        return _Locked(self._client, self._lock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
+
+
+class _Locked:
+    """Proxy that serializes every method call on ``target`` under ``lock``."""
+
+    def __init__(self, target: Any, lock: threading.RLock) -> None:
+        self._target = target
+        self._lock = lock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call

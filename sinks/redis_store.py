@@ -1,0 +1,93 @@
+"""The online feature store in Redis.
+
+Key layout: one string per entity and feature view version::
+
+    weir:fv:<view>:v<version>:<entity_id>  ->  packed little-endian record
+        int64   event time (ms) the values are as of
+        int64   wall time (ms) of the write
+        float64 × n  the view's features, in the view's order
+
+A batch of writes is one ``EVALSHA`` of a script that sets every key with
+the view's TTL, and a batch of reads is one ``MGET``: one round trip each,
+with redis-py's per-command overhead paid once per batch instead of once per
+entity (measured: per-entity hash commands spent 60% of the features stage
+in redis-py's command packing). A missing entity comes back as the view's
+defaults with ``found=False``.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import redis
+
+from streams.features.definitions import DEFAULTS, FeatureView
+
+# KEYS: the entities' keys; ARGV[1]: TTL in ms; ARGV[i+1]: the value of KEYS[i]
+SET_ALL = """
+local ttl = ARGV[1]
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[i + 1], 'PX', ttl)
+end
+return #KEYS
+"""
+
+
+@cache
+def _codec(n: int) -> struct.Struct:
+    return struct.Struct(f"<qq{n}d")
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One entity's values as read back."""
+
+    values: list[float]
+    found: bool
+    event_ts: int = 0
+    write_ts: int = 0
+
+
+def pack(view: FeatureView, event_ts: int, write_ts: int, values: Sequence[float]) -> bytes:
+    return _codec(len(view.features)).pack(event_ts, write_ts, *values)
+
+
+def unpack(view: FeatureView, raw: bytes | None) -> Stored:
+    if raw is None:
+        return Stored([DEFAULTS[f] for f in view.features], False)
+    event_ts, write_ts, *values = _codec(len(view.features)).unpack(raw)
+    return Stored(values, True, event_ts, write_ts)
+
+
+class OnlineStore:
+    """Batched writer and reader of feature views."""
+
+    def __init__(self, url: str) -> None:
+        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._set_all = self._redis.register_script(SET_ALL)
+
+    def ping(self) -> bool:
+        return bool(self._redis.ping())
+
+    def write(self, view: FeatureView, rows: Iterable[tuple[str, int, Sequence[float]]]) -> int:
+        """Write (entity_id, event_ts_ms, values) rows in one round trip; returns rows written."""
+        now = int(time.time() * 1000)
+        keys: list[str] = []
+        args: list[bytes | int] = [view.ttl_ms]
+        for entity_id, ts, values in rows:
+            keys.append(view.redis_key(entity_id))
+            args.append(pack(view, ts, now, values))
+        if keys:
+            self._set_all(keys=keys, args=args)
+        return len(keys)
+
+    def read(self, requests: Sequence[tuple[FeatureView, str]]) -> list[Stored]:
+        """Values of each (view, entity_id), in request order, with one MGET."""
+        if not requests:
+            return []
+        raw = self._redis.mget([view.redis_key(entity_id) for view, entity_id in requests])
+        return [unpack(view, r) for (view, _), r in zip(requests, raw)]

@@ -1,0 +1,157 @@
+"""``weir demo``: the whole loop on the embedded stack, for a bounded number of shop events.
+
+Starts the stack and every stage, drives the simulated shop (clickstream to
+Kafka, customers/orders/payments/labels into PostgreSQL, streamed back by
+CDC), waits until every payment has its prediction and every label has
+been learnt from, then stops cleanly and writes a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from models.scorer import RuleScorer
+from streams.features.definitions import FEATURE_NAMES
+from streams.pipeline import Pipeline, PipelineConfig
+from streams.scenario.driver import ShopDriver
+from streams.scenario.shop import ShopConfig, ShopSimulator, event_time
+from streams.settings import WeirSettings
+from streams.stack import Stack
+from streams import summary as S
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    events: int = 40_000
+    rate: float | None = 600.0
+    seed: int = 7
+    drift_at: float = 0.5
+    summary_json: Path | None = None
+    settle_timeout_s: float = 180.0
+    progress: bool = True
+
+
+class DriftMark:
+    """Remembers the event time and wall time at which the shop's drift began."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.event_ms: int | None = None
+        self.wall: float | None = None
+
+    def watch(self, events: Iterable[Any]) -> Iterator[Any]:
+        for i, ev in enumerate(events):
+            if i == self.index:
+                self.event_ms = int(event_time(ev).timestamp() * 1000)
+                self.wall = time.time()
+            yield ev
+
+
+def run_demo(settings: WeirSettings, opts: DemoOptions, config: PipelineConfig | None = None) -> dict[str, Any]:
+    """Run the demo end to end and return (and write) its summary; raises if a stage fails."""
+    started = time.time()
+    with Stack(settings) as endpoints:
+        endpoints.write(settings.data_dir / "endpoints.json")
+        driver = ShopDriver(endpoints.postgres_dsn, endpoints.kafka_bootstrap, rate=opts.rate,
+                            partitions=settings.partitions)
+        driver.prepare()
+        pipeline = Pipeline(endpoints, config or pipeline_config(settings))
+        pipeline.start()
+        try:
+            summary = _drive(pipeline, driver, opts)
+        finally:
+            pipeline.stop()
+    summary["elapsed_s"] = round(time.time() - started, 1)
+    path = opts.summary_json or settings.data_dir / "demo-summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def pipeline_config(settings: WeirSettings) -> PipelineConfig:
+    return PipelineConfig(
+        data_dir=settings.data_dir.resolve(), partitions=settings.partitions,
+        batch_max_size=settings.batch_max_size, batch_max_wait_ms=settings.batch_max_wait_ms,
+        fetch_wait_ms=settings.fetch_wait_ms,
+        inference_max_batch=settings.inference_max_batch,
+        drift_delta=settings.drift_delta, retrain_cron=settings.retrain_cron,
+    )
+
+
+def _drive(pipeline: Pipeline, driver: ShopDriver, opts: DemoOptions) -> dict[str, Any]:
+    sim = ShopSimulator(ShopConfig(seed=opts.seed, drift_at=opts.drift_at))
+    mark = DriftMark(int(opts.events * opts.drift_at))
+    bar = tqdm(total=opts.events, desc="shop events", unit="ev", disable=not opts.progress)
+    stats: dict[str, Any] = {}
+    error: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            stats["driver"] = driver.run(mark.watch(sim.events(opts.events)), progress=bar.update)
+        except BaseException as exc:
+            error.append(exc)
+
+    feeder = threading.Thread(target=produce, name="shop-driver", daemon=True)
+    t0 = time.time()
+    feeder.start()
+    while feeder.is_alive():
+        pipeline.check()
+        feeder.join(0.5)
+    bar.close()
+    if error:
+        raise error[0]
+    produce_s = time.time() - t0
+    d = stats["driver"]
+    _settle(pipeline, d.payments, d.labels, opts)
+    assert pipeline.ch is not None and mark.event_ms is not None and mark.wall is not None
+    ch = pipeline.ch
+    c = S.counts(ch)
+    after = {"since": int(mark.wall * 1000)}
+    return {
+        "events_in": d.clicks + d.rows,
+        "clicks": d.clicks,
+        "payments": d.payments,
+        "fraud_payments": d.fraud_payments,
+        "labels": c["labels"],
+        "predictions": c["predictions"],
+        "predictions_online": c["predictions_online"],
+        "dlq": c["dlq"],
+        "alerts": c["alerts"],
+        "alerts_after_drift": int(ch.scalar("SELECT count() FROM alerts FINAL WHERE toUnixTimestamp64Milli(ts) >= "
+                                            "{since:Int64}", after) or 0),
+        "retrains": len([r for r in pipeline.stages["retrain"].runs if "version" in r]),
+        "retrains_after_drift": int(ch.scalar("SELECT count() FROM model_events FINAL WHERE "
+                                              "toUnixTimestamp64Milli(ts) >= {since:Int64}", after) or 0),
+        "models_registered": c["models_registered"],
+        **S.drift_summary(ch, mark.event_ms, RuleScorer(list(FEATURE_NAMES)).version),
+        "latency_ms": S.latency(ch),
+        "events_per_s": round((d.clicks + d.rows) / produce_s, 1),
+        "stages": {k: {"consumed": v["consumed"], "dead_lettered": v["dead_lettered"]}
+                   for k, v in pipeline.stats().items()},
+    }
+
+
+def _settle(pipeline: Pipeline, payments: int, labels: int, opts: DemoOptions) -> None:
+    """Wait until every payment is predicted and stored and every label learnt from (or time out)."""
+    deadline = time.time() + opts.settle_timeout_s
+    assert pipeline.ch is not None
+    while time.time() < deadline:
+        pipeline.check()
+        c = S.counts(pipeline.ch)
+        learned = pipeline.stages["learn"].learned
+        if c["predictions"] >= payments and c["predictions_online"] >= payments and learned >= labels:
+            return
+        time.sleep(1.0)
+    log.warning("demo did not settle within %.0fs: some payments or labels are still in flight",
+                opts.settle_timeout_s)

@@ -1,0 +1,1 @@
+"""Embedded services Weir starts when no external endpoint is configured."""

@@ -1,0 +1,1 @@
+"""Feature definitions and the window logic that computes them."""

@@ -1,0 +1,172 @@
+"""Assembles the stages into one process: each stage on its own :class:`BatchRunner` thread.
+
+ClickHouse's embedded engine is single-process, so the stages that use it
+(sinks, retrain, the registry) live in the process that opened it; with
+external services every stage can run in a process of its own
+(``stages=...``) and scale out by consumer group.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.online import RiverLearner
+from models.registry import ModelRegistry
+from models.scorer import RuleScorer
+from sinks.clickhouse import ClickHouse
+from sinks.events import ClickHouseSink
+from sinks.redis_store import OnlineStore
+from streams import topics as T
+from streams.features.definitions import FEATURE_NAMES
+from streams.runtime import BatchRunner, Stage
+from streams.stack import Endpoints
+from streams.stages.drift import DriftStage
+from streams.stages.features import FeaturesStage
+from streams.stages.inference import ModelSlot, InferenceStage
+from streams.stages.ingest import IngestStage
+from streams.stages.learn import LearnStage
+from streams.stages.model_watch import ModelWatchStage
+from streams.stages.retrain import RetrainScheduler, RetrainStage
+
+log = logging.getLogger(__name__)
+
+ALL_STAGES = ("cdc", "ingest", "features", "inference", "learn", "drift", "retrain", "sinks")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Plain values the stages need (the CLI fills them from :class:`WeirSettings`)."""
+
+    data_dir: Path
+    partitions: int = 4
+    batch_max_size: int = 500
+    batch_max_wait_ms: int = 5
+    fetch_wait_ms: int = 10
+    inference_max_batch: int = 256
+    drift_delta: float = 0.002
+    drift_cooldown: int = 1000
+    retrain_cron: str = "*/30 * * * *"
+    retrain_window_rows: int = 4000
+    bootstrap_rows: int = 1500
+    online_model: str = "logreg"
+    seed: int = 0
+    group_prefix: str = "weir"
+    stages: tuple[str, ...] = ALL_STAGES
+    cdc_tables: tuple[str, ...] = tuple(T.CDC_TABLES)
+
+
+@dataclass
+class Pipeline:
+    endpoints: Endpoints
+    config: PipelineConfig
+    runners: dict[str, BatchRunner] = field(default_factory=dict)
+    stages: dict[str, Any] = field(default_factory=dict)
+    ch: ClickHouse | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _scheduler: RetrainScheduler | None = None
+    cdc: Any = None
+
+    def start(self) -> None:
+        c, e = self.config, self.endpoints
+        wanted = set(c.stages)
+        if wanted & {"sinks", "retrain"}:
+            self.ch = ClickHouse(e.clickhouse_dsn)
+            self.ch.ensure_schema()
+        store = OnlineStore(e.redis_url) if wanted & {"features", "inference"} else None
+        if "cdc" in wanted and e.postgres_dsn:
+            self._start_cdc()
+        if "ingest" in wanted:
+            self._run(IngestStage(c.partitions), hot=True)
+        if "features" in wanted:
+            assert store is not None
+            self._run(FeaturesStage(store), hot=True)
+        if "inference" in wanted:
+            assert store is not None
+            slot = ModelSlot(RuleScorer(list(FEATURE_NAMES)))
+            self._run(InferenceStage(store, slot), hot=True, max_batch=c.inference_max_batch)
+            watch = ModelWatchStage(slot)
+            self._run(watch, group_id=f"{c.group_prefix}-model-watch-{time.time_ns()}", max_wait_ms=200)
+            self.stages["slot"] = slot
+        if "learn" in wanted:
+            learner = RiverLearner(c.online_model, seed=c.seed)
+            self._run(LearnStage(learner, f"river-{c.online_model}"))
+        if "drift" in wanted:
+            self._run(DriftStage(c.drift_delta, cooldown=c.drift_cooldown))
+        if "retrain" in wanted:
+            assert self.ch is not None
+            registry = ModelRegistry(self.ch.client, c.data_dir / "models")
+            registry.ensure_schema()
+            self._run(RetrainStage(self.ch, registry, window_rows=c.retrain_window_rows, seed=c.seed),
+                      max_wait_ms=200)
+            self.stages["registry"] = registry
+            self._scheduler = RetrainScheduler(e.kafka_bootstrap, self.ch, registry, c.retrain_cron,
+                                               bootstrap_rows=c.bootstrap_rows)
+            self._scheduler.start()
+        if "sinks" in wanted:
+            assert self.ch is not None
+            self._run(ClickHouseSink(self.ch), max_batch=5000)
+
+    def _run(self, stage: Stage, *, hot: bool = False, group_id: str | None = None, max_batch: int | None = None,
+             max_wait_ms: int = 100) -> None:
+        """Start ``stage`` on a runner. Hot-path stages (ingest, features, inference) use the
+        configured batch wait and fetch wait; the others fetch lazily (100 ms), sparing the broker."""
+        c = self.config
+        runner = BatchRunner(
+            stage, self.endpoints.kafka_bootstrap,
+            group_id=group_id or f"{c.group_prefix}-{stage.step_id}",
+            max_batch=max_batch or c.batch_max_size,
+            max_wait_ms=c.batch_max_wait_ms if hot else max_wait_ms,
+            fetch_wait_ms=c.fetch_wait_ms if hot else 100,
+        )
+        runner.start()
+        self.runners[stage.step_id] = runner
+        self.stages[stage.step_id] = stage
+
+    def _start_cdc(self) -> None:
+        from streams.cdc import CdcConnector
+
+        self.cdc = CdcConnector(self.endpoints.postgres_dsn, self.endpoints.kafka_bootstrap,
+                                list(self.config.cdc_tables), partitions=self.config.partitions)
+        self.cdc.setup()
+        thread = threading.Thread(target=self._cdc_loop, name="stage-cdc", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _cdc_loop(self) -> None:
+        try:
+            self.cdc.run(self._stop)
+        except BaseException as exc:
+            self.stages["cdc_error"] = exc
+            log.exception("CDC connector stopped")
+
+    def check(self) -> None:
+        """Raise the first error a stage stopped with (the process should then stop)."""
+        for name, runner in self.runners.items():
+            if runner.error is not None:
+                raise RuntimeError(f"stage {name} failed: {runner.error!r}") from runner.error
+        if "cdc_error" in self.stages:
+            raise RuntimeError(f"CDC connector failed: {self.stages['cdc_error']!r}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        for runner in self.runners.values():
+            runner._stop.set()
+        for runner in self.runners.values():
+            runner.stop()
+        for thread in self._threads:
+            thread.join(30)
+        if self.cdc is not None:
+            self.cdc.close()
+        if self.ch is not None:
+            self.ch.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {name: vars(r.stats) for name, r in self.runners.items()}

@@ -1,0 +1,230 @@
+"""The batch runtime every stage runs on: consume a batch, process, produce, flush, commit.
+
+Why not a faust agent per stage: faust passes ~4,200 messages/s here (one event
+per message, measured in this repo's notes) and its aiokafka driver hard-codes
+``fetch_max_wait_ms=1500``, which the embedded broker honours in full (~400 ms
+median per hop). A confluent-kafka batch consumer passes ~1,000,000 messages/s
+and waits at most ``max_wait_ms`` for a batch, so it is the hot path's shell.
+
+Delivery: at-least-once. For each batch the runner (1) calls the stage, which
+may write durably to its own stores, and (2) produces what the stage returned
+plus dead letters. Every ``commit_every_ms`` (and on stop, rebalance and
+pause) it (3) flushes the producer and checks every delivery report, and only
+then (4) commits the offsets of every batch processed so far, synchronously.
+A crash anywhere before (4) re-delivers those batches; sinks and stores are
+idempotent on event id. Committing on a cadence rather than per batch keeps
+the per-batch path free of broker round trips (measured on the embedded
+broker: flush + commit cost 10-14 ms per batch under load, a hop's whole
+latency budget).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from streams.base import Message, Produce, Rejected, StepResult
+from streams.kafka import DeliveryTracker, consumer_config, flush_or_raise, producer_config
+
+log = logging.getLogger(__name__)
+
+
+class Stage(Protocol):
+    """What a :class:`BatchRunner` drives.
+
+    ``handle`` receives the messages of one consume call (any mix of the
+    subscribed topics and partitions, in offset order per partition) and must
+    not raise on bad input: refused messages come back in ``rejected``. Any
+    durable write it does must be complete when it returns.
+    """
+
+    step_id: str
+    topics: list[str]
+
+    def handle(self, batch: list[Message]) -> StepResult: ...
+
+
+@dataclass
+class RunnerStats:
+    """Counters a runner updates after each committed batch."""
+
+    consumed: int = 0
+    produced: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    last_commit_at: float = 0.0
+    busy_s: float = 0.0
+    lag_ms_sum: float = 0.0  # consume time minus the message's timestamp, summed over messages
+    by_topic: dict[str, int] = field(default_factory=dict)
+
+
+def dead_letter(stage: str, rej: Rejected, now_ms: int) -> Produce:
+    """The DLQ record for a refused message: original key and bytes, reason in headers."""
+    m = rej.message
+    headers = m.headers + (
+        ("weir.reason", rej.error.reason.value.encode()),
+        ("weir.detail", rej.error.detail.encode()),
+        ("weir.stage", stage.encode()),
+        ("weir.topic", m.topic.encode()),
+        ("weir.partition", str(m.partition).encode()),
+        ("weir.offset", str(m.offset).encode()),
+        ("weir.time", str(now_ms).encode()),
+    )
+    return Produce(f"dlq.{m.topic}", m.key, m.value, headers)
+
+
+class BatchRunner:
+    """Runs one :class:`Stage` in a consumer group until stopped.
+
+    ``run`` blocks the calling thread; ``start`` runs it in a daemon thread.
+    An unexpected exception from the stage stops the runner and is kept in
+    ``error`` (the process supervisor surfaces it); nothing is committed past it.
+    """
+
+    def __init__(
+        self,
+        stage: Stage,
+        bootstrap: str,
+        *,
+        group_id: str | None = None,
+        max_batch: int = 500,
+        max_wait_ms: int = 5,
+        fetch_wait_ms: int = 10,
+        commit_every_ms: int = 50,
+    ) -> None:
+        self.stage = stage
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self.commit_every_s = commit_every_ms / 1000
+        self._uncommitted: dict[tuple[str, int], int] = {}
+        self._last_commit = time.monotonic()
+        self.stats = RunnerStats()
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self.paused = threading.Event()
+        self._thread: threading.Thread | None = None
+        # fetch_wait_ms trades broker CPU for latency: the embedded broker answers an empty fetch only when
+        # the wait expires, and each idle fetch costs it CPU (measured: 4 idle consumers cost 0.39 of a
+        # core at 5 ms, 0.16 at 20 ms, 0.08 at 50 ms).
+        self._consumer = Consumer(consumer_config(bootstrap, group_id or f"weir-{stage.step_id}",
+                                                  **{"fetch.wait.max.ms": fetch_wait_ms}))
+        self._subscribed = False
+        self._tracker = DeliveryTracker()
+        self._producer = Producer(producer_config(bootstrap), on_delivery=self._tracker)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"stage-{self.stage.step_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run(self) -> None:
+        self.subscribe()
+        try:
+            while not self._stop.is_set():
+                if self.paused.is_set():
+                    self.commit()
+                    self._hold()
+                self.run_once()
+            self.commit()
+        except BaseException as exc:  # surfaced by the supervisor, never swallowed
+            self.error = exc
+            log.exception("stage %s stopped", self.stage.step_id)
+        finally:
+            self._consumer.close()
+
+    def subscribe(self) -> None:
+        if not self._subscribed:
+            # before partitions are taken away, commit what was processed from them
+            self._consumer.subscribe(self.stage.topics, on_revoke=lambda c, parts: self.commit())
+            self._subscribed = True
+
+    def _hold(self) -> None:
+        """Stay in the group without consuming while ``paused`` is set (backpressure, benchmarks)."""
+        assignment = self._consumer.assignment()
+        self._consumer.pause(assignment)
+        while self.paused.is_set() and not self._stop.is_set():
+            self._consumer.consume(1, 0.1)  # serves rebalance callbacks; paused partitions yield nothing
+        self._consumer.resume(self._consumer.assignment())
+
+    def run_once(self) -> int:
+        """Consume, process and produce one batch, committing when the cadence is due; returns its size."""
+        self.subscribe()
+        raw = self._consumer.consume(self.max_batch, self.max_wait_s)
+        batch = self._messages(raw)
+        if batch:
+            started = time.perf_counter()
+            result = self.stage.handle(batch)
+            self._produce(result)
+            for m in batch:
+                self._uncommitted[(m.topic, m.partition)] = m.offset + 1
+            self._account(batch, result, time.perf_counter() - started)
+        else:
+            self._producer.poll(0)
+        if time.monotonic() - self._last_commit >= self.commit_every_s:
+            self.commit()
+        return len(batch)
+
+    def commit(self) -> None:
+        """Flush the producer (every record acknowledged, or raise), then commit what was processed."""
+        self._last_commit = time.monotonic()
+        if not self._uncommitted:
+            return
+        flush_or_raise(self._producer, self._tracker)
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()]
+        self._uncommitted = {}
+        self._consumer.commit(offsets=offsets, asynchronous=False)
+        self.stats.last_commit_at = self._last_commit
+
+    def _messages(self, raw: list) -> list[Message]:  # type: ignore[type-arg]
+        out: list[Message] = []
+        for m in raw:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("stage %s consume error: %s", self.stage.step_id, err)
+                continue
+            out.append(
+                Message(
+                    m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1],
+                    tuple((k, v or b"") for k, v in (m.headers() or ())),
+                )
+            )
+        return out
+
+    def _produce(self, result: StepResult) -> None:
+        now_ms = int(time.time() * 1000)
+        records = result.produce + [dead_letter(self.stage.step_id, r, now_ms) for r in result.rejected]
+        for i, rec in enumerate(records):
+            if rec.partition is None:
+                self._producer.produce(rec.topic, rec.value, rec.key, headers=list(rec.headers) or None)
+            else:
+                self._producer.produce(
+                    rec.topic, rec.value, rec.key, partition=rec.partition, headers=list(rec.headers) or None
+                )
+            if i % 10_000 == 9_999:
+                self._producer.poll(0)
+
+    def _account(self, batch: list[Message], result: StepResult, busy: float) -> None:
+        s = self.stats
+        s.consumed += len(batch)
+        s.produced += len(result.produce)
+        s.dead_lettered += len(result.rejected)
+        s.batches += 1
+        s.busy_s += busy
+        now_ms = time.time() * 1000 - busy * 1000
+        for m in batch:
+            s.by_topic[m.topic] = s.by_topic.get(m.topic, 0) + 1
+            s.lag_ms_sum += now_ms - m.timestamp_ms

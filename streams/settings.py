@@ -1,0 +1,39 @@
+"""One frozen settings model for a Weir deployment (env prefix ``WEIR_``).
+
+Unset service URLs mean "start the embedded one". Stages never see this
+object: the CLI reads it and hands plain values to what it builds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WeirSettings(BaseSettings):
+    """Settings read from ``WEIR_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIR_", frozen=True, extra="ignore")
+
+    data_dir: Path = Field(Path(".weir"), description="Where embedded services and artifacts keep their data.")
+    kafka_bootstrap: str | None = Field(None, description="Kafka bootstrap servers; unset starts embedded Tansu.")
+    redis_url: str | None = Field(None, description="Redis URL; unset starts embedded valkey.")
+    clickhouse_url: str | None = Field(
+        None, description="ClickHouse http(s) URL; unset uses chdb in-process under data_dir/clickhouse."
+    )
+    postgres_dsn: SecretStr | None = Field(
+        None, description="PostgreSQL DSN with logical replication; unset starts embedded PostgreSQL."
+    )
+    partitions: int = Field(4, ge=1, description="Partitions for topics Weir creates.")
+    pseudonymization_key: SecretStr = Field(
+        SecretStr("weir-dev-key-change-me"), description="HMAC key for PII tokens."
+    )
+    batch_max_size: int = Field(500, ge=1, description="Max events per micro-batch in the hot path.")
+    batch_max_wait_ms: int = Field(5, ge=1, description="Max time a hot-path micro-batch waits to fill.")
+    fetch_wait_ms: int = Field(10, ge=1, description="Hot-path consumers' fetch.wait.max.ms (latency vs broker CPU).")
+    inference_max_batch: int = Field(256, ge=1, description="Max payments per inference batch.")
+    drift_delta: float = Field(0.002, gt=0, description="ADWIN confidence parameter for error drift.")
+    retrain_cron: str = Field("*/30 * * * *", description="apscheduler cron for scheduled retrains.")
+    log_level: str = Field("WARNING", description="Python log level.")

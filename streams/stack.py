@@ -1,0 +1,96 @@
+"""The services a Weir process talks to: embedded ones it starts, or external ones from settings.
+
+``Stack.start()`` starts whatever is not configured (Tansu, valkey, chdb,
+PostgreSQL), creates Weir's topics, and knows the endpoints; ``stop()``
+stops what it started, in reverse order, leaving no child process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from streams import topics as T
+from streams.kafka import ensure_topics
+from streams.settings import WeirSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where a person or a client finds each service (written to ``endpoints.json``)."""
+
+    kafka_bootstrap: str
+    redis_url: str
+    clickhouse_dsn: str
+    postgres_dsn: str
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+class Stack:
+    def __init__(self, settings: WeirSettings, *, with_postgres: bool = True) -> None:
+        self.settings = settings
+        self.with_postgres = with_postgres
+        self.data_dir = settings.data_dir.resolve()
+        self._started: list[Any] = []
+        self.endpoints: Endpoints | None = None
+
+    def start(self) -> Endpoints:
+        s = self.settings
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        kafka = s.kafka_bootstrap or self._start_kafka()
+        redis_url = s.redis_url or self._start_redis()
+        clickhouse = s.clickhouse_url or f"chdb://{self.data_dir / 'clickhouse'}"
+        postgres = ""
+        if s.postgres_dsn is not None:
+            postgres = s.postgres_dsn.get_secret_value()
+        elif self.with_postgres:
+            postgres = self._start_postgres()
+        ensure_topics(kafka, T.ALL, s.partitions)
+        self.endpoints = Endpoints(kafka, redis_url, clickhouse, postgres)
+        return self.endpoints
+
+    def _start_kafka(self) -> str:
+        from streams.embedded.kafka import EmbeddedKafka
+
+        kafka = EmbeddedKafka(self.data_dir / "logs")
+        kafka.start()
+        self._started.append(kafka)
+        return kafka.bootstrap
+
+    def _start_redis(self) -> str:
+        from streams.embedded.redis import EmbeddedRedis
+
+        redis = EmbeddedRedis(self.data_dir / "redis")
+        redis.start()
+        self._started.append(redis)
+        return redis.url
+
+    def _start_postgres(self) -> str:
+        from streams.embedded.postgres import EmbeddedPostgres
+
+        pg = EmbeddedPostgres(self.data_dir / "postgres")
+        pg.start()
+        self._started.append(pg)
+        return pg.dsn
+
+    def stop(self) -> None:
+        while self._started:
+            service = self._started.pop()
+            try:
+                service.stop()
+            except Exception:  # keep stopping the others
+                log.exception("stopping %s failed", type(service).__name__)
+
+    def __enter__(self) -> Endpoints:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""One module per stage: ingest, features, inference, learn, drift, retrain, sinks."""

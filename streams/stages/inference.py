@@ -1,0 +1,113 @@
+"""Inference: score every payment with the champion model, micro-batched.
+
+Input: ``weir.scoring`` micro-batches (all the payments one consume call
+returns, across partitions, form one inference batch of at most
+``max_batch``). Features for the whole batch come from Redis in one
+pipelined round trip; the champion runs once per batch. Outputs: one
+``predictions.fraud`` record per payment (key card id) and a ``weir.scored``
+batch per input partition carrying the served feature vectors, which the
+learner and the training sets use, so training never sees other values than
+serving did.
+
+The champion is swapped by :class:`ModelSlot` between batches: a batch is
+scored entirely by one model version.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from models.base import BatchScorer
+from sinks.redis_store import OnlineStore
+from streams import topics as T
+from streams.base import InvalidEvent, Message, Produce, Rejected, StepResult
+from streams.codec import AvroCodec
+from streams.features.definitions import CARD, FEATURE_NAMES, USER, request_features
+
+MODEL_NAME = "fraud"
+
+
+class ModelSlot:
+    """Holds the current champion; ``swap`` replaces it atomically (a reference assignment)."""
+
+    def __init__(self, initial: BatchScorer) -> None:
+        self._model = initial
+        self._lock = threading.Lock()
+        self.swaps = 0
+
+    @property
+    def current(self) -> BatchScorer:
+        return self._model
+
+    def swap(self, model: BatchScorer) -> None:
+        with self._lock:
+            self._model = model
+            self.swaps += 1
+
+
+class InferenceStage:
+    step_id = "inference"
+    topics = [T.I_SCORING]
+
+    def __init__(self, store: OnlineStore, slot: ModelSlot, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.slot = slot
+        self.clock = clock
+        self.latencies_ms: deque[float] = deque(maxlen=200_000)
+        self.scored = 0
+        self._in = AvroCodec(T.I_SCORING)
+        self._pred = AvroCodec(T.PREDICTIONS)
+        self._scored = AvroCodec(T.I_SCORED)
+
+    def handle(self, batch: list[Message]) -> StepResult:
+        result = StepResult()
+        payments: list[tuple[int, dict[str, Any]]] = []
+        for msg in batch:
+            try:
+                payments.extend((msg.partition, p) for p in self._in.decode(msg.value)["items"])
+            except InvalidEvent as exc:
+                result.rejected.append(Rejected(msg, exc))
+        if payments:
+            self._score(payments, result)
+        return result
+
+    def features(self, payments: list[dict[str, Any]]) -> np.ndarray:
+        """The served feature matrix (n, len(FEATURE_NAMES)), float32, in one Redis round trip."""
+        requests = [r for p in payments for r in ((CARD, p["card_id"]), (USER, p["customer_id"]))]
+        fetched = self.store.read(requests)
+        rows = [
+            fetched[2 * i].values + fetched[2 * i + 1].values + request_features(p["amount"], p["merchant_category"])
+            for i, p in enumerate(payments)
+        ]
+        return np.asarray(rows, dtype=np.float32).reshape(len(payments), len(FEATURE_NAMES))
+
+    def _score(self, payments: list[tuple[int, dict[str, Any]]], result: StepResult) -> None:
+        items = [p for _, p in payments]
+        X = self.features(items)
+        model = self.slot.current  # one version for the whole batch
+        scores = model.predict(X)
+        now_ms = int(self.clock() * 1000)
+        scored: dict[int, list[dict[str, Any]]] = {}
+        for (part, p), x, s in zip(payments, X, scores):
+            latency = float(now_ms - p["source_ms"])
+            self.latencies_ms.append(latency)
+            pred = {
+                "event_id": p["event_id"], "payment_id": p["payment_id"], "card_id": p["card_id"],
+                "customer_id": p["customer_id"], "score": float(s), "model_name": MODEL_NAME,
+                "model_version": model.version, "latency_ms": latency, "event_ts": p["ts_ms"],
+                "predicted_ts": now_ms,
+            }
+            result.produce.append(Produce(T.PREDICTIONS, p["card_id"].encode(), self._pred.encode(pred)))
+            scored.setdefault(part, []).append({
+                "event_id": p["event_id"], "payment_id": p["payment_id"], "card_id": p["card_id"],
+                "ts_ms": p["ts_ms"], "features": x.tolist(), "score": float(s), "model_version": model.version,
+            })
+        self.scored += len(payments)
+        for part, rows in scored.items():
+            result.produce.append(Produce(T.I_SCORED, None, self._scored.encode({"items": rows}), partition=part))

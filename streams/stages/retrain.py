@@ -1,0 +1,170 @@
+"""Retrain: train a new champion from ClickHouse, export it to ONNX, register it, announce it.
+
+Input: ``retrain`` requests (from the drift stage, the apscheduler cron, the
+bootstrap check, or a person). The training set is the newest
+``window_rows`` labelled payments with the feature vectors that were served
+when they were scored (``scored_features`` joined with ``labels``), so
+training sees exactly what serving saw. Requests in one batch coalesce into
+one training run. Output: a ``model.events`` record for the registered
+version (stage ``production``); inference swaps to it without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from confluent_kafka import Producer
+
+from models.export import export_onnx
+from models.registry import ModelRegistry, ModelVersion
+from models.train import train_mlp
+from sinks.clickhouse import ClickHouse
+from streams import topics as T
+from streams.base import InvalidEvent, Message, Produce, Rejected, StepResult
+from streams.codec import AvroCodec
+from streams.features.definitions import FEATURE_NAMES
+from streams.kafka import producer_config
+from streams.stages.inference import MODEL_NAME
+
+log = logging.getLogger(__name__)
+
+TRAINING_SET = """
+SELECT s.features, l.is_fraud, toUnixTimestamp64Milli(s.ts) AS ts_ms
+FROM scored_features AS s FINAL
+INNER JOIN (SELECT payment_id, is_fraud FROM labels FINAL) AS l ON s.payment_id = l.payment_id
+WHERE s.ts >= fromUnixTimestamp64Milli({since:Int64})
+ORDER BY s.ts DESC
+LIMIT {limit:UInt32}
+"""
+
+
+def model_version_name(version: int) -> str:
+    return f"{MODEL_NAME}-v{version}"
+
+
+class RetrainStage:
+    step_id = "retrain"
+    topics = [T.RETRAIN]
+
+    def __init__(self, ch: ClickHouse, registry: ModelRegistry, *, window_rows: int = 4000, min_rows: int = 400,
+                 seed: int = 0, clock: Callable[[], float] = time.time) -> None:
+        self.ch = ch
+        self.registry = registry
+        self.window_rows = window_rows
+        self.min_rows = min_rows
+        self.seed = seed
+        self.clock = clock
+        self.runs: list[dict[str, Any]] = []
+        self._in = AvroCodec(T.RETRAIN)
+        self._out = AvroCodec(T.MODEL_EVENTS)
+
+    def handle(self, batch: list[Message]) -> StepResult:
+        result = StepResult()
+        reasons = []
+        for msg in batch:
+            try:
+                req = self._in.decode(msg.value)
+            except InvalidEvent as exc:
+                result.rejected.append(Rejected(msg, exc))
+                continue
+            since = req["since_ts"]
+            reasons.append((req["reason"], int(since.timestamp() * 1000) if since else 0))
+        if reasons:
+            version = self.train(", ".join(r for r, _ in reasons), min(s for _, s in reasons))
+            if version is not None:
+                result.produce.append(self._announce(version))
+        return result
+
+    def training_set(self, since_ms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = self.ch.rows(TRAINING_SET, {"since": since_ms, "limit": self.window_rows})
+        X = np.asarray([r[0] for r in rows], dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))
+        y = np.asarray([r[1] for r in rows], dtype=np.float32)
+        ts = np.asarray([r[2] for r in rows], dtype=np.int64)
+        order = np.argsort(ts, kind="stable")
+        return X[order], y[order], ts[order]
+
+    def train(self, reason: str, since_ms: int = 0) -> ModelVersion | None:
+        """One training run; returns the registered version, or None (logged) when the data cannot train one."""
+        X, y, ts = self.training_set(since_ms)
+        run: dict[str, Any] = {"reason": reason, "rows": len(y), "positives": int(y.sum())}
+        self.runs.append(run)
+        if len(y) < self.min_rows or y.min(initial=1) == y.max(initial=0):
+            run["skipped"] = f"{len(y)} labelled rows, {int(y.sum())} positive: not enough to train"
+            log.warning("retrain skipped: %s", run["skipped"])
+            return None
+        started = time.perf_counter()
+        try:
+            trained = train_mlp(X, y, ts, seed=self.seed)
+        except ValueError as exc:  # e.g. the time-based split left one class in the training part
+            run["skipped"] = str(exc)
+            log.warning("retrain skipped: %s", exc)
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            export_onnx(trained.module, len(FEATURE_NAMES), path)
+            metrics = {k: float(v) for k, v in trained.metrics.items()}
+            metrics["train_seconds"] = time.perf_counter() - started
+            lineage = {
+                "reason": reason, "rows": str(len(y)), "features": ",".join(FEATURE_NAMES),
+                "ts_min_ms": str(int(ts.min())), "ts_max_ms": str(int(ts.max())), "seed": str(self.seed),
+            }
+            version = self.registry.register(MODEL_NAME, path, metrics=metrics, lineage=lineage, stage="production")
+        run.update(version=version.version, **metrics)
+        log.warning("retrained %s on %d rows (%s): %s", model_version_name(version.version), len(y), reason, metrics)
+        return version
+
+    def _announce(self, v: ModelVersion) -> Produce:
+        event = {
+            "event_id": str(uuid.uuid4()), "ts": int(self.clock() * 1000), "model_name": v.name,
+            "version": v.version, "stage": v.stage, "artifact_uri": v.artifact_uri, "sha256": v.sha256,
+            "metrics": {k: float(x) for k, x in v.metrics.items()},
+        }
+        return Produce(T.MODEL_EVENTS, v.name.encode(), self._out.encode(event))
+
+
+class RetrainScheduler:
+    """apscheduler jobs that request retrains: a cron, and a bootstrap check while no champion exists."""
+
+    def __init__(self, bootstrap: str, ch: ClickHouse, registry: ModelRegistry, cron: str, *,
+                 bootstrap_rows: int = 1500, check_every_s: float = 2.0) -> None:
+        self.ch = ch
+        self.registry = registry
+        self.bootstrap_rows = bootstrap_rows
+        self._producer = Producer(producer_config(bootstrap))
+        self._codec = AvroCodec(T.RETRAIN)
+        self._bootstrapped = False
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self._scheduler.add_job(self.request, CronTrigger.from_crontab(cron, timezone="UTC"), args=["schedule"])
+        self._scheduler.add_job(self._bootstrap_check, "interval", seconds=check_every_s)
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        self._scheduler.shutdown(wait=False)
+        self._producer.flush(10)
+
+    def request(self, reason: str) -> None:
+        req = {"request_id": str(uuid.uuid4()), "ts": int(time.time() * 1000), "reason": reason, "since_ts": None}
+        self._producer.produce(T.RETRAIN, self._codec.encode(req), MODEL_NAME.encode())
+        self._producer.flush(10)
+
+    def _bootstrap_check(self) -> None:
+        if self._bootstrapped:
+            return
+        if self.registry.latest(MODEL_NAME, stage="production") is not None:
+            self._bootstrapped = True
+            return
+        labelled = self.ch.scalar("SELECT count() FROM labels")
+        if labelled is not None and labelled >= self.bootstrap_rows:
+            self._bootstrapped = True
+            self.request(f"bootstrap: no champion yet, {labelled} labels")

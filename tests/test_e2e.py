@@ -1,0 +1,135 @@
+"""The whole loop on the real embedded services: shop -> CDC/clickstream -> every stage -> ClickHouse.
+
+One demo run (session-scoped) with a few malformed records mixed into its
+input; each test checks one promise against what the run left in Kafka and
+ClickHouse.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from sinks.clickhouse import ClickHouse
+from streams import topics as T
+from streams.codec import AvroCodec
+from streams.demo import DemoOptions, pipeline_config, run_demo
+from streams.settings import WeirSettings
+from streams.stack import Endpoints
+
+pytestmark = pytest.mark.slow
+
+BAD_RECORDS = [
+    (b"not avro at all", "undecodable"),
+    (b"\x00" + struct.pack(">I", 123456) + b"\x02", "unknown_schema_id"),
+]
+
+
+def _missing_field_record() -> bytes:
+    rec = {"event_id": "bad-missing", "event_type": "login", "user_id": "", "session_id": "s",
+           "ts": 0, "device_id": None, "ip": None, "page": None, "query": None, "product_id": None, "amount": None}
+    return AvroCodec(T.CLICKS).encode(rec)
+
+
+def read_topic(bootstrap: str, topic: str, partitions: int, idle_s: float = 3.0) -> list[Any]:
+    """Every message of a topic, read with assign() (no group join), until idle."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-reader", "enable.auto.commit": False,
+                  "fetch.wait.max.ms": 50})
+    c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    out: list[Any] = []
+    empty = 0.0
+    while empty < idle_s:
+        batch = c.consume(10_000, 0.5)
+        empty = empty + 0.5 if not batch else 0.0
+        out.extend(m for m in batch if m.error() is None)
+    c.close()
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo(endpoints: Endpoints, weir_dir: Path) -> Iterator[tuple[dict[str, Any], ClickHouse]]:
+    producer = Producer({"bootstrap.servers": endpoints.kafka_bootstrap})
+    for value, _ in BAD_RECORDS:
+        producer.produce(T.CLICKS, value, b"bad")
+    producer.produce(T.CLICKS, _missing_field_record(), b"bad")
+    producer.flush(10)
+    settings = WeirSettings(
+        data_dir=weir_dir / "demo", kafka_bootstrap=endpoints.kafka_bootstrap, redis_url=endpoints.redis_url,
+        postgres_dsn=endpoints.postgres_dsn,
+    )
+    config = replace(pipeline_config(settings), bootstrap_rows=400, drift_cooldown=300, retrain_window_rows=2000)
+    opts = DemoOptions(events=16_000, rate=None, seed=11, drift_at=0.5, progress=False,
+                       summary_json=weir_dir / "summary.json")
+    summary = run_demo(settings, opts, config)
+    ch = ClickHouse(f"chdb://{(weir_dir / 'demo').resolve() / 'clickhouse'}")
+    yield summary, ch
+    ch.close()
+
+
+def test_every_payment_gets_exactly_one_champion_prediction(demo: Any, endpoints: Endpoints) -> None:
+    summary, ch = demo
+    preds = read_topic(endpoints.kafka_bootstrap, T.PREDICTIONS, 4)
+    codec = AvroCodec(T.PREDICTIONS)
+    per_payment = Counter(codec.decode(m.value())["payment_id"] for m in preds)
+    assert len(per_payment) == summary["payments"]
+    assert set(per_payment.values()) == {1}
+    stored = ch.scalar("SELECT uniqExact(payment_id) FROM predictions FINAL WHERE model_name = 'fraud'")
+    assert stored == summary["payments"] == summary["predictions"]
+
+
+def test_online_learner_scores_every_payment(demo: Any) -> None:
+    summary, _ = demo
+    assert summary["predictions_online"] == summary["payments"]
+    assert summary["auc_online_after_drift"] is not None
+
+
+def test_bad_records_reach_the_dlq_with_their_reason(demo: Any, endpoints: Endpoints) -> None:
+    summary, ch = demo
+    dead = read_topic(endpoints.kafka_bootstrap, f"dlq.{T.CLICKS}", 4)
+    reasons = Counter(dict(m.headers())["weir.reason"].decode() for m in dead)
+    assert reasons == Counter({"undecodable": 1, "unknown_schema_id": 1, "missing_field": 1})
+    for m in dead:
+        h = dict(m.headers())
+        assert h["weir.stage"] == b"ingest" and h["weir.topic"] == T.CLICKS.encode()
+        assert int(h["weir.offset"]) >= 0
+    assert {v for v, _ in BAD_RECORDS} <= {m.value() for m in dead}
+    stored = dict(ch.rows("SELECT reason, count() FROM dlq FINAL GROUP BY reason"))
+    assert stored == {"undecodable": 1, "unknown_schema_id": 1, "missing_field": 1}
+    assert summary["dlq"] == 3
+
+
+def test_clickhouse_holds_the_rows(demo: Any) -> None:
+    summary, ch = demo
+    assert ch.scalar("SELECT count() FROM clickstream FINAL") == summary["clicks"]
+    assert ch.scalar("SELECT count() FROM labels FINAL") == summary["payments"]
+    assert ch.scalar("SELECT count() FROM scored_features FINAL") == summary["payments"]
+    assert ch.scalar("SELECT count() FROM feature_log FINAL") > 0
+    assert ch.scalar("SELECT countIf(length(features) != 13) FROM scored_features") == 0
+
+
+def test_retrain_registers_a_model_that_inference_then_uses(demo: Any) -> None:
+    summary, ch = demo
+    assert summary["models_registered"] >= 1
+    first = ch.rows("SELECT version, toUnixTimestamp64Milli(ts) FROM model_events FINAL ORDER BY version LIMIT 1")
+    version, registered_ms = first[0]
+    served = ch.rows(
+        "SELECT min(toUnixTimestamp64Milli(predicted_ts)), count() FROM predictions FINAL "
+        "WHERE model_version = {v:String}", {"v": f"fraud-v{version}"})
+    assert served[0][1] > 0, "no payment was scored by the registered model"
+    assert served[0][0] >= registered_ms - 1000
+    # before the first model existed, the rule-based fallback served
+    assert ch.scalar("SELECT count() FROM predictions FINAL WHERE model_version = 'rules-0'") > 0
+
+
+def test_drift_raises_alerts_and_a_retrain_after_the_drift_point(demo: Any) -> None:
+    summary, _ = demo
+    assert summary["alerts_after_drift"] >= 1
+    assert summary["retrains_after_drift"] >= 1
+    assert summary["auc_champion_before_drift"] is not None

@@ -79,7 +79,7 @@ def produce(bootstrap: str, n: int, rate: float | None, seed: int, offset: int, 
     """Produce n events, as fast as possible or paced at ``rate``/s (encoded before the clock starts,
     so the load generator costs little CPU). Runs in a child process; stores the payment count."""
     events = generate(n, seed, offset)
-    producer = Producer(producer_config(bootstrap, **{"linger.ms": 1}))
+    producer = Producer(producer_config(bootstrap, **{"linger.ms": 5}))
     t0 = time.perf_counter()
     for i, (topic, key, value) in enumerate(events):
         producer.produce(topic, value, key)
@@ -147,16 +147,17 @@ def _wait(scored: Any, target: int, timeout: float, procs: list[Any]) -> float:
     return time.perf_counter() - t0
 
 
-def services_cpu() -> float:
+def services_cpu() -> dict[str, float]:
     """CPU seconds used so far by the embedded broker and Redis (children of this process)."""
     import psutil
 
-    total = 0.0
+    out: dict[str, float] = {}
     for child in psutil.Process().children(recursive=True):
-        if any(name in child.name() for name in ("tansu", "valkey")):
-            t = child.cpu_times()
-            total += t.user + t.system
-    return total
+        for name in ("tansu", "valkey"):
+            if name in child.name():
+                t = child.cpu_times()
+                out[name] = round(out.get(name, 0.0) + t.user + t.system, 1)
+    return out
 
 
 def main() -> None:
@@ -194,6 +195,7 @@ def run(endpoints: Any, args: argparse.Namespace, tmp: Path) -> None:
         w.start(); w.join()
         _wait(scored, count.value, 120, procs)
         warm = scored.value
+        print(f"after warm-up: broker/redis CPU {services_cpu()}")
         pause.set()
         time.sleep(0.5)
         p = ctx.Process(target=produce, args=(endpoints.kafka_bootstrap, args.events, None, 1, 0, count))
@@ -206,6 +208,7 @@ def run(endpoints: Any, args: argparse.Namespace, tmp: Path) -> None:
         rate = args.events / drain_s
         print(f"drain: {args.events} events ({payments} payments) through ingest->features->inference "
               f"in {drain_s:.1f}s = {rate:,.0f} events/s ({args.procs} stage process(es))")
+        print(f"after drain: broker/redis CPU {services_cpu()}")
         reset.set()
         half = args.rate or rate / 2
         n = int(half * args.seconds)
@@ -220,7 +223,7 @@ def run(endpoints: Any, args: argparse.Namespace, tmp: Path) -> None:
     p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
     print(f"latency at {half:,.0f} events/s for {args.seconds:.0f}s ({len(lat)} payments): "
           f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-    print(f"CPU seconds: stage processes {cpu.value:.1f}, services {services_cpu():.1f} (whole run)")
+    print(f"CPU seconds: stage processes {cpu.value:.1f}, services {services_cpu()} (whole run)")
     print(json.dumps({"events_per_s": round(rate), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
                       "half_rate_events_per_s": round(half), "stage_processes": args.procs}))
 

@@ -3,7 +3,8 @@
 chdb (the embedded engine) can be opened by one process at a time, so a
 Weir process opens it once and every stage shares this handle; calls are
 serialized by a lock (clickhouse-connect's chdb backend is not thread-safe).
-Tables are ReplacingMergeTree keyed by event id (or source coordinates), so
+Tables are ReplacingMergeTree keyed by event id (dead letters: by the refused
+message's source topic, partition and offset), so
 re-delivered batches collapse: read with ``FINAL`` for exact counts.
 """
 
@@ -51,8 +52,9 @@ DDL = [
     ) ENGINE = ReplacingMergeTree ORDER BY (view, entity_id, ts, event_id)""",
     """CREATE TABLE IF NOT EXISTS dlq (
         topic String, partition Int32, offset Int64, reason LowCardinality(String), detail String,
-        stage String, source_topic String, key Nullable(String), value String, ts DateTime64(3, 'UTC')
-    ) ENGINE = ReplacingMergeTree ORDER BY (topic, partition, offset)""",
+        stage String, source_topic String, source_partition Int32, source_offset Int64,
+        key Nullable(String), value String, ts DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree ORDER BY (source_topic, source_partition, source_offset, stage)""",
 ]
 
 

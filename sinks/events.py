@@ -37,7 +37,8 @@ RETRAIN_COLS = ("request_id", "ts", "reason", "since_ts")
 MODEL_COLS = ("event_id", "ts", "model_name", "version", "stage", "artifact_uri", "sha256", "metrics")
 SCORED_COLS = ("event_id", "payment_id", "card_id", "ts", "features", "score", "model_version")
 FLOG_COLS = ("view", "entity_id", "event_id", "ts", "values")
-DLQ_COLS = ("topic", "partition", "offset", "reason", "detail", "stage", "source_topic", "key", "value", "ts")
+DLQ_COLS = ("topic", "partition", "offset", "reason", "detail", "stage", "source_topic", "source_partition",
+            "source_offset", "key", "value", "ts")
 
 
 def _scored(r: dict[str, Any]) -> list[Row]:
@@ -71,9 +72,21 @@ def dlq_row(msg: Message) -> Row:
     def text(name: str) -> str:
         return h.get(name, b"").decode("utf-8", "replace")
 
+    def number(name: str) -> int:
+        try:
+            return int(text(name))
+        except ValueError:  # a dead letter written by something else than Weir's runtime
+            return -1
+
     return [msg.topic, msg.partition, msg.offset, text("weir.reason"), text("weir.detail"), text("weir.stage"),
-            text("weir.topic"), msg.key.decode("utf-8", "replace") if msg.key is not None else None,
+            text("weir.topic"), number("weir.partition"), number("weir.offset"),
+            msg.key.decode("utf-8", "replace") if msg.key is not None else None,
             (msg.value or b"").hex(), _dt(msg.timestamp_ms)]
+
+
+# Public inputs whose validation ingest owns: ingest dead-letters what it refuses; the sink skips
+# (and counts) what it cannot decode rather than dead-lettering the same record a second time.
+VALIDATED_BY_INGEST = {T.CLICKS}
 
 
 class ClickHouseSink:
@@ -82,6 +95,7 @@ class ClickHouseSink:
 
     def __init__(self, ch: ClickHouse) -> None:
         self.ch = ch
+        self.skipped = 0
         self._codecs = {t: AvroCodec(t) for t in TABLES}
 
     def handle(self, batch: list[Message]) -> StepResult:
@@ -95,7 +109,10 @@ class ClickHouseSink:
             try:
                 tables.setdefault(table, []).extend(mapper(self._codecs[msg.topic].decode(msg.value)))
             except InvalidEvent as exc:
-                result.rejected.append(Rejected(msg, exc))
+                if msg.topic in VALIDATED_BY_INGEST:
+                    self.skipped += 1
+                else:
+                    result.rejected.append(Rejected(msg, exc))
         columns = {t: c for t, c, _ in TABLES.values()} | {"dlq": DLQ_COLS}
         for table, rows in tables.items():
             self.ch.insert(table, rows, columns[table])

@@ -44,6 +44,7 @@ def _demo(settings: WeirSettings, args: argparse.Namespace) -> int:
     from streams.demo import DemoOptions, run_demo
 
     opts = DemoOptions(events=args.events, rate=args.rate or None, seed=args.seed, drift_at=args.drift_at,
+                       fraud_rate=args.fraud_rate,
                        summary_json=args.summary_json, progress=not args.no_progress)
     summary = run_demo(settings, opts)
     print(json.dumps(summary, indent=2))
@@ -55,10 +56,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start the embedded stack and every stage; stay up until Ctrl-C")
     d = sub.add_parser("demo", help="run the simulated shop through every stage and print a summary")
-    d.add_argument("--events", type=int, default=40_000, help="shop events to produce (default 40000)")
-    d.add_argument("--rate", type=float, default=600.0, help="events per second, 0 = unthrottled (default 600)")
+    d.add_argument("--events", type=int, default=60_000, help="shop events to produce (default 60000)")
+    d.add_argument("--rate", type=float, default=800.0, help="events per second, 0 = unthrottled (default 800)")
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--drift-at", type=float, default=0.5, help="fraction of events after which fraud drifts")
+    d.add_argument("--fraud-rate", type=float, default=0.045, help="share of payments that are fraud")
     d.add_argument("--summary-json", type=Path, default=None, help="default: <data dir>/demo-summary.json")
     d.add_argument("--no-progress", action="store_true")
     return p

@@ -23,7 +23,7 @@ from models.scorer import RuleScorer
 from streams.features.definitions import FEATURE_NAMES
 from streams.pipeline import Pipeline, PipelineConfig
 from streams.scenario.driver import ShopDriver
-from streams.scenario.shop import ShopConfig, ShopSimulator, event_time
+from streams.scenario.shop import ShopConfig, ShopEvent, ShopSimulator
 from streams.settings import WeirSettings
 from streams.stack import Stack
 from streams import summary as S
@@ -33,27 +33,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoOptions:
-    events: int = 40_000
-    rate: float | None = 600.0
+    events: int = 60_000
+    rate: float | None = 800.0
     seed: int = 7
     drift_at: float = 0.5
+    fraud_rate: float = 0.045
     summary_json: Path | None = None
     settle_timeout_s: float = 180.0
     progress: bool = True
 
 
 class DriftMark:
-    """Remembers the event time and wall time at which the shop's drift began."""
+    """Remembers the event time and the wall time at which the shop's drift began."""
 
-    def __init__(self, index: int) -> None:
-        self.index = index
+    def __init__(self, sim: ShopSimulator) -> None:
+        self.sim = sim
         self.event_ms: int | None = None
         self.wall: float | None = None
 
-    def watch(self, events: Iterable[Any]) -> Iterator[Any]:
-        for i, ev in enumerate(events):
-            if i == self.index:
-                self.event_ms = int(event_time(ev).timestamp() * 1000)
+    def watch(self, events: Iterable[ShopEvent]) -> Iterator[ShopEvent]:
+        for ev in events:
+            if self.wall is None and self.sim.drift_started_at is not None:
+                self.event_ms = int(self.sim.drift_started_at.timestamp() * 1000)
                 self.wall = time.time()
             yield ev
 
@@ -69,6 +70,7 @@ def run_demo(settings: WeirSettings, opts: DemoOptions, config: PipelineConfig |
         pipeline = Pipeline(endpoints, config or pipeline_config(settings))
         pipeline.start()
         try:
+            pipeline.wait_ready()
             summary = _drive(pipeline, driver, opts)
         finally:
             pipeline.stop()
@@ -90,15 +92,23 @@ def pipeline_config(settings: WeirSettings) -> PipelineConfig:
 
 
 def _drive(pipeline: Pipeline, driver: ShopDriver, opts: DemoOptions) -> dict[str, Any]:
-    sim = ShopSimulator(ShopConfig(seed=opts.seed, drift_at=opts.drift_at))
-    mark = DriftMark(int(opts.events * opts.drift_at))
-    bar = tqdm(total=opts.events, desc="shop events", unit="ev", disable=not opts.progress)
+    shop = ShopConfig(seed=opts.seed, drift_at=opts.drift_at, fraud_rate=opts.fraud_rate)
+    sim = ShopSimulator(shop)
+    mark = DriftMark(sim)
+    # reference rows and the labels flushed at the end come on top of the timed events
+    bar = tqdm(total=opts.events + shop.n_customers + shop.n_merchants, desc="shop events", unit="ev",
+               disable=not opts.progress)
+
+    def progress(n: int) -> None:
+        bar.total = max(bar.total, n)
+        bar.update(n - bar.n)
+
     stats: dict[str, Any] = {}
     error: list[BaseException] = []
 
     def produce() -> None:
         try:
-            stats["driver"] = driver.run(mark.watch(sim.events(opts.events)), progress=bar.update)
+            stats["driver"] = driver.run(mark.watch(sim.events(opts.events)), progress=progress)
         except BaseException as exc:
             error.append(exc)
 

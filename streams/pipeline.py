@@ -52,7 +52,7 @@ class PipelineConfig:
     drift_cooldown: int = 1000
     retrain_cron: str = "*/30 * * * *"
     retrain_window_rows: int = 4000
-    bootstrap_rows: int = 1500
+    bootstrap_rows: int = 600
     online_model: str = "logreg"
     seed: int = 0
     group_prefix: str = "weir"
@@ -145,6 +145,15 @@ class Pipeline:
             self.stages["cdc_error"] = exc
             log.exception("CDC connector stopped")
 
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until every runner has joined its group and holds partitions (or raise)."""
+        deadline = time.monotonic() + timeout
+        for name, runner in self.runners.items():
+            while not runner.ready.wait(0.2):
+                self.check()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"stage {name} got no partitions within {timeout:.0f}s")
+
     def check(self) -> None:
         """Raise the first error a stage stopped with (the process should then stop)."""
         for name, runner in self.runners.items():
@@ -163,6 +172,8 @@ class Pipeline:
             runner.stop()
         for thread in self._threads:
             thread.join(30)
+        if "retrain" in self.stages:
+            self.stages["retrain"].close()
         if self.cdc is not None:
             self.cdc.close()
         if self.ch is not None:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from streams.base import Message, Produce, Rejected, StepResult
 from streams.kafka import DeliveryTracker, consumer_config, flush_or_raise, producer_config
@@ -47,6 +47,14 @@ class Stage(Protocol):
     topics: list[str]
 
     def handle(self, batch: list[Message]) -> StepResult: ...
+
+
+# Commit errors that mean "the group moved on": the batches are re-delivered to whoever owns the
+# partitions now, which at-least-once allows; the stage goes on.
+REBALANCE_ERRORS = {
+    KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
+    KafkaError._ASSIGNMENT_LOST, KafkaError._STATE,
+}
 
 
 @dataclass
@@ -107,6 +115,7 @@ class BatchRunner:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self.paused = threading.Event()
+        self.ready = threading.Event()  # set once the group has assigned partitions to this runner
         self._thread: threading.Thread | None = None
         # fetch_wait_ms trades broker CPU for latency: the embedded broker answers an empty fetch only when
         # the wait expires, and each idle fetch costs it CPU (measured: 4 idle consumers cost 0.39 of a
@@ -148,7 +157,8 @@ class BatchRunner:
     def subscribe(self) -> None:
         if not self._subscribed:
             # before partitions are taken away, commit what was processed from them
-            self._consumer.subscribe(self.stage.topics, on_revoke=lambda c, parts: self.commit())
+            self._consumer.subscribe(self.stage.topics, on_assign=lambda c, parts: self.ready.set(),
+                                     on_revoke=lambda c, parts: self.commit())
             self._subscribed = True
 
     def _hold(self) -> None:
@@ -166,7 +176,7 @@ class BatchRunner:
         batch = self._messages(raw)
         if batch:
             started = time.perf_counter()
-            result = self.stage.handle(batch)
+            result = self._handle_slow(batch) if getattr(self.stage, "slow", False) else self.stage.handle(batch)
             self._produce(result)
             for m in batch:
                 self._uncommitted[(m.topic, m.partition)] = m.offset + 1
@@ -185,8 +195,40 @@ class BatchRunner:
         flush_or_raise(self._producer, self._tracker)
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()]
         self._uncommitted = {}
-        self._consumer.commit(offsets=offsets, asynchronous=False)
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() not in REBALANCE_ERRORS:
+                raise
+            log.warning("stage %s: commit lost to a rebalance (%s); those batches will be re-delivered",
+                        self.stage.step_id, exc.args[0].name())
+            return
         self.stats.last_commit_at = self._last_commit
+
+    def _handle_slow(self, batch: list[Message]) -> StepResult:
+        """Run a long ``handle`` (e.g. training) in a helper thread while this one keeps the
+        consumer alive in its group (partitions paused, so nothing new is consumed meanwhile)."""
+        done: list[StepResult] = []
+        failed: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                done.append(self.stage.handle(batch))
+            except BaseException as exc:
+                failed.append(exc)
+
+        worker = threading.Thread(target=work, name=f"stage-{self.stage.step_id}-work", daemon=True)
+        worker.start()
+        self._consumer.pause(self._consumer.assignment())
+        try:
+            while worker.is_alive():
+                self._consumer.consume(1, 0.2)  # paused: yields nothing, keeps the member alive
+                worker.join(0.01)
+        finally:
+            self._consumer.resume(self._consumer.assignment())
+        if failed:
+            raise failed[0]
+        return done[0]
 
     def _messages(self, raw: list) -> list[Message]:  # type: ignore[type-arg]
         out: list[Message] = []

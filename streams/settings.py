@@ -21,7 +21,7 @@ class WeirSettings(BaseSettings):
     kafka_bootstrap: str | None = Field(None, description="Kafka bootstrap servers; unset starts embedded Tansu.")
     redis_url: str | None = Field(None, description="Redis URL; unset starts embedded valkey.")
     clickhouse_url: str | None = Field(
-        None, description="ClickHouse http(s) URL; unset uses chdb in-process under data_dir/clickhouse."
+        None, description="ClickHouse http(s) URL, or chdb://<dir>; unset uses chdb under data_dir/clickhouse."
     )
     postgres_dsn: SecretStr | None = Field(
         None, description="PostgreSQL DSN with logical replication; unset starts embedded PostgreSQL."

@@ -6,9 +6,11 @@ tests against external services instead.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,23 @@ from streams.stack import Endpoints, Stack
 @pytest.fixture(scope="session")
 def weir_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("weir")
+
+
+@pytest.fixture(scope="session")
+def chdb_path(weir_dir: Path) -> Path:
+    """The one embedded ClickHouse directory of the session: chdb opens one path per process."""
+    return weir_dir / "clickhouse"
+
+
+@pytest.fixture
+def clickhouse_client(chdb_path: Path, request: pytest.FixtureRequest) -> Any:
+    """A clickhouse-connect client on a database of this test's own, in the session's chdb."""
+    import clickhouse_connect
+
+    database = "t_" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+    clickhouse_connect.get_client(dsn=f"chdb://{chdb_path}").command(f"DROP DATABASE IF EXISTS {database}")
+    clickhouse_connect.get_client(dsn=f"chdb://{chdb_path}").command(f"CREATE DATABASE {database}")
+    return clickhouse_connect.get_client(dsn=f"chdb://{chdb_path}", database=database)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -294,10 +295,8 @@ def test_rule_scorer_is_a_deterministic_fallback() -> None:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> ModelRegistry:
-    import clickhouse_connect
-
-    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path}/ch")
+def registry(tmp_path: Path, clickhouse_client: Any) -> ModelRegistry:
+    client = clickhouse_client
     ticks = count()
     start = datetime(2026, 1, 1, tzinfo=UTC)
     reg = ModelRegistry(client, tmp_path / "artifacts", clock=lambda: start + timedelta(minutes=next(ticks)))

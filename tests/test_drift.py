@@ -1,0 +1,52 @@
+"""Drift detection logic against synthetic outcome streams (no broker)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from streams.stages.drift import DriftDetector
+
+
+def outcomes(n: int, fraud_rate: float, miss_rate: float, rng: random.Random, version: str = "v1"):
+    for i in range(n):
+        fraud = rng.random() < fraud_rate
+        if fraud:
+            score = 0.1 if rng.random() < miss_rate else 0.9
+        else:
+            score = 0.9 if rng.random() < 0.005 else 0.05
+        yield {"payment_id": str(i), "is_fraud": fraud, "ts_ms": i, "champion_score": score,
+               "champion_version": version, "online_score": 0.0}
+
+
+def run(stream: Any, det: DriftDetector) -> list[tuple[int, dict[str, Any]]]:
+    return [(i, a) for i, o in enumerate(stream) for a in det.update(o)]
+
+
+def test_few_retrain_alerts_on_stationary_streams() -> None:
+    false_alarms = 0
+    for seed in range(10):
+        alerts = run(outcomes(6000, 0.045, 0.2, random.Random(seed)), DriftDetector(delta=0.002))
+        false_alarms += sum(1 for _, a in alerts if a["detector"] != "adwin_score")
+    assert false_alarms <= 2, f"{false_alarms} false alarms over 10 stationary streams of 6000 outcomes"
+
+
+def test_a_new_fraud_pattern_raises_a_missed_fraud_alert_soon_after_it_starts() -> None:
+    rng = random.Random(2)
+    det = DriftDetector(delta=0.002)
+    before = run(outcomes(3000, 0.045, 0.05, rng), det)
+    after = run(outcomes(3000, 0.045, 0.6, rng), det)
+    assert [a for _, a in before if a["detector"] == "adwin_missed_fraud"] == []
+    missed = [(i, a) for i, a in after if a["detector"] == "adwin_missed_fraud"]
+    assert missed, "the drift was not detected"
+    first_i, first = missed[0]
+    assert first_i < 2000 and first["value"] > first["threshold"]
+    assert "missed_fraud_rate of model v1 changed" in first["message"]
+
+
+def test_detectors_restart_for_a_new_champion() -> None:
+    rng = random.Random(3)
+    det = DriftDetector(delta=0.002)
+    run(outcomes(3000, 0.045, 0.6, rng), det)
+    run(outcomes(10, 0.045, 0.05, rng, version="v2"), det)
+    assert det.state is not None and det.state.version == "v2" and det.state.seen == 10

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import threading
 import multiprocessing as mp
+import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,14 +30,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from confluent_kafka import Producer  # noqa: E402
+from confluent_kafka import Producer
 
-from streams import topics as T  # noqa: E402
-from streams.codec import AvroCodec  # noqa: E402
-from streams.kafka import producer_config  # noqa: E402
-from streams.pipeline import Pipeline, PipelineConfig  # noqa: E402
-from streams.settings import WeirSettings  # noqa: E402
-from streams.stack import Stack  # noqa: E402
+from streams import topics as T
+from streams.codec import AvroCodec
+from streams.kafka import producer_config
+from streams.pipeline import Pipeline, PipelineConfig
+from streams.settings import WeirSettings
+from streams.stack import Stack
 
 PAYMENT_SHARE = 0.15
 START = datetime(2026, 1, 1, tzinfo=UTC)

@@ -91,7 +91,7 @@ VALIDATED_BY_INGEST = {T.CLICKS}
 
 class ClickHouseSink:
     step_id = "sink-clickhouse"
-    topics = list(TABLES) + T.DLQ
+    topics = (*TABLES, *T.DLQ)
 
     def __init__(self, ch: ClickHouse) -> None:
         self.ch = ch

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import fastavro
 from fastavro.read import SchemaResolutionError
 
 from streams import schemas
-from streams.base import InvalidEvent, Reason
+from streams.base import InvalidEvent, Message, Reason, Rejected, StepResult
 
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
@@ -80,3 +81,17 @@ class AvroCodec:
         if not isinstance(record, dict):
             raise DecodeError(Reason.UNDECODABLE, "body is not a record")
         return record
+
+
+def decoded(
+    batch: list[Message], codecs: dict[str, AvroCodec], result: StepResult
+) -> Iterator[tuple[Message, dict[str, Any]]]:
+    """Each message of ``batch`` decoded with its topic's codec; undecodable ones are added to
+    ``result.rejected`` (for the runtime to dead-letter) and skipped."""
+    for msg in batch:
+        try:
+            record = codecs[msg.topic].decode(msg.value)
+        except DecodeError as exc:
+            result.rejected.append(Rejected(msg, exc))
+            continue
+        yield msg, record

@@ -20,13 +20,13 @@ from typing import Any
 from tqdm import tqdm
 
 from models.scorer import RuleScorer
+from streams import summary as S
 from streams.features.definitions import FEATURE_NAMES
 from streams.pipeline import Pipeline, PipelineConfig
 from streams.scenario.driver import ShopDriver
 from streams.scenario.shop import ShopConfig, ShopEvent, ShopSimulator
 from streams.settings import WeirSettings
 from streams.stack import Stack
-from streams import summary as S
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from streams.runtime import BatchRunner, Stage
 from streams.stack import Endpoints
 from streams.stages.drift import DriftStage
 from streams.stages.features import FeaturesStage
-from streams.stages.inference import ModelSlot, InferenceStage
+from streams.stages.inference import InferenceStage, ModelSlot
 from streams.stages.ingest import IngestStage
 from streams.stages.learn import LearnStage
 from streams.stages.model_watch import ModelWatchStage

@@ -44,7 +44,7 @@ class Stage(Protocol):
     """
 
     step_id: str
-    topics: list[str]
+    topics: tuple[str, ...]
 
     def handle(self, batch: list[Message]) -> StepResult: ...
 
@@ -157,7 +157,7 @@ class BatchRunner:
     def subscribe(self) -> None:
         if not self._subscribed:
             # before partitions are taken away, commit what was processed from them
-            self._consumer.subscribe(self.stage.topics, on_assign=lambda c, parts: self.ready.set(),
+            self._consumer.subscribe(list(self.stage.topics), on_assign=lambda c, parts: self.ready.set(),
                                      on_revoke=lambda c, parts: self.commit())
             self._subscribed = True
 

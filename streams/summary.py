@@ -8,8 +8,8 @@ import numpy as np
 
 from models.metrics import roc_auc
 from sinks.clickhouse import ClickHouse
-from streams.stages.learn import ONLINE_MODEL
 from streams.stages.inference import MODEL_NAME
+from streams.stages.learn import ONLINE_MODEL
 
 SCORED_LABELLED = """
 SELECT p.score, l.is_fraud, toUnixTimestamp64Milli(p.event_ts), p.model_version

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.dedup import Deduplicator
-from streams.features.definitions import CardState, UserState, MINUTE, HOUR
+from streams.features.definitions import HOUR, MINUTE, CardState, UserState
 from streams.features.windows import EntityStates, Window
 
 events = st.lists(

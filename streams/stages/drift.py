@@ -28,9 +28,8 @@ from typing import Any
 from river.drift import ADWIN
 
 from streams import topics as T
-from streams.base import InvalidEvent, Message, Produce, Rejected, StepResult
-from streams.codec import AvroCodec
-
+from streams.base import Message, Produce, StepResult
+from streams.codec import AvroCodec, decoded
 
 RETRAIN_DETECTORS = ("adwin_error", "adwin_missed_fraud")
 
@@ -101,7 +100,7 @@ class DriftDetector:
 
 class DriftStage:
     step_id = "drift"
-    topics = [T.I_OUTCOMES]
+    topics = (T.I_OUTCOMES,)
 
     def __init__(self, delta: float, *, cooldown: int = 1000, min_samples: int = 300,
                  clock: Callable[[], float] = time.time) -> None:
@@ -111,18 +110,13 @@ class DriftStage:
         self.alerts = 0
         self.retrains = 0
         self._since_retrain = cooldown
-        self._in = AvroCodec(T.I_OUTCOMES)
+        self._in = {T.I_OUTCOMES: AvroCodec(T.I_OUTCOMES)}
         self._alert = AvroCodec(T.ALERTS)
         self._retrain = AvroCodec(T.RETRAIN)
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
-        for msg in batch:
-            try:
-                outcome = self._in.decode(msg.value)
-            except InvalidEvent as exc:
-                result.rejected.append(Rejected(msg, exc))
-                continue
+        for _, outcome in decoded(batch, self._in, result):
             self._since_retrain += 1
             for alert in self.detector.update(outcome):
                 self._publish(alert, outcome, result)

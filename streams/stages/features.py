@@ -15,8 +15,8 @@ from typing import Any
 
 from sinks.redis_store import OnlineStore
 from streams import topics as T
-from streams.base import InvalidEvent, Message, Produce, Rejected, StepResult
-from streams.codec import AvroCodec
+from streams.base import Message, Produce, StepResult
+from streams.codec import AvroCodec, decoded
 from streams.features.definitions import CARD, USER, CardState, FeatureView, UserState
 from streams.features.windows import EntityStates
 
@@ -45,7 +45,7 @@ class FeatureComputer:
 
 class FeaturesStage:
     step_id = "features"
-    topics = [T.I_CLICKS, T.I_PAYMENTS]
+    topics = (T.I_CLICKS, T.I_PAYMENTS)
 
     def __init__(self, store: OnlineStore) -> None:
         self.store = store
@@ -58,12 +58,8 @@ class FeaturesStage:
         result = StepResult()
         cards: Touched = {}
         users: Touched = {}
-        for msg in batch:
-            try:
-                items = self._codecs[msg.topic].decode(msg.value)["items"]
-            except InvalidEvent as exc:
-                result.rejected.append(Rejected(msg, exc))
-                continue
+        for msg, record in decoded(batch, self._codecs, result):
+            items = record["items"]
             if msg.topic == T.I_PAYMENTS:
                 for p in items:
                     self.computer.add_payment(p, cards)

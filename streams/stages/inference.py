@@ -16,8 +16,8 @@ scored entirely by one model version.
 from __future__ import annotations
 
 import threading
-from collections import deque
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -26,8 +26,8 @@ import numpy as np
 from models.base import BatchScorer
 from sinks.redis_store import OnlineStore
 from streams import topics as T
-from streams.base import InvalidEvent, Message, Produce, Rejected, StepResult
-from streams.codec import AvroCodec
+from streams.base import Message, Produce, StepResult
+from streams.codec import AvroCodec, decoded
 from streams.features.definitions import CARD, FEATURE_NAMES, USER, request_features
 
 MODEL_NAME = "fraud"
@@ -53,7 +53,7 @@ class ModelSlot:
 
 class InferenceStage:
     step_id = "inference"
-    topics = [T.I_SCORING]
+    topics = (T.I_SCORING,)
 
     def __init__(self, store: OnlineStore, slot: ModelSlot, clock: Callable[[], float] = time.time) -> None:
         self.store = store
@@ -61,18 +61,15 @@ class InferenceStage:
         self.clock = clock
         self.latencies_ms: deque[float] = deque(maxlen=200_000)
         self.scored = 0
-        self._in = AvroCodec(T.I_SCORING)
+        self._in = {T.I_SCORING: AvroCodec(T.I_SCORING)}
         self._pred = AvroCodec(T.PREDICTIONS)
         self._scored = AvroCodec(T.I_SCORED)
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         payments: list[tuple[int, dict[str, Any]]] = []
-        for msg in batch:
-            try:
-                payments.extend((msg.partition, p) for p in self._in.decode(msg.value)["items"])
-            except InvalidEvent as exc:
-                result.rejected.append(Rejected(msg, exc))
+        for msg, record in decoded(batch, self._in, result):
+            payments.extend((msg.partition, p) for p in record["items"])
         if payments:
             self._score(payments, result)
         return result

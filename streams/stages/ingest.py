@@ -75,7 +75,7 @@ class IngestStage:
     """Validation, dedup and re-keying. Holds only the dedup window as state."""
 
     step_id = "ingest"
-    topics = [T.CLICKS, T.CDC_PAYMENTS, T.CDC_LABELS]
+    topics = (T.CLICKS, T.CDC_PAYMENTS, T.CDC_LABELS)
 
     def __init__(self, partitions: int, dedup_horizon_ms: int = 6 * 3600 * 1000) -> None:
         self.partitions = partitions

@@ -20,8 +20,8 @@ from typing import Any
 
 from models.base import OnlineLearner
 from streams import topics as T
-from streams.base import InvalidEvent, Message, Produce, Rejected, StepResult
-from streams.codec import AvroCodec
+from streams.base import Message, Produce, StepResult
+from streams.codec import AvroCodec, decoded
 from streams.features.definitions import FEATURE_NAMES
 
 ONLINE_MODEL = "fraud-online"
@@ -42,7 +42,7 @@ class BoundedMap(OrderedDict[str, Any]):
 
 class LearnStage:
     step_id = "learn"
-    topics = [T.I_SCORED, T.LABELS]
+    topics = (T.I_SCORED, T.LABELS)
 
     def __init__(self, learner: OnlineLearner, version: str, *, max_pending: int = 500_000,
                  clock: Callable[[], float] = time.time) -> None:
@@ -58,12 +58,7 @@ class LearnStage:
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
-        for msg in batch:
-            try:
-                record = self._codecs[msg.topic].decode(msg.value)
-            except InvalidEvent as exc:
-                result.rejected.append(Rejected(msg, exc))
-                continue
+        for msg, record in decoded(batch, self._codecs, result):
             if msg.topic == T.I_SCORED:
                 for item in record["items"]:
                     self._scored(item, result)

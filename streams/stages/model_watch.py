@@ -13,8 +13,8 @@ from pathlib import Path
 
 from models.scorer import OnnxScorer
 from streams import topics as T
-from streams.base import InvalidEvent, Message, Rejected, StepResult
-from streams.codec import AvroCodec
+from streams.base import Message, StepResult
+from streams.codec import AvroCodec, decoded
 from streams.stages.inference import MODEL_NAME, ModelSlot
 from streams.stages.retrain import model_version_name
 
@@ -23,22 +23,17 @@ log = logging.getLogger(__name__)
 
 class ModelWatchStage:
     step_id = "model-watch"
-    topics = [T.MODEL_EVENTS]
+    topics = (T.MODEL_EVENTS,)
 
     def __init__(self, slot: ModelSlot) -> None:
         self.slot = slot
-        self._in = AvroCodec(T.MODEL_EVENTS)
+        self._in = {T.MODEL_EVENTS: AvroCodec(T.MODEL_EVENTS)}
         self._version = 0
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         newest = None
-        for msg in batch:
-            try:
-                event = self._in.decode(msg.value)
-            except InvalidEvent as exc:
-                result.rejected.append(Rejected(msg, exc))
-                continue
+        for _, event in decoded(batch, self._in, result):
             if event["model_name"] == MODEL_NAME and event["stage"] == "production" and event["version"] > self._version:
                 newest = event
         if newest is not None:

@@ -32,8 +32,8 @@ from models.registry import ModelRegistry, ModelVersion
 from models.train import train_mlp
 from sinks.clickhouse import ClickHouse
 from streams import topics as T
-from streams.base import InvalidEvent, Message, Produce, Rejected, StepResult
-from streams.codec import AvroCodec
+from streams.base import Message, Produce, StepResult
+from streams.codec import AvroCodec, decoded
 from streams.features.definitions import FEATURE_NAMES
 from streams.kafka import producer_config
 from streams.stages.inference import MODEL_NAME
@@ -67,7 +67,7 @@ def model_version_name(version: int) -> str:
 
 class RetrainStage:
     step_id = "retrain"
-    topics = [T.RETRAIN]
+    topics = (T.RETRAIN,)
     slow = True  # training takes seconds to minutes: the runner keeps the consumer alive meanwhile
 
     def __init__(self, ch: ClickHouse, registry: ModelRegistry, *, window_rows: int = 4000, min_rows: int = 300,
@@ -85,18 +85,13 @@ class RetrainStage:
         self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_worker_init)
         self._pool.submit(int)  # the pool starts its worker lazily: start it now
-        self._in = AvroCodec(T.RETRAIN)
+        self._in = {T.RETRAIN: AvroCodec(T.RETRAIN)}
         self._out = AvroCodec(T.MODEL_EVENTS)
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         reasons = []
-        for msg in batch:
-            try:
-                req = self._in.decode(msg.value)
-            except InvalidEvent as exc:
-                result.rejected.append(Rejected(msg, exc))
-                continue
+        for _, req in decoded(batch, self._in, result):
             since = req["since_ts"]
             reasons.append((req["reason"], int(since.timestamp() * 1000) if since else 0))
         if reasons:

@@ -85,11 +85,12 @@ class Pipeline:
             self._run(IngestStage(c.partitions), hot=True)
         if "features" in wanted:
             assert store is not None
-            self._run(FeaturesStage(store), hot=True)
+            self._run(FeaturesStage(store), hot=True, max_batch=16)  # micro-batches of up to 500 events each
         if "inference" in wanted:
             assert store is not None
             slot = ModelSlot(RuleScorer(list(FEATURE_NAMES)))
-            self._run(InferenceStage(store, slot), hot=True, max_batch=c.inference_max_batch)
+            # a weir.scoring message carries up to batch_max_size payments: consume a few at a time
+            self._run(InferenceStage(store, slot, max_batch=c.inference_max_batch), hot=True, max_batch=8)
             watch = ModelWatchStage(slot)
             self._run(watch, group_id=f"{c.group_prefix}-model-watch-{time.time_ns()}", max_wait_ms=200)
             self.stages["slot"] = slot

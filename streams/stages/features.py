@@ -22,6 +22,13 @@ from streams.features.windows import EntityStates
 
 Touched = dict[str, tuple[int, str, list[float]]]  # entity -> (event ts, last event id, values)
 
+LOG_BATCH_ROWS = 4000  # feature-log rows per message: ~200 KB, well under the broker's 1 MB limit
+
+
+def _chunks(touched: Touched, size: int) -> list[Touched]:
+    items = list(touched.items())
+    return [dict(items[i:i + size]) for i in range(0, len(items), size)]
+
 
 class FeatureComputer:
     """The pure part: window state per card and per user. No I/O."""
@@ -71,7 +78,8 @@ class FeaturesStage:
         self.store.write(CARD, ((k, ts, v) for k, (ts, _, v) in cards.items()))
         self.store.write(USER, ((k, ts, v) for k, (ts, _, v) in users.items()))
         # Redis first, then forward: the scoring records must come after the writes.
-        logs = [self._log_batch(view, touched) for view, touched in ((CARD, cards), (USER, users)) if touched]
+        logs = [self._log_batch(view, chunk) for view, touched in ((CARD, cards), (USER, users))
+                for chunk in _chunks(touched, LOG_BATCH_ROWS)]
         result.produce[:0] = logs
         return result
 

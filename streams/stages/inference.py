@@ -1,8 +1,8 @@
 """Inference: score every payment with the champion model, micro-batched.
 
-Input: ``weir.scoring`` micro-batches (all the payments one consume call
-returns, across partitions, form one inference batch of at most
-``max_batch``). Features for the whole batch come from Redis in one
+Input: ``weir.scoring`` micro-batches. The payments one consume call returns,
+across partitions, are scored in inference batches of at most ``max_batch``
+payments (the consume call's wait is the batch's max wait). Features for the whole batch come from Redis in one
 pipelined round trip; the champion runs once per batch. Outputs: one
 ``predictions.fraud`` record per payment (key card id) and a ``weir.scored``
 batch per input partition carrying the served feature vectors, which the
@@ -55,8 +55,10 @@ class InferenceStage:
     step_id = "inference"
     topics = (T.I_SCORING,)
 
-    def __init__(self, store: OnlineStore, slot: ModelSlot, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: OnlineStore, slot: ModelSlot, *, max_batch: int = 1024,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.max_batch = max_batch
         self.slot = slot
         self.clock = clock
         self.latencies_ms: deque[float] = deque(maxlen=200_000)
@@ -70,8 +72,8 @@ class InferenceStage:
         payments: list[tuple[int, dict[str, Any]]] = []
         for msg, record in decoded(batch, self._in, result):
             payments.extend((msg.partition, p) for p in record["items"])
-        if payments:
-            self._score(payments, result)
+        for start in range(0, len(payments), self.max_batch):
+            self._score(payments[start:start + self.max_batch], result)
         return result
 
     def features(self, payments: list[dict[str, Any]]) -> np.ndarray:

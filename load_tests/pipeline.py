@@ -93,6 +93,47 @@ def produce(bootstrap: str, n: int, rate: float | None, seed: int, offset: int, 
     payments.value = sum(1 for topic, _, _ in events if topic == T.CDC_PAYMENTS)
 
 
+def bare_hop(bootstrap: str, rate: float, seconds: float) -> tuple[float, float]:
+    """Baseline in the same run: p50/p99 of one produce -> consume hop through the same broker at
+    ``rate`` messages/s, with a bare confluent-kafka consumer and nothing else running."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from streams.kafka import consumer_config, ensure_topics
+
+    ensure_topics(bootstrap, ["bench.hop"], 4)
+    consumer = Consumer(consumer_config(bootstrap, "bench-hop"))
+    consumer.assign([TopicPartition("bench.hop", p, 0) for p in range(4)])
+    producer = Producer(producer_config(bootstrap, **{"linger.ms": 5}))
+    n, lats = int(rate * seconds), []
+    stop = threading.Event()
+
+    def consume() -> None:
+        while not stop.is_set():
+            for m in consumer.consume(500, 0.005):
+                if m.error() is None:
+                    lats.append(time.time() * 1000 - m.timestamp()[1])
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    t0 = time.perf_counter()
+    for i in range(n):
+        producer.produce("bench.hop", b"x" * 150, str(i).encode())
+        if i % 10 == 0:
+            producer.poll(0)
+            ahead = i / rate - (time.perf_counter() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+    producer.flush(30)
+    deadline = time.time() + 30
+    while len(lats) < n and time.time() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    reader.join()
+    consumer.close()
+    arr = np.array(lats)
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
 def worker(endpoints: Any, tmp: Path, stages: tuple[str, ...], scored: Any, reset: Any, stop: Any,
            latencies: Any, pause: Any, cpu: Any) -> None:
     """A child process running some stages; reports scored payments and latencies through shared values."""
@@ -222,10 +263,14 @@ def run(endpoints: Any, args: argparse.Namespace, tmp: Path) -> None:
         w.join(60)
     p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
     print(f"latency at {half:,.0f} events/s for {args.seconds:.0f}s ({len(lat)} payments): "
-          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (event -> prediction, three hops)")
+    hop50, hop99 = bare_hop(endpoints.kafka_bootstrap, half, min(args.seconds, 10))
+    print(f"baseline, same broker, same rate: one bare produce -> consume hop p50 {hop50:.1f} ms, "
+          f"p99 {hop99:.1f} ms")
     print(f"CPU seconds: stage processes {cpu.value:.1f}, services {services_cpu()} (whole run)")
     print(json.dumps({"events_per_s": round(rate), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
-                      "half_rate_events_per_s": round(half), "stage_processes": args.procs}))
+                      "latency_rate_events_per_s": round(half), "stage_processes": args.procs,
+                      "bare_hop_p50_ms": round(hop50, 1), "bare_hop_p99_ms": round(hop99, 1)}))
 
 
 if __name__ == "__main__":

@@ -153,7 +153,9 @@ def _drive(pipeline: Pipeline, driver: ShopDriver, opts: DemoOptions) -> dict[st
 
 
 def _settle(pipeline: Pipeline, payments: int, labels: int, opts: DemoOptions) -> None:
-    """Wait until every payment is predicted and stored and every label learnt from (or time out)."""
+    """Wait until every payment is predicted and stored, every label learnt from, and then until
+    every stage has been idle for 3 s (the drift, retrain and sink stages finish what the last
+    labels caused), or time out with a warning."""
     deadline = time.time() + opts.settle_timeout_s
     assert pipeline.ch is not None
     while time.time() < deadline:
@@ -161,7 +163,16 @@ def _settle(pipeline: Pipeline, payments: int, labels: int, opts: DemoOptions) -
         c = S.counts(pipeline.ch)
         learned = pipeline.stages["learn"].learned
         if c["predictions"] >= payments and c["predictions_online"] >= payments and learned >= labels:
-            return
+            break
         time.sleep(1.0)
-    log.warning("demo did not settle within %.0fs: some payments or labels are still in flight",
-                opts.settle_timeout_s)
+    else:
+        log.warning("demo did not settle within %.0fs: some payments or labels are still in flight",
+                    opts.settle_timeout_s)
+        return
+    last, quiet_since = None, time.time()
+    while time.time() < deadline and time.time() - quiet_since < 3.0:
+        pipeline.check()
+        consumed = {name: r.stats.consumed for name, r in pipeline.runners.items()}
+        if consumed != last or pipeline.stages["retrain"].busy:
+            last, quiet_since = consumed, time.time()
+        time.sleep(0.25)

@@ -79,6 +79,7 @@ class RetrainStage:
         self.seed = seed
         self.clock = clock
         self.runs: list[dict[str, Any]] = []
+        self.busy = False  # a training run is in progress
         # Training runs in a child process: in this one it would share the GIL with every stream
         # stage (measured: 0.1 s alone, 9 s beside the stages at 2,000 events/s). The worker is
         # spawned now, so its imports are paid before the first retrain.
@@ -95,7 +96,11 @@ class RetrainStage:
             since = req["since_ts"]
             reasons.append((req["reason"], int(since.timestamp() * 1000) if since else 0))
         if reasons:
-            version = self.train(", ".join(r for r, _ in reasons), min(s for _, s in reasons))
+            self.busy = True
+            try:
+                version = self.train(", ".join(r for r, _ in reasons), min(s for _, s in reasons))
+            finally:
+                self.busy = False
             if version is not None:
                 result.produce.append(self._announce(version))
         return result

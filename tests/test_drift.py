@@ -50,3 +50,22 @@ def test_detectors_restart_for_a_new_champion() -> None:
     run(outcomes(3000, 0.045, 0.6, rng), det)
     run(outcomes(10, 0.045, 0.05, rng, version="v2"), det)
     assert det.state is not None and det.state.version == "v2" and det.state.seen == 10
+
+
+def test_a_model_deployed_after_the_drift_is_caught_by_its_validation_gap() -> None:
+    rng = random.Random(4)
+    det = DriftDetector(delta=0.002)
+    det.baselines["v1"] = 0.05  # it missed 5% of frauds on its validation split
+    alerts = run(outcomes(3000, 0.045, 0.6, rng), det)  # live: misses 60% from its first outcome on
+    gaps = [a for _, a in alerts if a["detector"] == "validation_gap"]
+    assert len(gaps) == 1, "one validation-gap alert per version"
+    assert gaps[0]["value"] > 0.4 and gaps[0]["threshold"] == 0.05
+    assert "binomial p=" in gaps[0]["message"]
+
+
+def test_no_validation_gap_when_live_matches_validation() -> None:
+    for seed in range(10):
+        det = DriftDetector(delta=0.002)
+        det.baselines["v1"] = 0.2
+        alerts = run(outcomes(6000, 0.045, 0.2, random.Random(seed)), det)
+        assert [a for _, a in alerts if a["detector"] == "validation_gap"] == []

@@ -9,9 +9,14 @@ Three ADWIN detectors (river) per champion version:
   so a new fraud pattern moves the overall error by a point or two, which
   ADWIN needs thousands of outcomes to separate from noise; among frauds the
   same change moves the miss rate by tens of points;
-- ``adwin_score`` over the score itself (the score distribution; alert only).
+- ``adwin_score`` over the score itself (the score distribution; alert only);
+- ``validation_gap``: once a version has served ``min_frauds`` labelled
+  frauds, a one-sided binomial test of its live missed-fraud count against
+  the miss rate it had on its own validation split (from ``model.events``).
+  A change detector cannot see a drift that happened before the model went
+  live; this test can. It fires at most once per version.
 
-An increase found by either of the first two publishes an ``alerts`` record
+An increase found by any of the first two, or a validation gap, publishes an ``alerts`` record
 and a ``retrain`` request (at most one per ``cooldown`` outcomes).
 Detectors restart when the champion version changes, so a new model is
 judged on its own outcomes.
@@ -19,6 +24,7 @@ judged on its own outcomes.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -26,12 +32,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from river.drift import ADWIN
+from scipy.stats import binom
 
 from streams import topics as T
 from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded
+from streams.stages.inference import MODEL_NAME, model_version_name
 
-RETRAIN_DETECTORS = ("adwin_error", "adwin_missed_fraud")
+RETRAIN_DETECTORS = ("adwin_error", "adwin_missed_fraud", "validation_gap")
+GAP_P_VALUE = 1e-3
+GAP_MIN_RATE = 0.05  # floor for a validation miss rate measured on few frauds
 
 
 @dataclass
@@ -42,6 +52,8 @@ class DriftState:
     score: ADWIN
     seen: int = 0
     frauds: int = 0
+    missed_count: int = 0
+    gap_alerted: bool = False
 
 
 class DriftDetector:
@@ -55,6 +67,7 @@ class DriftDetector:
         self.min_frauds = min_frauds
         self.threshold = threshold
         self.state: DriftState | None = None
+        self.baselines: dict[str, float] = {}  # model version -> missed-fraud rate on its validation split
 
     def update(self, outcome: dict[str, Any]) -> list[dict[str, Any]]:
         version = outcome["champion_version"]
@@ -73,6 +86,10 @@ class DriftDetector:
             alerts.append(self._alert("adwin_error", "abs_error", st.error.estimation, before, version))
         if outcome["is_fraud"]:
             st.frauds += 1
+            st.missed_count += score < self.threshold
+            gap = self._validation_gap(st)
+            if gap is not None:
+                alerts.append(gap)
             before = self._change(st.missed, float(score < self.threshold))
             if before is not None and st.missed.estimation > before and st.frauds >= self.min_frauds:
                 alerts.append(self._alert("adwin_missed_fraud", "missed_fraud_rate", st.missed.estimation, before,
@@ -81,6 +98,20 @@ class DriftDetector:
         if before is not None and st.seen >= self.min_samples:
             alerts.append(self._alert("adwin_score", "mean_score", st.score.estimation, before, version))
         return alerts
+
+    def _validation_gap(self, st: DriftState) -> dict[str, Any] | None:
+        baseline = self.baselines.get(st.version)
+        if baseline is None or st.gap_alerted or st.frauds < self.min_frauds or math.isnan(baseline):
+            return None
+        rate = max(baseline, GAP_MIN_RATE)
+        p_value = float(binom.sf(st.missed_count - 1, st.frauds, rate))
+        if p_value >= GAP_P_VALUE:
+            return None
+        st.gap_alerted = True
+        alert = self._alert("validation_gap", "missed_fraud_rate", st.missed_count / st.frauds, rate, st.version)
+        alert["message"] += f"; {st.missed_count} of {st.frauds} live frauds missed vs {rate:.3f} at validation " \
+                            f"(binomial p={p_value:.1e})"
+        return alert
 
     @staticmethod
     def _change(detector: ADWIN, value: float) -> float | None:
@@ -100,7 +131,7 @@ class DriftDetector:
 
 class DriftStage:
     step_id = "drift"
-    topics = (T.I_OUTCOMES,)
+    topics = (T.I_OUTCOMES, T.MODEL_EVENTS)
 
     def __init__(self, delta: float, *, cooldown: int = 1000, min_samples: int = 300,
                  clock: Callable[[], float] = time.time) -> None:
@@ -110,17 +141,25 @@ class DriftStage:
         self.alerts = 0
         self.retrains = 0
         self._since_retrain = cooldown
-        self._in = {T.I_OUTCOMES: AvroCodec(T.I_OUTCOMES)}
+        self._in = {t: AvroCodec(t) for t in self.topics}
         self._alert = AvroCodec(T.ALERTS)
         self._retrain = AvroCodec(T.RETRAIN)
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
-        for _, outcome in decoded(batch, self._in, result):
+        for msg, record in decoded(batch, self._in, result):
+            if msg.topic == T.MODEL_EVENTS:
+                self._baseline(record)
+                continue
+            outcome = record
             self._since_retrain += 1
             for alert in self.detector.update(outcome):
                 self._publish(alert, outcome, result)
         return result
+
+    def _baseline(self, event: dict[str, Any]) -> None:
+        if event["model_name"] == MODEL_NAME and "missed_fraud_val" in event["metrics"]:
+            self.detector.baselines[model_version_name(event["version"])] = event["metrics"]["missed_fraud_val"]
 
     def _publish(self, alert: dict[str, Any], outcome: dict[str, Any], result: StepResult) -> None:
         now_ms = int(self.clock() * 1000)

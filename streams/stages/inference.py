@@ -33,6 +33,11 @@ from streams.features.definitions import CARD, FEATURE_NAMES, USER, request_feat
 MODEL_NAME = "fraud"
 
 
+def model_version_name(version: int) -> str:
+    """How predictions name a registered version of the champion model."""
+    return f"{MODEL_NAME}-v{version}"
+
+
 class ModelSlot:
     """Holds the current champion; ``swap`` replaces it atomically (a reference assignment)."""
 

@@ -15,8 +15,7 @@ from models.scorer import OnnxScorer
 from streams import topics as T
 from streams.base import Message, StepResult
 from streams.codec import AvroCodec, decoded
-from streams.stages.inference import MODEL_NAME, ModelSlot
-from streams.stages.retrain import model_version_name
+from streams.stages.inference import MODEL_NAME, ModelSlot, model_version_name
 
 log = logging.getLogger(__name__)
 

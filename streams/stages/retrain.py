@@ -36,9 +36,11 @@ from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.features.definitions import FEATURE_NAMES
 from streams.kafka import producer_config
-from streams.stages.inference import MODEL_NAME
+from streams.stages.inference import MODEL_NAME, model_version_name
 
 log = logging.getLogger(__name__)
+
+DECISION_THRESHOLD = 0.5  # a score at or above it flags the payment as fraud
 
 TRAINING_SET = """
 SELECT s.features, l.is_fraud, toUnixTimestamp64Milli(s.ts) AS ts_ms
@@ -55,14 +57,20 @@ def _worker_init() -> None:
 
 
 def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, path: Path) -> dict[str, float]:
-    """Train the MLP and write its ONNX export to ``path`` (runs in the training process)."""
+    """Train the MLP and write its ONNX export to ``path`` (runs in the training process).
+
+    Besides the trainer's metrics, records ``missed_fraud_val``: the share of validation frauds
+    scored below the decision threshold, the baseline the drift stage holds the model to."""
     trained = train_mlp(X, y, ts, seed=seed)
     export_onnx(trained.module, X.shape[1], path)
-    return {k: float(v) for k, v in trained.metrics.items()}
-
-
-def model_version_name(version: int) -> str:
-    return f"{MODEL_NAME}-v{version}"
+    metrics = {k: float(v) for k, v in trained.metrics.items()}
+    n_val = int(metrics["n_val"])  # the split is the newest n_val rows by event time (X is sorted)
+    with torch.no_grad():
+        scores = trained.module(torch.from_numpy(X[-n_val:])).numpy()
+    frauds = y[-n_val:] == 1
+    metrics["frauds_val"] = float(frauds.sum())
+    metrics["missed_fraud_val"] = float((scores[frauds] < DECISION_THRESHOLD).mean()) if frauds.any() else float("nan")
+    return metrics
 
 
 class RetrainStage:
@@ -157,7 +165,7 @@ class RetrainScheduler:
     """apscheduler jobs that request retrains: a cron, and a bootstrap check while no champion exists."""
 
     def __init__(self, bootstrap: str, ch: ClickHouse, registry: ModelRegistry, cron: str, *,
-                 bootstrap_rows: int = 600, check_every_s: float = 2.0, bootstrap_retry_s: float = 15.0) -> None:
+                 bootstrap_rows: int = 600, check_every_s: float = 2.0, bootstrap_retry_s: float = 5.0) -> None:
         self.ch = ch
         self.registry = registry
         self.bootstrap_rows = bootstrap_rows

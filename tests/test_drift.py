@@ -60,7 +60,7 @@ def test_a_model_deployed_after_the_drift_is_caught_by_its_validation_gap() -> N
     gaps = [a for _, a in alerts if a["detector"] == "validation_gap"]
     assert len(gaps) == 1, "one validation-gap alert per version"
     assert gaps[0]["value"] > 0.4 and gaps[0]["threshold"] == 0.05
-    assert "binomial p=" in gaps[0]["message"]
+    assert "binomial p=" in gaps[0]["message"] and "misses" in gaps[0]["message"]
 
 
 def test_no_validation_gap_when_live_matches_validation() -> None:
@@ -69,3 +69,14 @@ def test_no_validation_gap_when_live_matches_validation() -> None:
         det.baselines["v1"] = 0.2
         alerts = run(outcomes(6000, 0.045, 0.2, random.Random(seed)), det)
         assert [a for _, a in alerts if a["detector"] == "validation_gap"] == []
+
+
+def test_baseline_is_the_upper_bound_of_a_small_validation_sample() -> None:
+    from streams.stages.drift import DriftStage
+
+    stage = DriftStage(delta=0.002)
+    stage._baseline({"model_name": "fraud", "version": 2, "metrics": {"missed_fraud_val": 0.0, "frauds_val": 15.0}})
+    stage._baseline({"model_name": "fraud", "version": 3, "metrics": {"missed_fraud_val": 0.1, "frauds_val": 500.0}})
+    # 0 of 15 missed is no proof of a 0% miss rate: the 95% bound is about 18%
+    assert 0.17 < stage.detector.baselines["fraud-v2"] < 0.19
+    assert 0.1 < stage.detector.baselines["fraud-v3"] < 0.13

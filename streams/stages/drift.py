@@ -12,7 +12,8 @@ Three ADWIN detectors (river) per champion version:
 - ``adwin_score`` over the score itself (the score distribution; alert only);
 - ``validation_gap``: once a version has served ``min_frauds`` labelled
   frauds, a one-sided binomial test of its live missed-fraud count against
-  the miss rate it had on its own validation split (from ``model.events``).
+  the upper bound of the miss rate it had on its own validation split (from
+  ``model.events``).
   A change detector cannot see a drift that happened before the model went
   live; this test can. It fires at most once per version.
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from river.drift import ADWIN
-from scipy.stats import binom
+from scipy.stats import beta, binom
 
 from streams import topics as T
 from streams.base import Message, Produce, StepResult
@@ -108,10 +109,13 @@ class DriftDetector:
         if p_value >= GAP_P_VALUE:
             return None
         st.gap_alerted = True
-        alert = self._alert("validation_gap", "missed_fraud_rate", st.missed_count / st.frauds, rate, st.version)
-        alert["message"] += f"; {st.missed_count} of {st.frauds} live frauds missed vs {rate:.3f} at validation " \
-                            f"(binomial p={p_value:.1e})"
-        return alert
+        live = st.missed_count / st.frauds
+        return {
+            "detector": "validation_gap", "metric": "missed_fraud_rate", "value": live, "threshold": rate,
+            "model_version": st.version,
+            "message": f"model {st.version} misses {st.missed_count} of {st.frauds} live frauds ({live:.3f}); "
+                       f"its validation bound is {rate:.3f} (binomial p={p_value:.1e})",
+        }
 
     @staticmethod
     def _change(detector: ADWIN, value: float) -> float | None:
@@ -158,8 +162,14 @@ class DriftStage:
         return result
 
     def _baseline(self, event: dict[str, Any]) -> None:
-        if event["model_name"] == MODEL_NAME and "missed_fraud_val" in event["metrics"]:
-            self.detector.baselines[model_version_name(event["version"])] = event["metrics"]["missed_fraud_val"]
+        """The miss rate a new version is held to: the 95% upper (Clopper-Pearson) bound of its
+        validation miss rate, so that a validation split with few frauds is not taken at its word."""
+        m = event["metrics"]
+        if event["model_name"] != MODEL_NAME or "missed_fraud_val" not in m or not m.get("frauds_val"):
+            return
+        n = int(m["frauds_val"])
+        k = round(m["missed_fraud_val"] * n)
+        self.detector.baselines[model_version_name(event["version"])] = float(beta.ppf(0.95, k + 1, n - k))
 
     def _publish(self, alert: dict[str, Any], outcome: dict[str, Any], result: StepResult) -> None:
         now_ms = int(self.clock() * 1000)

@@ -165,7 +165,7 @@ class RetrainScheduler:
     """apscheduler jobs that request retrains: a cron, and a bootstrap check while no champion exists."""
 
     def __init__(self, bootstrap: str, ch: ClickHouse, registry: ModelRegistry, cron: str, *,
-                 bootstrap_rows: int = 600, check_every_s: float = 2.0, bootstrap_retry_s: float = 5.0) -> None:
+                 bootstrap_rows: int = 600, check_every_s: float = 2.0, bootstrap_retry_s: float = 20.0) -> None:
         self.ch = ch
         self.registry = registry
         self.bootstrap_rows = bootstrap_rows

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import random
 import sys
 import tempfile
@@ -140,12 +139,6 @@ def worker(endpoints: Any, tmp: Path, stages: tuple[str, ...], scored: Any, rese
     config = PipelineConfig(data_dir=tmp, stages=stages)
     pipeline = Pipeline(endpoints, config)
     pipeline.start()
-    profiler = None
-    if os.environ.get("WEIR_PROFILE"):
-        import cProfile
-        profiler = cProfile.Profile()
-        threading.setprofile(lambda *a: None)
-        profiler.enable()
     stage = pipeline.stages.get("inference")
     try:
         paused = False
@@ -163,9 +156,6 @@ def worker(endpoints: Any, tmp: Path, stages: tuple[str, ...], scored: Any, rese
             time.sleep(0.005)
         if stage is not None:
             latencies.put(list(stage.latencies_ms))
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(f"{os.environ['WEIR_PROFILE']}-{'-'.join(stages)}.prof")
         with cpu.get_lock():
             cpu.value += time.process_time()
         for name, r in pipeline.runners.items():

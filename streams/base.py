@@ -36,10 +36,6 @@ class InvalidEvent(Exception):
         self.detail = detail
 
 
-class StageHalted(RuntimeError):
-    """A stage stopped itself on purpose (e.g. the DLQ ratio guard); the message says why."""
-
-
 @dataclass(frozen=True, slots=True)
 class Message:
     """A consumed Kafka message. ``repr`` leaves the payload out (it may hold personal data)."""

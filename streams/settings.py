@@ -27,9 +27,6 @@ class WeirSettings(BaseSettings):
         None, description="PostgreSQL DSN with logical replication; unset starts embedded PostgreSQL."
     )
     partitions: int = Field(4, ge=1, description="Partitions for topics Weir creates.")
-    pseudonymization_key: SecretStr = Field(
-        SecretStr("weir-dev-key-change-me"), description="HMAC key for PII tokens."
-    )
     batch_max_size: int = Field(500, ge=1, description="Max events per micro-batch in the hot path.")
     batch_max_wait_ms: int = Field(5, ge=1, description="Max time a hot-path micro-batch waits to fill.")
     fetch_wait_ms: int = Field(10, ge=1, description="Hot-path consumers' fetch.wait.max.ms (latency vs broker CPU).")

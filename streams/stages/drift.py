@@ -158,7 +158,7 @@ class DriftStage:
             outcome = record
             self._since_retrain += 1
             for alert in self.detector.update(outcome):
-                self._publish(alert, outcome, result)
+                self._publish(alert, result)
         return result
 
     def _baseline(self, event: dict[str, Any]) -> None:
@@ -171,7 +171,7 @@ class DriftStage:
         k = round(m["missed_fraud_val"] * n)
         self.detector.baselines[model_version_name(event["version"])] = float(beta.ppf(0.95, k + 1, n - k))
 
-    def _publish(self, alert: dict[str, Any], outcome: dict[str, Any], result: StepResult) -> None:
+    def _publish(self, alert: dict[str, Any], result: StepResult) -> None:
         now_ms = int(self.clock() * 1000)
         alert = {"alert_id": str(uuid.uuid4()), "ts": now_ms, **alert}
         self.alerts += 1

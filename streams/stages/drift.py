@@ -1,7 +1,7 @@
 """Drift: watches the champion's labelled error and its score distribution; raises alerts and retrains.
 
 Input: ``weir.outcomes`` (label + champion score per payment, in label order).
-Three ADWIN detectors (river) per champion version:
+Per champion version, three ADWIN detectors (river) and one test:
 
 - ``adwin_error`` over the absolute error ``|label - score|`` of every outcome;
 - ``adwin_missed_fraud`` over "this fraud scored below the decision
@@ -17,8 +17,8 @@ Three ADWIN detectors (river) per champion version:
   A change detector cannot see a drift that happened before the model went
   live; this test can. It fires at most once per version.
 
-An increase found by any of the first two, or a validation gap, publishes an ``alerts`` record
-and a ``retrain`` request (at most one per ``cooldown`` outcomes).
+An increase found by either of the first two, or a validation gap, publishes an ``alerts``
+record and a ``retrain`` request (at most one per ``cooldown`` outcomes).
 Detectors restart when the champion version changes, so a new model is
 judged on its own outcomes.
 """
@@ -38,7 +38,7 @@ from scipy.stats import beta, binom
 from streams import topics as T
 from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded
-from streams.stages.inference import MODEL_NAME, model_version_name
+from streams.stages.inference import DECISION_THRESHOLD, MODEL_NAME, model_version_name
 
 RETRAIN_DETECTORS = ("adwin_error", "adwin_missed_fraud", "validation_gap")
 GAP_P_VALUE = 1e-3
@@ -60,8 +60,8 @@ class DriftState:
 class DriftDetector:
     """Pure detection logic: ``update`` returns the alerts (as dicts) one outcome raises."""
 
-    def __init__(self, delta: float, min_samples: int = 300, min_frauds: int = 20, threshold: float = 0.5,
-                 missed_delta: float = 0.05) -> None:
+    def __init__(self, delta: float, min_samples: int = 300, min_frauds: int = 20,
+                 threshold: float = DECISION_THRESHOLD, missed_delta: float = 0.05) -> None:
         self.delta = delta
         self.missed_delta = missed_delta
         self.min_samples = min_samples
@@ -86,12 +86,13 @@ class DriftDetector:
         if before is not None and st.error.estimation > before and st.seen >= self.min_samples:
             alerts.append(self._alert("adwin_error", "abs_error", st.error.estimation, before, version))
         if outcome["is_fraud"]:
+            missed = score < self.threshold
             st.frauds += 1
-            st.missed_count += score < self.threshold
+            st.missed_count += missed
             gap = self._validation_gap(st)
             if gap is not None:
                 alerts.append(gap)
-            before = self._change(st.missed, float(score < self.threshold))
+            before = self._change(st.missed, float(missed))
             if before is not None and st.missed.estimation > before and st.frauds >= self.min_frauds:
                 alerts.append(self._alert("adwin_missed_fraud", "missed_fraud_rate", st.missed.estimation, before,
                                           version))

@@ -31,6 +31,7 @@ from streams.codec import AvroCodec, decoded
 from streams.features.definitions import CARD, FEATURE_NAMES, USER, request_features
 
 MODEL_NAME = "fraud"
+DECISION_THRESHOLD = 0.5  # a champion score at or above it flags the payment as fraud
 
 
 def model_version_name(version: int) -> str:

@@ -36,11 +36,9 @@ from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.features.definitions import FEATURE_NAMES
 from streams.kafka import producer_config
-from streams.stages.inference import MODEL_NAME, model_version_name
+from streams.stages.inference import DECISION_THRESHOLD, MODEL_NAME, model_version_name
 
 log = logging.getLogger(__name__)
-
-DECISION_THRESHOLD = 0.5  # a score at or above it flags the payment as fraud
 
 TRAINING_SET = """
 SELECT s.features, l.is_fraud, toUnixTimestamp64Milli(s.ts) AS ts_ms

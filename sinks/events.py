@@ -13,8 +13,8 @@ from typing import Any
 
 from sinks.clickhouse import ClickHouse
 from streams import topics as T
-from streams.base import InvalidEvent, Message, Rejected, StepResult
-from streams.codec import AvroCodec
+from streams.base import Message, StepResult
+from streams.codec import AvroCodec, decoded
 
 Row = list[Any]
 
@@ -66,6 +66,9 @@ TABLES: dict[str, tuple[str, tuple[str, ...], Callable[[dict[str, Any]], list[Ro
 }
 
 
+COLUMNS = {table: cols for table, cols, _ in TABLES.values()} | {"dlq": DLQ_COLS}
+
+
 def dlq_row(msg: Message) -> Row:
     h = dict(msg.headers)
 
@@ -99,21 +102,13 @@ class ClickHouseSink:
         self._codecs = {t: AvroCodec(t) for t in TABLES}
 
     def handle(self, batch: list[Message]) -> StepResult:
-        result = StepResult()
-        tables: dict[str, list[Row]] = {}
-        for msg in batch:
-            if msg.topic.startswith("dlq."):
-                tables.setdefault("dlq", []).extend([dlq_row(msg)])
-                continue
+        tables: dict[str, list[Row]] = {"dlq": [dlq_row(m) for m in batch if m.topic.startswith("dlq.")]}
+        undecodable = StepResult()
+        for msg, record in decoded([m for m in batch if not m.topic.startswith("dlq.")], self._codecs, undecodable):
             table, _, mapper = TABLES[msg.topic]
-            try:
-                tables.setdefault(table, []).extend(mapper(self._codecs[msg.topic].decode(msg.value)))
-            except InvalidEvent as exc:
-                if msg.topic in VALIDATED_BY_INGEST:
-                    self.skipped += 1
-                else:
-                    result.rejected.append(Rejected(msg, exc))
-        columns = {t: c for t, c, _ in TABLES.values()} | {"dlq": DLQ_COLS}
+            tables.setdefault(table, []).extend(mapper(record))
+        result = StepResult(rejected=[r for r in undecodable.rejected if r.message.topic not in VALIDATED_BY_INGEST])
+        self.skipped += len(undecodable.rejected) - len(result.rejected)
         for table, rows in tables.items():
-            self.ch.insert(table, rows, columns[table])
+            self.ch.insert(table, rows, COLUMNS[table])
         return result

@@ -4,19 +4,69 @@ Each captured table ``<table>`` is published to ``cdc.<table>`` in the
 Debezium envelope (``before``, ``after``, ``source``, ``op``, ``ts_ms``), encoded
 with the topic's schema from ``schemas/`` in the Confluent wire format, keyed by
 the primary key (UTF-8; composite keys joined with ``|``). Values follow
-Debezium's ``decimal.handling.mode=double``: numerics are doubles, ``timestamptz``
-is an ISO-8601 UTC string (``ZonedTimestamp``), booleans are booleans. A delete
-is an ``op="d"`` event followed by a tombstone (null value) with the same key.
+Debezium's ``decimal.handling.mode=double``: numerics (with or without scale,
+any precision) are doubles, so ``NaN`` and ``±Infinity`` pass and digits past
+a double's 15-17 are rounded; ``timestamptz`` is an ISO-8601 UTC string with
+microseconds (``ZonedTimestamp``); booleans are booleans, ``bytea`` is bytes,
+NULL is null in every type. Two spellings differ from Debezium's
+``time.precision.mode=adaptive_time_microseconds``: ``timestamp`` without time
+zone is an ISO-8601 string without offset (Debezium: ``MicroTimestamp``, a
+long), and ``date``/``time`` keep PostgreSQL's text (Debezium: ``Date`` int /
+``MicroTime`` long). No schema in ``schemas/`` has such a column yet.
+A delete is an ``op="d"`` event followed by a tombstone (null value) with the
+same key.
 
 Delivery is **at-least-once**. The connector polls the replication slot with
 ``pg_logical_slot_peek_binary_changes`` (the slot does not move), publishes every
 change of the complete transactions it got, waits until Kafka acknowledged every
 record, and only then advances the slot with ``pg_replication_slot_advance``.
-A crash anywhere before the advance re-sends those transactions on restart;
-consumers dedupe on (key, ``op``, ``source.lsn``): a re-sent change keeps its
-LSN and ``txId``, while the events of one primary-key change share an LSN and
-snapshot reads all carry the snapshot's LSN. Order is preserved per key (one
-key, one partition, idempotent producer).
+A crash anywhere before the advance re-sends those transactions on restart.
+Order is preserved per key (one key, one partition, idempotent producer).
+
+**Dedup key.** Every envelope carries ``source.lsn`` and ``source.txId``
+(snapshot reads too: the slot's consistent LSN and the snapshot transaction's
+id). Consumers dedupe on ``(topic, key, op, source.lsn)``, ``source.txId`` as
+a check: a re-sent change keeps its LSN and ``txId``, while distinct changes
+of one key never share an LSN (the delete and create of a primary-key change
+share it but differ in ``key``/``op``; snapshot rows share the snapshot LSN
+but differ in key). ``ts_ms`` is when the envelope was built, so it differs
+between copies: leave it out of the key. Tombstones carry no value; a re-sent
+tombstone deletes what is already deleted. A snapshot redone after a crash
+mid-snapshot runs on a new slot, so its ``op="r"`` rows carry a new LSN and
+are *not* removed by this key; they are whole-row reads, idempotent as upserts
+by key. Debezium itself re-sends with the same ``lsn``/``txId``, so the same
+key works for its messages.
+
+**Unchanged TOASTed columns.** ``setup()`` sets ``REPLICA IDENTITY FULL`` on
+every captured table (and re-sets it on every start), so updates and deletes
+log the whole old row with TOASTed values inlined; the connector fills an
+unchanged TOASTed column of the new row from it, and ``before`` is always the
+full old row. The cost, on the database: every UPDATE and DELETE of a captured
+table writes the entire old row to WAL, including its out-of-line values (a
+10 kB text column adds ~10 kB of WAL per update even when untouched), which
+means more WAL volume, replication traffic and decoding work; the ALTER takes
+a brief ACCESS EXCLUSIVE lock. Should the old row be missing anyway (someone
+set the identity back while the connector ran; the next ``setup()`` sets FULL
+again), the connector does what Debezium does under ``REPLICA IDENTITY
+DEFAULT``: an unchanged TOASTed text-like column gets the placeholder
+``__debezium_unavailable_value`` (:data:`UNAVAILABLE_VALUE`; its UTF-8 bytes
+for ``bytea``), ``before`` is null, and a warning names the table. Consumers
+must then not overwrite the stored value with the placeholder. A TOASTed
+column of another type (e.g. a huge ``numeric``) cannot hold the placeholder
+and stops the connector with :class:`CdcError`.
+
+**Debezium-produced messages.** The ``cdc.*`` reader schemas resolve what
+Debezium's PostgreSQL connector writes through Confluent's AvroConverter
+(``decimal.handling.mode=double``): Avro matches records by unqualified name
+(``Envelope``, ``Value``, ``Source``), fields by name, and skips writer-only
+fields (``transaction``, ``ts_us``, ``ts_ns``, ``source.ts_us``...).
+Debezium's message *keys* are Avro/JSON structs, not this connector's UTF-8
+strings: dedupe only within one producer.
+
+**Metrics.** :attr:`CdcConnector.stats` (:class:`CdcStats`) counts snapshot
+rows, published changes, transactions and records, the last LSN the slot was
+advanced to, and the replication slot's lag in bytes, sampled on every poll
+from the position query the poll runs anyway.
 
 The initial snapshot (``op="r"``, ``source.snapshot="true"``) reads every row
 in a REPEATABLE READ transaction on the snapshot the slot was created with, so
@@ -32,7 +82,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -68,6 +118,9 @@ UNCHANGED_TOAST = object()
 """Tuple value ``'u'``: an unchanged TOASTed column whose value the message does not carry."""
 
 TupleValue = str | None | object  # text value, NULL, or UNCHANGED_TOAST
+
+UNAVAILABLE_VALUE = "__debezium_unavailable_value"
+"""Debezium's default ``unavailable.value.placeholder``: an unchanged TOASTed value that was not logged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,9 +544,7 @@ class ChangeDecoder:
         if new is not None and old is not None and not change.old_is_key:
             new = tuple(o if n is UNCHANGED_TOAST else n for o, n in zip(old, new, strict=True))
         if new is not None and any(v is UNCHANGED_TOAST for v in new):
-            raise CdcError(
-                f"{table.name}: unchanged TOAST value without the old row; needs REPLICA IDENTITY FULL"
-            )
+            new = _unavailable_placeholders(table, cols, new, lsn)
         # Without REPLICA IDENTITY FULL only the key is logged: Debezium leaves `before` empty then.
         full_old = old is not None and not change.old_is_key and UNCHANGED_TOAST not in old
         before = _row(cols, old) if full_old and old is not None else None
@@ -528,15 +579,74 @@ class ChangeDecoder:
         self._pending.append(Outgoing(table.topic, key, value, lsn))
 
 
+_PLACEHOLDER_OK = (str, _bytea)  # converters whose columns can carry UNAVAILABLE_VALUE
+
+
+def _unavailable_placeholders(
+    table: CapturedTable, columns: tuple[Column, ...], new: tuple[TupleValue, ...], lsn: int
+) -> tuple[TupleValue, ...]:
+    """``new`` with each unchanged TOASTed value replaced by :data:`UNAVAILABLE_VALUE`, as Debezium does.
+
+    Reached only when the old row was not logged (the table lost REPLICA
+    IDENTITY FULL). Raises :class:`CdcError` for a column whose type cannot
+    carry the placeholder.
+    """
+    for col, value in zip(columns, new, strict=True):
+        if value is UNCHANGED_TOAST and col.convert not in _PLACEHOLDER_OK:
+            raise CdcError(
+                f"{table.name}.{col.name}: unchanged TOASTed value at LSN {int_to_lsn(lsn)} without the old "
+                "row, and its type cannot hold Debezium's placeholder; the table needs REPLICA IDENTITY FULL"
+            )
+    log.warning(
+        "%s: unchanged TOASTed values at LSN %s published as %r: the table is not REPLICA IDENTITY FULL",
+        table.name,
+        int_to_lsn(lsn),
+        UNAVAILABLE_VALUE,
+    )
+    return tuple(UNAVAILABLE_VALUE if v is UNCHANGED_TOAST else v for v in new)
+
+
 # --------------------------------------------------------------------------------------------
 # the connector
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
+class CdcStats:
+    """What one connector did since it was constructed: the connector's metrics.
+
+    Written only by the connector's thread. Other threads may read a field at
+    any time (each is replaced whole) or take :meth:`as_dict`, a copy whose
+    fields may straddle one poll. Re-sent changes count again.
+    """
+
+    snapshot_rows: int = 0
+    """Rows published as ``op="r"`` by snapshots this connector ran."""
+    changes_published: int = 0
+    """Row changes (c/u/d; a primary-key change counts once) acknowledged by Kafka; tombstones not counted."""
+    transactions_published: int = 0
+    """Committed transactions with at least one captured change, acknowledged by Kafka."""
+    records_published: int = 0
+    """Kafka records acknowledged: snapshot rows, change events and tombstones."""
+    last_advanced_lsn: int | None = None
+    """Where this connector last advanced the slot (None until it has); see :func:`int_to_lsn`."""
+    slot_lag_bytes: int | None = None
+    """WAL bytes between the server's flushed position and the slot's confirmed position, as of the last
+    sample: taken on every poll, before publishing (the backlog) and again after advancing (what is left)."""
+    lag_sampled_at: float | None = None
+    """The connector's ``clock()`` at that sample."""
+
+    def as_dict(self) -> dict[str, int | float | None]:
+        return asdict(self)
+
+
+@dataclass
 class _Batch:
     records: list[Outgoing]
     changes: int
+    transactions: int
+    upto: int  # the server's flushed WAL position when the batch was read
+    confirmed: int  # the slot's confirmed position then
     advance_to: int | None  # slot position once every record is acknowledged
 
 
@@ -580,6 +690,8 @@ class CdcConnector:
         self._encoder: EnvelopeEncoder | None = None
         self._delivery_errors: list[str] = []
         self._last_offsets: dict[tuple[str, int], int] = {}
+        self.stats = CdcStats()
+        """Counters and slot lag; see :class:`CdcStats`."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -614,13 +726,19 @@ class CdcConnector:
 
         Blocks until Kafka acknowledged every record; advances only then, so a
         crash at any point re-sends rather than loses. Returns the number of row
-        changes published (tombstones not counted).
+        changes published (tombstones not counted). Updates :attr:`stats`, the
+        slot lag included (sampled from the position this poll reads anyway).
         """
         batch = self._read_batch()
+        self._sample_lag(batch.upto - batch.confirmed)
         if batch.records:
             self._publish(batch.records)
+        self.stats.changes_published += batch.changes
+        self.stats.transactions_published += batch.transactions
         if batch.advance_to is not None:
             self._advance(batch.advance_to)
+            self.stats.last_advanced_lsn = batch.advance_to
+        self._sample_lag(max(0, batch.upto - max(batch.confirmed, batch.advance_to or 0)))
         if batch.changes:
             log.info(
                 "published %d changes up to LSN %s; last offsets %s",
@@ -646,7 +764,10 @@ class CdcConnector:
             self._conn = None
 
     def slot_lag_bytes(self) -> int:
-        """WAL bytes between the server's current position and the slot's confirmed position."""
+        """WAL bytes between the server's current position and the slot's confirmed position, queried now.
+
+        Also recorded in :attr:`stats`. ``poll_once`` samples the lag without this extra query.
+        """
         lag = self._scalar(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8"
             " FROM pg_replication_slots WHERE slot_name = %s",
@@ -654,7 +775,12 @@ class CdcConnector:
         )
         if lag is None:
             raise CdcError(f"replication slot {self.slot!r} does not exist")
+        self._sample_lag(int(lag))
         return int(lag)
+
+    def _sample_lag(self, lag: int) -> None:
+        self.stats.slot_lag_bytes = lag
+        self.stats.lag_sampled_at = self.clock()
 
     # -- PostgreSQL -----------------------------------------------------------------------------
 
@@ -785,7 +911,8 @@ class CdcConnector:
             rows = 0
             for records in self._snapshot_batches(snapshot_name, consistent_lsn):
                 self._publish(records)
-                rows += sum(1 for r in records if r.value is not None)
+                rows += len(records)
+                self.stats.snapshot_rows += len(records)
         conn = self._connect()
         conn.execute(
             sql.SQL("INSERT INTO {} (slot, snapshot_lsn) VALUES (%s, %s)").format(
@@ -807,6 +934,7 @@ class CdcConnector:
             snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             snap.read_only = True
             snap.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
+            tx_id = _snapshot_tx_id(snap)
             for table in self.tables:
                 # Rows come as the types' text output, the very spelling pgoutput sends, so both
                 # paths convert alike (a ::text cast would not: bool gives 'true', bpchar is trimmed).
@@ -829,7 +957,7 @@ class CdcConnector:
                                     _row(table.columns, values),
                                     ts_ms=ts_ms,
                                     lsn=lsn,
-                                    tx_id=None,
+                                    tx_id=tx_id,
                                     snapshot="true",
                                 ),
                                 lsn,
@@ -858,12 +986,13 @@ class CdcConnector:
                 (self.slot, int_to_lsn(upto), self.max_changes, self.publication),
             ).fetchall()
         records: list[Outgoing] = []
-        changes, last_end = 0, None
+        changes, transactions, last_end = 0, 0, None
         for lsn, data in rows:
             done = self._decoder.feed(int(lsn), bytes(data))
             if done is not None:
                 records += done[0]
                 changes += done[1]
+                transactions += int(done[1] > 0)
                 last_end = done[2].end_lsn
         # Transactions that touch no captured table produce no rows, so a slot advanced
         # only to commits it published would pin their WAL forever. Advancing to `upto`
@@ -873,7 +1002,7 @@ class CdcConnector:
         # there would make the slot skip that transaction.
         target = upto if quiet and len(rows) < self.max_changes else last_end
         advance_to = target if target is not None and target > confirmed else None
-        return _Batch(records, changes, advance_to)
+        return _Batch(records, changes, transactions, upto, confirmed, advance_to)
 
     def _advance(self, lsn: int) -> None:
         with self._guard("advancing the replication slot"):
@@ -903,6 +1032,7 @@ class CdcConnector:
                 f"{len(self._delivery_errors)} CDC records failed delivery (first: {self._delivery_errors[0]}); "
                 "slot not advanced"
             )
+        self.stats.records_published += len(records)
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
@@ -913,6 +1043,17 @@ class CdcConnector:
 
     def _offsets_summary(self) -> str:
         return ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(self._last_offsets.items()))
+
+
+def _snapshot_tx_id(snap: psycopg.Connection[Any]) -> int:
+    """The snapshot transaction's id, as Debezium puts in ``source.txId`` of snapshot reads.
+
+    32 bits, like the xids pgoutput sends for streamed changes (``txid_current()``
+    adds the epoch above them).
+    """
+    row = snap.execute("SELECT txid_current() & 4294967295").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 class _RawText(Loader):

@@ -8,14 +8,18 @@ and keeps every test's topics apart).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
+import random
 import signal
+import string
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +29,17 @@ import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from streams.cdc import CdcConnectionLost, CdcConnector, CdcError, pg_text_to_python
+import streams.cdc
+from streams.cdc import (
+    UNAVAILABLE_VALUE,
+    CapturedTable,
+    CdcConnectionLost,
+    CdcConnector,
+    CdcError,
+    EnvelopeEncoder,
+    lsn_to_int,
+    pg_text_to_python,
+)
 from streams.codec import AvroCodec
 from streams.embedded.kafka import EmbeddedKafka
 from streams.embedded.postgres import EmbeddedPostgres
@@ -416,3 +430,232 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# -- types, TOAST, dedup keys, metrics --------------------------------------------------------
+
+TYPED_DDL = """
+CREATE TABLE typed (
+    id int PRIMARY KEY, b boolean, i2 smallint, i4 integer, i8 bigint, f4 real, f8 double precision,
+    n_scaled numeric(12,2), n_free numeric, n_big numeric(60,20), n_nan numeric, n_inf numeric,
+    tz timestamptz, ts timestamp, by bytea, t text, vc varchar(10), bp char(3), d date, u uuid, j jsonb)
+"""
+TYPED_COLUMNS = "b, i2, i4, i8, f4, f8, n_scaled, n_free, n_big, n_nan, n_inf, tz, ts, by, t, vc, bp, d, u, j"
+TYPED_VALUES = (
+    "true, -32768, 2147483647, -9007199254740993, 1.5, '-Infinity', 12.50, 0.000000000000000000001,"
+    " 1234567890123456789012345678901234567890.12345678901234567890, 'NaN', 'Infinity',"
+    " '2026-03-29 01:30:00.000001+02', '2026-01-01 00:00:00.1', '\\x00ff', 'plain', 'v', 'ab',"
+    " '2026-01-01', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"a\": 1}'"
+)
+TYPED_EXPECTED: dict[str, Any] = {
+    "b": True,
+    "i2": -32768,
+    "i4": 2147483647,
+    "i8": -9007199254740993,
+    "f4": 1.5,
+    "f8": -math.inf,
+    "n_scaled": 12.5,  # numeric with scale: a double, as decimal.handling.mode=double
+    "n_free": 1e-21,  # numeric without scale or precision
+    "n_big": 1.2345678901234568e39,  # 60 digits of precision, rounded to a double
+    "n_nan": "NaN",  # (math.nan, compared through _comparable)
+    "n_inf": math.inf,
+    "tz": "2026-03-28T23:30:00.000001Z",  # ZonedTimestamp, in UTC
+    "ts": "2026-01-01T00:00:00.100000",  # timestamp without time zone: no offset
+    "by": b"\x00\xff",
+    "t": "plain",
+    "vc": "v",
+    "bp": "ab ",  # char(3) keeps its padding, as Debezium does
+    "d": "2026-01-01",
+    "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+    "j": '{"a": 1}',
+}
+ALL_NULL = dict.fromkeys(TYPED_EXPECTED)
+
+
+def _comparable(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """NaN never equals itself: spell it as a string to compare rows."""
+    if row is None:
+        return None
+    return {k: "NaN" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
+def recording_encoder(sink: list[dict[str, Any]]) -> type[EnvelopeEncoder]:
+    """An encoder that keeps the envelope's parts instead of Avro bytes (``typed`` has no schema)."""
+
+    class Recording(EnvelopeEncoder):
+        def __init__(self, tables: Any, db: str, clock: Callable[[], float]) -> None:
+            self.db, self.clock = db, clock
+
+        def encode(
+            self,
+            table: CapturedTable,
+            op: str,
+            before: dict[str, Any] | None,
+            after: dict[str, Any] | None,
+            *,
+            ts_ms: int,
+            lsn: int | None,
+            tx_id: int | None,
+            snapshot: str = "false",
+        ) -> bytes:
+            sink.append({"op": op, "before": before, "after": after, "lsn": lsn, "txId": tx_id})
+            return b"{}"
+
+    return Recording
+
+
+def test_every_type_and_null_converts_alike_in_snapshot_and_stream(
+    db: Db, bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    envelopes: list[dict[str, Any]] = []
+    monkeypatch.setattr(streams.cdc, "EnvelopeEncoder", recording_encoder(envelopes))
+    db.sql(TYPED_DDL, f"INSERT INTO typed (id, {TYPED_COLUMNS}) VALUES (1, {TYPED_VALUES})")
+    connector = CdcConnector(db.dsn, bootstrap, ["typed"], slot=f"slot_{db.name}", partitions=2)
+    connector.setup()
+    try:
+        db.sql(
+            "SET TimeZone = 'Asia/Kolkata'",  # the writer's session zone must not matter
+            f"INSERT INTO typed (id, {TYPED_COLUMNS}) VALUES (2, {TYPED_VALUES})",
+            "INSERT INTO typed (id) VALUES (3)",
+            "UPDATE typed SET " + ", ".join(f"{c} = NULL" for c in TYPED_EXPECTED) + " WHERE id = 2",
+            f"UPDATE typed SET ({TYPED_COLUMNS}) = ({TYPED_VALUES}) WHERE id = 3",
+            "DELETE FROM typed WHERE id = 1",
+        )
+        assert drain(connector) == 5
+    finally:
+        connector.close()
+
+    full, nulls = {"id": 1, **TYPED_EXPECTED}, {"id": 3, **ALL_NULL}
+    got = [(e["op"], _comparable(e["before"]), _comparable(e["after"])) for e in envelopes]
+    assert got == [
+        ("r", None, full),
+        ("c", None, {**full, "id": 2}),
+        ("c", None, nulls),
+        ("u", {**full, "id": 2}, {**nulls, "id": 2}),
+        ("u", nulls, {**full, "id": 3}),
+        ("d", full, None),
+    ]
+    assert all(isinstance(e["lsn"], int) and isinstance(e["txId"], int) for e in envelopes)
+
+
+def _random_text(n: int) -> str:
+    """Text pglz cannot shrink by 25%, so PostgreSQL stores it out of line, uncompressed."""
+    return "".join(random.Random(n).choices(string.ascii_letters + string.digits, k=n))
+
+
+def _label_updates(records: list[Record]) -> list[dict[str, Any]]:
+    labels = sorted((r for r in records if r.topic == "cdc.payment_labels"), key=lambda r: r.offset)
+    return [r.value for r in labels if r.value is not None and r.value["op"] == "u"]
+
+
+def _insert_toasted_label(db: Db, reason: str) -> None:
+    db.sql("INSERT INTO payment_labels VALUES ('p1', false, %s, now(), now())", params=(reason,))
+    with psycopg.connect(db.dsn) as conn:
+        toast = conn.execute(
+            "SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE relname = 'payment_labels'"
+        ).fetchone()
+    assert toast is not None and toast[0] > 0, "the reason column was not TOASTed out of line"
+
+
+def test_unchanged_toasted_column_is_taken_from_the_old_row(db: Db, bootstrap: str) -> None:
+    reason = _random_text(10_000)
+    connector = db.connector(bootstrap)
+    connector.setup()  # sets REPLICA IDENTITY FULL
+    _insert_toasted_label(db, reason)
+    db.sql("UPDATE payment_labels SET is_fraud = true WHERE payment_id = 'p1'")  # reason untouched
+    assert drain(connector) == 2
+    connector.close()
+
+    (update,) = _label_updates(consume(bootstrap, 2))
+    assert update["after"]["reason"] == reason and update["after"]["is_fraud"] is True
+    assert update["before"]["reason"] == reason and update["before"]["is_fraud"] is False
+
+
+def test_unchanged_toasted_column_without_the_old_row_is_debeziums_placeholder(
+    db: Db, bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    reason = _random_text(10_000)
+    connector = db.connector(bootstrap)
+    connector.setup()
+    _insert_toasted_label(db, reason)
+    db.sql("ALTER TABLE payment_labels REPLICA IDENTITY DEFAULT")  # behind the connector's back
+    db.sql("UPDATE payment_labels SET is_fraud = true WHERE payment_id = 'p1'")
+    with caplog.at_level(logging.WARNING, logger="streams.cdc"):
+        assert drain(connector) == 2
+    connector.close()
+    assert any("payment_labels" in m and UNAVAILABLE_VALUE in m for m in caplog.messages)
+    assert reason not in caplog.text
+
+    restarted = db.connector(bootstrap)
+    restarted.setup()  # sets REPLICA IDENTITY FULL again
+    db.sql("UPDATE payment_labels SET is_fraud = false WHERE payment_id = 'p1'")
+    assert drain(restarted) == 1
+    restarted.close()
+
+    placeholder, whole = _label_updates(consume(bootstrap, 3))
+    assert placeholder["after"]["reason"] == UNAVAILABLE_VALUE and placeholder["after"]["is_fraud"] is True
+    assert placeholder["before"] is None  # only the key was logged: Debezium's `before` is empty too
+    assert whole["after"]["reason"] == reason and whole["before"]["reason"] == reason
+
+
+def test_resent_transaction_repeats_every_dedup_key(db: Db, bootstrap: str) -> None:
+    db.sql(INSERT_PAYMENT, params=payment("s"))
+    first = db.connector(bootstrap)
+    first.setup()
+    with psycopg.connect(db.dsn) as conn:  # one transaction, four changes
+        conn.execute(INSERT_PAYMENT, payment("a"))
+        conn.execute("UPDATE payments SET status = 'refunded' WHERE payment_id = 'a'")
+        conn.execute("DELETE FROM payments WHERE payment_id = 's'")
+        conn.execute(INSERT_PAYMENT, payment("b"))
+    batch = first._read_batch()
+    first._publish(batch.records)  # acknowledged ... and the process dies before advancing
+    first.close()
+    second = db.connector(bootstrap)
+    second.setup()
+    assert drain(second) == 4
+    second.close()
+
+    records = consume(bootstrap, 1 + 2 * 5)  # snapshot row; twice c, u, d, tombstone, c
+    keys = Counter(
+        (r.topic, r.key, r.value["op"], r.value["source"]["lsn"], r.value["source"]["txId"])
+        for r in records
+        if r.value is not None
+    )
+    (snapshot_key,) = [k for k in keys if k[2] == "r"]
+    assert keys.pop(snapshot_key) == 1
+    assert isinstance(snapshot_key[3], int) and isinstance(snapshot_key[4], int)  # dedup fields set
+    assert sorted((k[1], k[2]) for k in keys) == [("a", "c"), ("a", "u"), ("b", "c"), ("s", "d")]
+    assert set(keys.values()) == {2}  # each change twice, with an identical (topic, key, op, lsn, txId)
+    assert len({k[4] for k in keys}) == 1 and len({k[3] for k in keys}) == 4  # one tx, one LSN per change
+    assert sorted(r.key for r in records if r.value is None) == ["s", "s"]
+
+
+def test_stats_count_changes_and_sample_slot_lag(db: Db, bootstrap: str) -> None:
+    now = [1000.0]
+    db.sql(INSERT_PAYMENT, params=payment("s1"))
+    connector = db.connector(bootstrap, max_changes=3, clock=lambda: now[0])
+    connector.setup()
+    assert (connector.stats.snapshot_rows, connector.stats.records_published) == (1, 1)
+    for i in range(5):
+        db.sql(INSERT_PAYMENT, params=payment(f"p{i}"))
+
+    now[0] = 1001.0
+    published = connector.poll_once()  # a few rows per poll: most of the changes stay in the slot
+    assert 0 < published < 5 and connector.stats.changes_published == published
+    assert connector.stats.slot_lag_bytes is not None and connector.stats.slot_lag_bytes > 0
+    assert connector.stats.lag_sampled_at == 1001.0
+    assert connector.slot_lag_bytes() > 0
+
+    drain(connector)
+    with psycopg.connect(db.dsn) as conn:
+        confirmed = conn.execute(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            (connector.slot,),
+        ).fetchone()
+    connector.close()
+    stats = connector.stats.as_dict()
+    counts = (stats["changes_published"], stats["transactions_published"], stats["records_published"])
+    assert counts == (5, 5, 6)
+    lag = stats["slot_lag_bytes"]
+    assert lag is not None and lag < 4096  # back to ~0: at most the WAL of unrelated server work
+    assert confirmed is not None and stats["last_advanced_lsn"] == lsn_to_int(confirmed[0])

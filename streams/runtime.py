@@ -29,6 +29,7 @@ from typing import Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from streams.base import Message, Produce, Rejected, StepResult
+from streams.dlq import DlqGuard, DlqRatioExceeded
 from streams.kafka import DeliveryTracker, consumer_config, flush_or_raise, producer_config
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ class BatchRunner:
     ``run`` blocks the calling thread; ``start`` runs it in a daemon thread.
     An unexpected exception from the stage stops the runner and is kept in
     ``error`` (the process supervisor surfaces it); nothing is committed past it.
+
+    With a ``dlq_guard``, each batch is counted after its outputs and dead letters are produced;
+    when too much of the recent input was dead-lettered (a bad deploy), the runner commits what it
+    processed (flushing first, so the dead letters are durable) and stops with
+    :class:`~streams.dlq.DlqRatioExceeded` in ``error``.
     """
 
     def __init__(
@@ -104,8 +110,10 @@ class BatchRunner:
         max_wait_ms: int = 5,
         fetch_wait_ms: int = 10,
         commit_every_ms: int = 50,
+        dlq_guard: DlqGuard | None = None,
     ) -> None:
         self.stage = stage
+        self.dlq_guard = dlq_guard
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.commit_every_s = commit_every_ms / 1000
@@ -181,6 +189,7 @@ class BatchRunner:
             for m in batch:
                 self._uncommitted[(m.topic, m.partition)] = m.offset + 1
             self._account(batch, result, time.perf_counter() - started)
+            self._guard(batch, result)
         else:
             self._producer.poll(0)
         if time.monotonic() - self._last_commit >= self.commit_every_s:
@@ -204,6 +213,16 @@ class BatchRunner:
                         self.stage.step_id, exc.args[0].name())
             return
         self.stats.last_commit_at = self._last_commit
+
+    def _guard(self, batch: list[Message], result: StepResult) -> None:
+        """Count the batch in the DLQ guard; when it trips, commit what was processed, then raise."""
+        if self.dlq_guard is None:
+            return
+        try:
+            self.dlq_guard.observe(self.stage.step_id, len(batch), result.rejected)
+        except DlqRatioExceeded:
+            self.commit()  # outputs and dead letters acknowledged, offsets committed: nothing lost
+            raise
 
     def _handle_slow(self, batch: list[Message]) -> StepResult:
         """Run a long ``handle`` (e.g. training) in a helper thread while this one keeps the

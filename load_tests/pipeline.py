@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import random
 import sys
 import tempfile
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from confluent_kafka import Producer
 
+from streams import schemas
 from streams import topics as T
 from streams.codec import AvroCodec
 from streams.kafka import producer_config
@@ -39,7 +41,10 @@ from streams.settings import WeirSettings
 from streams.stack import Stack
 
 PAYMENT_SHARE = 0.15
-START = datetime(2026, 1, 1, tzinfo=UTC)
+# Event times start three hours ago (ingest refuses events from the future or older than its max age).
+# Child processes are spawned: they read the start the parent fixed, so every process agrees on it.
+os.environ.setdefault("WEIR_BENCH_START_S", str(int(time.time()) - 3 * 3600))
+START = datetime.fromtimestamp(int(os.environ["WEIR_BENCH_START_S"]), UTC)
 
 
 def _source(ts_ms: int, lsn: int) -> dict[str, object]:
@@ -136,6 +141,7 @@ def bare_hop(bootstrap: str, rate: float, seconds: float) -> tuple[float, float]
 def worker(endpoints: Any, tmp: Path, stages: tuple[str, ...], scored: Any, reset: Any, stop: Any,
            latencies: Any, pause: Any, cpu: Any) -> None:
     """A child process running some stages; reports scored payments and latencies through shared values."""
+    schemas.use_registry(endpoints.schema_registry_url)  # a spawned process: take ids from the registry
     config = PipelineConfig(data_dir=tmp, stages=stages)
     pipeline = Pipeline(endpoints, config)
     pipeline.start()

@@ -3,9 +3,13 @@
 chdb (the embedded engine) can be opened by one process at a time, so a
 Weir process opens it once and every stage shares this handle; calls are
 serialized by a lock (clickhouse-connect's chdb backend is not thread-safe).
-Tables are ReplacingMergeTree keyed by event id (dead letters: by the refused
-message's source topic, partition and offset), so
-re-delivered batches collapse: read with ``FINAL`` for exact counts.
+Tables are ReplacingMergeTree keyed by event id (bronze rows by their Kafka
+coordinates, dead letters by the refused message's source topic, partition
+and offset), so re-delivered batches collapse: read with ``FINAL`` for exact
+counts. Medallion layers: ``bronze_events`` holds every message of the public
+input topics as received, ``silver_*`` what ingest accepted; no table holds a
+raw PII value (bronze stores tokens, the dead-letter table only a payload's
+size and checksum; the raw bytes stay in the ``dlq.*`` topics, for replay).
 """
 
 from __future__ import annotations
@@ -17,10 +21,22 @@ from typing import Any
 import clickhouse_connect
 
 DDL = [
-    """CREATE TABLE IF NOT EXISTS clickstream (
+    # bronze: every message of a public input topic as received (PII fields as tokens; undecodable ones
+    # as their size, checksum and reason), keyed by its Kafka coordinates
+    """CREATE TABLE IF NOT EXISTS bronze_events (
+        topic LowCardinality(String), partition Int32, offset Int64, key Nullable(String),
+        schema_id Nullable(UInt32), status LowCardinality(String), record Nullable(String), size UInt32,
+        sha256 String, kafka_ts DateTime64(3, 'UTC'), stored_ts DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree ORDER BY (topic, partition, offset)""",
+    # silver: what ingest accepted (validated, deduped, pseudonymized)
+    """CREATE TABLE IF NOT EXISTS silver_clicks (
         event_id String, event_type LowCardinality(String), user_id String, session_id String,
-        ts DateTime64(3, 'UTC'), device_id Nullable(String), ip Nullable(String), page Nullable(String),
-        query Nullable(String), product_id Nullable(String), amount Nullable(Float64)
+        device_id Nullable(String), ts DateTime64(3, 'UTC'), amount Nullable(Float64)
+    ) ENGINE = ReplacingMergeTree ORDER BY event_id""",
+    """CREATE TABLE IF NOT EXISTS silver_payments (
+        event_id String, payment_id String, card_id String, customer_id String, merchant_id String,
+        merchant_category LowCardinality(String), amount Float64, device_id Nullable(String),
+        ts DateTime64(3, 'UTC'), source_ts DateTime64(3, 'UTC')
     ) ENGINE = ReplacingMergeTree ORDER BY event_id""",
     """CREATE TABLE IF NOT EXISTS predictions (
         event_id String, payment_id String, card_id String, customer_id String, score Float64,
@@ -53,7 +69,7 @@ DDL = [
     """CREATE TABLE IF NOT EXISTS dlq (
         topic String, partition Int32, offset Int64, reason LowCardinality(String), detail String,
         stage String, source_topic String, source_partition Int32, source_offset Int64,
-        key Nullable(String), value String, ts DateTime64(3, 'UTC')
+        key Nullable(String), value_size UInt32, value_sha256 String, ts DateTime64(3, 'UTC')
     ) ENGINE = ReplacingMergeTree ORDER BY (source_topic, source_partition, source_offset, stage)""",
 ]
 

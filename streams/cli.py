@@ -1,4 +1,5 @@
-"""The ``weir`` command: ``weir up`` (stack + every stage until Ctrl-C) and ``weir demo``."""
+"""The ``weir`` command: ``weir up`` (stack + every stage until Ctrl-C), ``weir demo``,
+``weir schemas check`` and ``weir dlq inspect|replay``."""
 
 from __future__ import annotations
 
@@ -63,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--fraud-rate", type=float, default=0.045, help="share of payments that are fraud")
     d.add_argument("--summary-json", type=Path, default=None, help="default: <data dir>/demo-summary.json")
     d.add_argument("--no-progress", action="store_true")
+    from streams import dlq
+    from streams.registry import check
+
+    check.add_parser(sub)
+    dlq.add_parser(sub)
     return p
 
 
@@ -71,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = WeirSettings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers = {"up": _up, "demo": _demo}
-    return handlers[args.command](settings, args)
+    if args.command in handlers:
+        return handlers[args.command](settings, args)
+    return int(args.handler(args))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ class AvroCodec:
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
-        self.subject = schemas.subject(topic)
+        self._catalog = schemas.catalog()
+        self.subject = self._catalog.current(topic)
         self._reader = self.subject.parsed
         self._header = _HEADER.pack(MAGIC, self.subject.schema_id)
 
@@ -62,10 +63,10 @@ class AvroCodec:
         if sid == self.subject.schema_id:
             writer = self._reader
         else:
-            found = schemas.by_id().get(sid)
+            found = self._catalog.writer(sid)
             if found is None:
-                raise DecodeError(Reason.UNKNOWN_SCHEMA, f"unknown schema id {sid}")
-            writer = found.parsed
+                raise DecodeError(Reason.UNKNOWN_SCHEMA, f"unknown schema id {sid}: not in the schema registry")
+            writer = found
         body = io.BytesIO(data)
         body.seek(5)
         try:

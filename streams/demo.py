@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,17 @@ class DriftMark:
             yield ev
 
 
+def shop_start(events: int, events_per_hour: float) -> datetime:
+    """Where the simulated timeline starts so that it ends half an hour before now.
+
+    The shop's clock runs far faster than the wall clock, so a timeline that
+    started now would soon be in the future, and ingest refuses events from
+    the future (``timestamp_in_future``).
+    """
+    span = timedelta(hours=events / events_per_hour + 0.5)
+    return (datetime.now(UTC) - span).replace(microsecond=0)
+
+
 def run_demo(settings: WeirSettings, opts: DemoOptions, config: PipelineConfig | None = None) -> dict[str, Any]:
     """Run the demo end to end and return (and write) its summary; raises if a stage fails."""
     started = time.time()
@@ -88,11 +100,16 @@ def pipeline_config(settings: WeirSettings) -> PipelineConfig:
         fetch_wait_ms=settings.fetch_wait_ms,
         inference_max_batch=settings.inference_max_batch,
         drift_delta=settings.drift_delta, retrain_cron=settings.retrain_cron,
+        dedup_horizon_ms=settings.dedup_horizon_s * 1000, max_future_ms=settings.event_max_future_s * 1000,
+        max_age_ms=settings.event_max_age_s * 1000, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
+        pseudonym_key=settings.pseudonym_key.get_secret_value().encode(),
+        dlq_max_ratio=settings.dlq_max_ratio, dlq_window=settings.dlq_window, dlq_min_events=settings.dlq_min_events,
     )
 
 
 def _drive(pipeline: Pipeline, driver: ShopDriver, opts: DemoOptions) -> dict[str, Any]:
-    shop = ShopConfig(seed=opts.seed, drift_at=opts.drift_at, fraud_rate=opts.fraud_rate)
+    shop = ShopConfig(seed=opts.seed, drift_at=opts.drift_at, fraud_rate=opts.fraud_rate,
+                      start=shop_start(opts.events, ShopConfig.events_per_hour))
     sim = ShopSimulator(shop)
     mark = DriftMark(sim)
     # reference rows and the labels flushed at the end come on top of the timed events
@@ -149,6 +166,8 @@ def _drive(pipeline: Pipeline, driver: ShopDriver, opts: DemoOptions) -> dict[st
         "events_per_s": round((d.clicks + d.rows) / produce_s, 1),
         "stages": {k: {"consumed": v["consumed"], "dead_lettered": v["dead_lettered"]}
                    for k, v in pipeline.stats().items()},
+        "ingest": dict(pipeline.stages["ingest"].counts),
+        "cdc": pipeline.cdc.stats.as_dict() if pipeline.cdc is not None else None,
     }
 
 

@@ -15,14 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from models.online import RiverLearner
 from models.registry import ModelRegistry
 from models.scorer import RuleScorer
+from sinks.bronze import BronzeSink
 from sinks.clickhouse import ClickHouse
 from sinks.events import ClickHouseSink
 from sinks.redis_store import OnlineStore
 from streams import topics as T
+from streams.dedup import RedisDedup
+from streams.dlq import DlqGuard
+from streams.event_time import EventTimeGuard
 from streams.features.definitions import FEATURE_NAMES
+from streams.pseudonymize import Pseudonymizer
 from streams.runtime import BatchRunner, Stage
 from streams.stack import Endpoints
 from streams.stages.drift import DriftStage
@@ -57,7 +64,23 @@ class PipelineConfig:
     seed: int = 0
     group_prefix: str = "weir"
     stages: tuple[str, ...] = ALL_STAGES
+    dedup_horizon_ms: int = 900_000
+    max_future_ms: int = 300_000
+    max_age_ms: int = 7 * 86_400_000
+    allowed_lateness_ms: int = 600_000
+    pseudonym_key: bytes = field(default=b"weir-dev-pseudonym-key", repr=False)
+    dlq_max_ratio: float = 0.5
+    dlq_window: int = 1000
+    dlq_min_events: int = 200
     cdc_tables: tuple[str, ...] = tuple(T.CDC_TABLES)
+
+
+def ingest_stage(c: PipelineConfig, redis_url: str) -> IngestStage:
+    """The ingest stage as a pipeline runs it: dedup in Redis, event-time limits, PII tokens."""
+    dedup = RedisDedup(redis.Redis.from_url(redis_url), c.dedup_horizon_ms)
+    guard = EventTimeGuard(max_future_ms=c.max_future_ms, max_age_ms=c.max_age_ms,
+                           allowed_lateness_ms=c.allowed_lateness_ms)
+    return IngestStage(c.partitions, dedup=dedup, pseudonymizer=Pseudonymizer(c.pseudonym_key), event_time=guard)
 
 
 @dataclass
@@ -82,7 +105,7 @@ class Pipeline:
         if "cdc" in wanted and e.postgres_dsn:
             self._start_cdc()
         if "ingest" in wanted:
-            self._run(IngestStage(c.partitions), hot=True)
+            self._run(ingest_stage(c, e.redis_url), hot=True)
         if "features" in wanted:
             assert store is not None
             self._run(FeaturesStage(store), hot=True, max_batch=16)  # micro-batches of up to 500 events each
@@ -112,6 +135,7 @@ class Pipeline:
         if "sinks" in wanted:
             assert self.ch is not None
             self._run(ClickHouseSink(self.ch), max_batch=5000)
+            self._run(BronzeSink(self.ch, Pseudonymizer(c.pseudonym_key)), max_batch=5000)
 
     def _run(self, stage: Stage, *, hot: bool = False, group_id: str | None = None, max_batch: int | None = None,
              max_wait_ms: int = 100) -> None:
@@ -124,6 +148,7 @@ class Pipeline:
             max_batch=max_batch or c.batch_max_size,
             max_wait_ms=c.batch_max_wait_ms if hot else max_wait_ms,
             fetch_wait_ms=c.fetch_wait_ms if hot else 100,
+            dlq_guard=DlqGuard(c.dlq_max_ratio, c.dlq_window, c.dlq_min_events),  # one per runner: it has state
         )
         runner.start()
         self.runners[stage.step_id] = runner

@@ -1,14 +1,23 @@
-"""The Avro contracts in ``schemas/``: one folder per subject, one file per version.
+"""The Avro contracts in ``schemas/`` and the catalog that gives them schema ids.
 
 Subjects follow Confluent's TopicNameStrategy: the folder ``schemas/<topic>/``
-holds the value schema of ``<topic>``. Until Weir serves a schema registry,
-a schema's id is derived from its canonical form (CRC-32, 31 bits), so every
-process agrees on ids without coordination.
+holds every version of subject ``<topic>-value`` (``v1.avsc``, ``v2.avsc``, …;
+an optional file ``compatibility`` names the subject's level, BACKWARD when
+absent). The newest version is the topic's reader schema; a record written
+with any registered version decodes into it.
+
+Schema ids come from a schema registry. :func:`use_registry` registers every
+version of every subject there (in order, so the registry checks each
+evolution step) and makes this process's :func:`catalog` resolve ids through
+it, including ids of schemas that other producers registered. Weir's own
+registry assigns ids deterministically (:func:`schema_id_of`), so a process
+that runs without a registry (pure unit tests) agrees with it on Weir's ids.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import zlib
 from dataclasses import dataclass
 from functools import cache
@@ -19,11 +28,12 @@ import fastavro
 import fastavro.schema
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+DEFAULT_COMPATIBILITY = "BACKWARD"
 
 
 @dataclass(frozen=True)
 class Subject:
-    """The newest registered schema of one topic."""
+    """One version of a topic's value schema, with the id writers put in the wire header."""
 
     topic: str
     version: int
@@ -33,38 +43,152 @@ class Subject:
 
 
 def schema_id_of(raw: dict[str, Any]) -> int:
-    """Stable id of a schema: CRC-32 of its Parsing Canonical Form, never 0."""
+    """Stable id of a schema: CRC-32 of its Parsing Canonical Form, 31 bits, never 0."""
     canonical = fastavro.schema.to_parsing_canonical_form(raw)
     return (zlib.crc32(canonical.encode()) & 0x7FFFFFFF) or 1
 
 
-@cache
-def subject(topic: str) -> Subject:
-    """The newest version of ``topic``'s value schema; ``KeyError`` if none exists.
-
-    ``dlq.*`` and ``cdc.*`` topics share schemas by prefix only where a folder says so.
-    """
-    folder = SCHEMA_DIR / topic
-    versions = sorted(folder.glob("v*.avsc"), key=lambda p: int(p.stem[1:]))
-    if not versions:
-        raise KeyError(f"no schema for topic {topic!r} under {SCHEMA_DIR}")
-    newest = versions[-1]
-    raw = json.loads(newest.read_text())
-    return Subject(topic, int(newest.stem[1:]), schema_id_of(raw), raw, fastavro.parse_schema(raw))
+def subject_name(topic: str) -> str:
+    """The registry subject of a topic's values (TopicNameStrategy)."""
+    return f"{topic}-value"
 
 
-@cache
-def by_id() -> dict[int, Subject]:
-    """Every version of every subject, keyed by schema id."""
-    table: dict[int, Subject] = {}
-    for folder in sorted(p for p in SCHEMA_DIR.iterdir() if p.is_dir()):
-        for path in folder.glob("v*.avsc"):
-            raw = json.loads(path.read_text())
-            sid = schema_id_of(raw)
-            table[sid] = Subject(folder.name, int(path.stem[1:]), sid, raw, fastavro.parse_schema(raw))
-    return table
-
-
-def topics() -> list[str]:
+def topics(schema_dir: Path = SCHEMA_DIR) -> list[str]:
     """Every topic that has a schema."""
-    return sorted(p.name for p in SCHEMA_DIR.iterdir() if p.is_dir())
+    return sorted(p.name for p in schema_dir.iterdir() if p.is_dir())
+
+
+@cache
+def local_versions(topic: str, schema_dir: Path = SCHEMA_DIR) -> tuple[dict[str, Any], ...]:
+    """Every version of ``topic``'s schema in ``schemas/``, oldest first; ``KeyError`` if none."""
+    paths = sorted((schema_dir / topic).glob("v*.avsc"), key=lambda p: int(p.stem[1:]))
+    if not paths:
+        raise KeyError(f"no schema for topic {topic!r} under {schema_dir}")
+    return tuple(json.loads(p.read_text()) for p in paths)
+
+
+def compatibility(topic: str, schema_dir: Path = SCHEMA_DIR) -> str:
+    """The subject's compatibility level from ``schemas/<topic>/compatibility`` (default BACKWARD)."""
+    path = schema_dir / topic / "compatibility"
+    return path.read_text().strip().upper() if path.exists() else DEFAULT_COMPATIBILITY
+
+
+class Catalog:
+    """Schema ids for this process: the topics' reader schemas and every writer schema by id.
+
+    Without a registry it knows only ``schemas/`` (ids from :func:`schema_id_of`).
+    With one, ids are the registry's and an id seen for the first time is
+    fetched from it (then cached). ``writer`` returns ``None`` for an id no one
+    registered; a registry that cannot be reached raises (that is an outage,
+    not bad input).
+    """
+
+    def __init__(self, registry: Any | None = None) -> None:
+        self.registry = registry  # a confluent_kafka.schema_registry.SchemaRegistryClient
+        self._current: dict[str, Subject] = {}
+        self._writers: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        if registry is None:
+            self._index_local()
+
+    def _index_local(self) -> None:
+        for topic in topics():
+            for version, raw in enumerate(local_versions(topic), start=1):
+                self._add(Subject(topic, version, schema_id_of(raw), raw, fastavro.parse_schema(raw)))
+
+    def _add(self, sub: Subject) -> None:
+        self._writers[sub.schema_id] = sub.parsed
+        if sub.topic not in self._current or self._current[sub.topic].version <= sub.version:
+            self._current[sub.topic] = sub
+
+    def register_local(self) -> None:
+        """Register every version of every subject in ``schemas/`` with the registry, oldest first."""
+        from confluent_kafka.schema_registry import Schema
+
+        assert self.registry is not None
+        for topic in topics():
+            name = subject_name(topic)
+            self.registry.set_compatibility(name, compatibility(topic))
+            for version, raw in enumerate(local_versions(topic), start=1):
+                sid = self.registry.register_schema(name, Schema(json.dumps(raw), "AVRO"))
+                self._add(Subject(topic, version, sid, raw, fastavro.parse_schema(raw)))
+
+    def current(self, topic: str) -> Subject:
+        """The newest version of ``topic``'s schema (the reader schema); ``KeyError`` if none."""
+        try:
+            return self._current[topic]
+        except KeyError:
+            raise KeyError(f"no schema for topic {topic!r} under {SCHEMA_DIR}") from None
+
+    def writer(self, schema_id: int) -> Any | None:
+        """The parsed schema registered under ``schema_id``, or ``None`` if no such id exists."""
+        found = self._writers.get(schema_id)
+        if found is not None or self.registry is None:
+            return found
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        try:
+            schema = self.registry.get_schema(schema_id)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                return None
+            raise
+        if schema.schema_type not in (None, "AVRO"):
+            return None
+        parsed = fastavro.parse_schema(json.loads(schema.schema_str))
+        with self._lock:
+            self._writers[schema_id] = parsed
+        return parsed
+
+    def register(self, topic: str, raw: dict[str, Any]) -> int:
+        """Register ``raw`` as a writer schema of ``topic`` (the registry checks compatibility)."""
+        parsed = fastavro.parse_schema(raw)
+        if self.registry is None:
+            sid = schema_id_of(raw)
+        else:
+            from confluent_kafka.schema_registry import Schema
+
+            sid = self.registry.register_schema(subject_name(topic), Schema(json.dumps(raw), "AVRO"))
+        with self._lock:
+            self._writers[sid] = parsed
+        return sid
+
+
+_catalog: Catalog | None = None
+_catalog_lock = threading.Lock()
+
+
+def catalog() -> Catalog:
+    """This process's catalog: the one :func:`use_registry` set, else one over ``schemas/`` alone."""
+    global _catalog
+    with _catalog_lock:
+        if _catalog is None:
+            _catalog = Catalog()
+        return _catalog
+
+
+def use_registry(url: str) -> Catalog:
+    """Register ``schemas/`` with the registry at ``url`` and resolve ids through it from now on.
+
+    Call before building codecs: a codec takes its writer id when it is made.
+    Raises the registry's error when a local version is incompatible with
+    what the subject already holds.
+    """
+    global _catalog
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    cat = Catalog(SchemaRegistryClient({"url": url}))
+    cat.register_local()
+    with _catalog_lock:
+        _catalog = cat
+    return cat
+
+
+def register(topic: str, raw: dict[str, Any]) -> int:
+    """Make ``raw`` a known writer schema of ``topic`` in this process's catalog; returns its id."""
+    return catalog().register(topic, raw)
+
+
+def subject(topic: str) -> Subject:
+    """The newest version of ``topic``'s schema in this process's catalog."""
+    return catalog().current(topic)

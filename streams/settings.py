@@ -26,6 +26,18 @@ class WeirSettings(BaseSettings):
     postgres_dsn: SecretStr | None = Field(
         None, description="PostgreSQL DSN with logical replication; unset starts embedded PostgreSQL."
     )
+    schema_registry_url: str | None = Field(
+        None, description="Confluent-compatible schema registry URL; unset serves Weir's own (state in `_schemas`)."
+    )
+    pseudonym_key: SecretStr = Field(
+        SecretStr("weir-dev-pseudonym-key"),
+        description="HMAC key for PII tokens; set a secret of your own in production (changing it changes tokens).",
+    )
+    dedup_horizon_s: int = Field(900, ge=1, description="How long ingest remembers an event id (in Redis).")
+    event_max_future_s: int = Field(300, ge=0, description="Refuse events whose time is further ahead of the clock.")
+    event_max_age_s: int = Field(7 * 86_400, ge=1, description="Refuse events older than this (snapshots excepted).")
+    allowed_lateness_s: int = Field(600, ge=0, description="How far behind its partition's newest event an event "
+                                                          "may be before it is refused as late.")
     partitions: int = Field(4, ge=1, description="Partitions for topics Weir creates.")
     batch_max_size: int = Field(500, ge=1, description="Max events per micro-batch in the hot path.")
     batch_max_wait_ms: int = Field(5, ge=1, description="Max time a hot-path micro-batch waits to fill.")
@@ -34,3 +46,10 @@ class WeirSettings(BaseSettings):
     drift_delta: float = Field(0.002, gt=0, description="ADWIN confidence parameter for error drift.")
     retrain_cron: str = Field("*/30 * * * *", description="apscheduler cron for scheduled retrains.")
     log_level: str = Field("WARNING", description="Python log level.")
+    dlq_max_ratio: float = Field(
+        0.5, ge=0, description="Stop a stage when more than this share of its last dlq_window input messages "
+                               "went to the dead-letter queue (a bad deploy upstream); >= 1 disables the guard.")
+    dlq_window: int = Field(1000, ge=0, description="Input messages per stage the DLQ ratio guard looks back "
+                                                    "over; 0 disables the guard.")
+    dlq_min_events: int = Field(200, ge=0, description="The DLQ ratio guard never trips before its window holds "
+                                                       "this many messages (at most dlq_window).")

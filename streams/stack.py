@@ -1,7 +1,9 @@
 """The services a Weir process talks to: embedded ones it starts, or external ones from settings.
 
 ``Stack.start()`` starts whatever is not configured (Tansu, valkey, chdb,
-PostgreSQL), creates Weir's topics, and knows the endpoints; ``stop()``
+PostgreSQL, Weir's schema registry), creates Weir's topics, registers the
+schemas in ``schemas/`` (this process's codecs then take their ids from the
+registry), and knows the endpoints; ``stop()``
 stops what it started, in reverse order, leaving no child process behind.
 """
 
@@ -13,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from streams import schemas
 from streams import topics as T
 from streams.kafka import ensure_topics
 from streams.settings import WeirSettings
@@ -28,6 +31,7 @@ class Endpoints:
     redis_url: str
     clickhouse_dsn: str
     postgres_dsn: str
+    schema_registry_url: str
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +58,9 @@ class Stack:
         elif self.with_postgres:
             postgres = self._start_postgres()
         ensure_topics(kafka, T.ALL, s.partitions)
-        self.endpoints = Endpoints(kafka, redis_url, clickhouse, postgres)
+        registry = s.schema_registry_url or self._start_registry(kafka)
+        schemas.use_registry(registry)
+        self.endpoints = Endpoints(kafka, redis_url, clickhouse, postgres, registry)
         return self.endpoints
 
     def _start_kafka(self) -> str:
@@ -64,6 +70,13 @@ class Stack:
         kafka.start()
         self._started.append(kafka)
         return kafka.bootstrap
+
+    def _start_registry(self, kafka: str) -> str:
+        from streams.registry import start_registry
+
+        server = start_registry(kafka)
+        self._started.append(server)
+        return str(server.url)
 
     def _start_redis(self) -> str:
         from streams.embedded.redis import EmbeddedRedis

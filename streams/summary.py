@@ -47,7 +47,9 @@ def counts(ch: ClickHouse) -> dict[str, int]:
         "dlq": "SELECT count() FROM dlq FINAL",
         "alerts": "SELECT count() FROM alerts FINAL",
         "models_registered": "SELECT count() FROM model_events FINAL",
-        "clickstream_rows": "SELECT count() FROM clickstream FINAL",
+        "bronze_rows": "SELECT count() FROM bronze_events FINAL",
+        "silver_clicks": "SELECT count() FROM silver_clicks FINAL",
+        "silver_payments": "SELECT count() FROM silver_payments FINAL",
         "feature_log_rows": "SELECT count() FROM feature_log FINAL",
     }
     return {k: int(ch.scalar(sql) or 0) for k, sql in q.items()}

@@ -7,6 +7,8 @@ ClickHouse.
 
 from __future__ import annotations
 
+import logging
+import re
 import struct
 from collections import Counter
 from collections.abc import Iterator
@@ -14,12 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from sinks.clickhouse import ClickHouse
 from streams import topics as T
-from streams.codec import AvroCodec
+from streams.codec import AvroCodec, DecodeError
 from streams.demo import DemoOptions, pipeline_config, run_demo
 from streams.settings import WeirSettings
 from streams.stack import Endpoints
@@ -38,11 +42,12 @@ def _missing_field_record() -> bytes:
     return AvroCodec(T.CLICKS).encode(rec)
 
 
-def read_topic(bootstrap: str, topic: str, partitions: int, idle_s: float = 3.0) -> list[Any]:
-    """Every message of a topic, read with assign() (no group join), until idle."""
+def read_topic(bootstrap: str, topic: str | list[str], partitions: int, idle_s: float = 3.0) -> list[Any]:
+    """Every message of one or more topics, read with assign() (no group join), until idle."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-reader", "enable.auto.commit": False,
                   "fetch.wait.max.ms": 50})
-    c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    c.assign([TopicPartition(t, p, 0) for t in ([topic] if isinstance(topic, str) else topic)
+              for p in range(partitions)])
     out: list[Any] = []
     empty = 0.0
     while empty < idle_s:
@@ -53,8 +58,25 @@ def read_topic(bootstrap: str, topic: str, partitions: int, idle_s: float = 3.0)
     return out
 
 
+class LogCapture(logging.Handler):
+    """Keeps every log line Weir writes during the demo (to check that none holds a payload)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+LOGS = LogCapture()
+
+
 @pytest.fixture(scope="session")
 def demo(endpoints: Endpoints, weir_dir: Path, chdb_path: Path) -> Iterator[tuple[dict[str, Any], ClickHouse]]:
+    logging.getLogger().addHandler(LOGS)
+    for name in ("streams", "sinks", "models"):
+        logging.getLogger(name).setLevel(logging.INFO)
     producer = Producer({"bootstrap.servers": endpoints.kafka_bootstrap})
     for value, _ in BAD_RECORDS:
         producer.produce(T.CLICKS, value, b"bad")
@@ -69,7 +91,10 @@ def demo(endpoints: Endpoints, weir_dir: Path, chdb_path: Path) -> Iterator[tupl
     # a high fraud rate gives the missed-fraud detector enough frauds in a short run
     opts = DemoOptions(events=32_000, rate=1200, seed=11, drift_at=0.55, fraud_rate=0.15, progress=False,
                        summary_json=weir_dir / "summary.json")
-    summary = run_demo(settings, opts, config)
+    try:
+        summary = run_demo(settings, opts, config)
+    finally:
+        logging.getLogger().removeHandler(LOGS)
     ch = ClickHouse(f"chdb://{chdb_path}")
     yield summary, ch
     ch.close()
@@ -110,9 +135,15 @@ def test_bad_records_reach_the_dlq_with_their_reason(demo: Any, endpoints: Endpo
 
 def test_clickhouse_holds_the_rows(demo: Any) -> None:
     summary, ch = demo
-    # the clickstream table is the topic as received: the decodable record with a missing user id is
-    # stored too (ingest dead-lettered it); the two undecodable ones are not
-    assert ch.scalar("SELECT count() FROM clickstream FINAL") == summary["clicks"] + 1
+    # bronze is the topic as received: every message, the three bad ones included, with its decode status
+    bronze = dict(ch.rows("SELECT status, count() FROM bronze_events FINAL WHERE topic = {t:String} GROUP BY status",
+                          {"t": T.CLICKS}))
+    assert bronze == {"ok": summary["clicks"] + 1, "undecodable": 1, "unknown_schema_id": 1}
+    assert ch.scalar("SELECT count() FROM bronze_events FINAL WHERE topic = {t:String} AND status = 'ok'",
+                     {"t": T.CDC_PAYMENTS}) >= summary["payments"]
+    # silver is what ingest accepted: validated and deduped
+    assert ch.scalar("SELECT count() FROM silver_clicks FINAL") == summary["clicks"]
+    assert ch.scalar("SELECT count() FROM silver_payments FINAL") == summary["payments"]
     assert ch.scalar("SELECT count() FROM labels FINAL") == summary["payments"]
     assert ch.scalar("SELECT count() FROM scored_features FINAL") == summary["payments"]
     assert ch.scalar("SELECT count() FROM feature_log FINAL") > 0
@@ -138,3 +169,47 @@ def test_drift_raises_alerts_and_a_retrain_after_the_drift_point(demo: Any) -> N
     assert summary["alerts_after_drift"] >= 1
     assert summary["retrains_after_drift"] >= 1
     assert summary["auc_champion_before_drift"] is not None
+
+
+def raw_pii(endpoints: Endpoints) -> set[str]:
+    """Every raw PII value the shop produced: device ids and IPs of its clicks, emails and payment devices."""
+    codec = AvroCodec(T.CLICKS)
+    values: set[str] = set()
+    for m in read_topic(endpoints.kafka_bootstrap, T.CLICKS, 4):
+        try:
+            rec = codec.decode(m.value())
+        except DecodeError:  # the bad records this module produced
+            continue
+        values.update(v for v in (rec["device_id"], rec["ip"]) if v)
+    with psycopg.connect(endpoints.postgres_dsn) as conn:
+        values.update(r[0] for r in conn.execute("SELECT email FROM customers"))
+        values.update(r[0] for r in conn.execute("SELECT device_id FROM payments WHERE device_id IS NOT NULL"))
+    return values
+
+
+def test_raw_pii_reaches_no_sink_topic_store_or_log(demo: Any, endpoints: Endpoints) -> None:
+    _, ch = demo
+    raw = raw_pii(endpoints)
+    assert len(raw) > 100  # the shop did produce personal data
+    # one regex per shape of raw value (digit runs generalized) finds candidates in linear time
+    shapes = re.compile("|".join(sorted({re.sub(r"\d+", r"\\d+", re.escape(v)) for v in raw})))
+
+    def leaked(text: str) -> str | None:
+        return next((c for c in shapes.findall(text) if c in raw), None)
+
+    leaks: list[str] = []
+    for (table,) in ch.rows("SELECT name FROM system.tables WHERE database = currentDatabase()"):
+        if (hit := leaked("\n".join(map(repr, ch.rows(f"SELECT * FROM {table}"))))) is not None:
+            leaks.append(f"ClickHouse table {table}: {hit}")
+    downstream = [t for t in T.PUBLIC + T.INTERNAL if t != T.CLICKS and not t.startswith("cdc.")]
+    for m in read_topic(endpoints.kafka_bootstrap, downstream, 4):
+        if (hit := leaked((m.key() or b"").decode("latin-1") + (m.value() or b"").decode("latin-1"))):
+            leaks.append(f"topic {m.topic()}: {hit}")
+    r = redis.Redis.from_url(endpoints.redis_url)
+    for key in r.scan_iter("weir:*", count=10_000):
+        if (hit := leaked(key.decode("latin-1") + (r.dump(key) or b"").decode("latin-1"))):
+            leaks.append(f"redis key {key!r}: {hit}")
+    leaks += [f"log: {hit}" for line in LOGS.lines if (hit := leaked(line))]
+    assert leaks == []
+    # and the tokens are there instead: the shop's devices are still countable
+    assert ch.scalar("SELECT countIf(startsWith(device_id, 'pii_')) FROM silver_payments FINAL") > 0

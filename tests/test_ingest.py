@@ -1,75 +1,214 @@
-"""Ingest's batch logic, without a broker: validation reasons, dedup, re-keying."""
+"""Ingest's batch logic: validation reasons, event time, pseudonymization, dedup (in real Redis), re-keying."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from streams import topics as T
 from streams.base import Message, Reason
 from streams.codec import AvroCodec
+from streams.dedup import MemoryDedup, RedisDedup
+from streams.event_time import EventTimeGuard
+from streams.pseudonymize import Pseudonymizer
+from streams.stack import Endpoints
 from streams.stages.ingest import IngestStage
 
 TS = datetime(2026, 1, 1, tzinfo=UTC)
+NOW = TS.timestamp() + 3600  # the injected wall clock: an hour after TS
+KEY = b"test-key"
 
 
-def click(event_id: str, user: str = "u1", **over: Any) -> bytes:
-    rec = {"event_id": event_id, "event_type": "page_view", "user_id": user, "session_id": "s", "ts": TS,
+def stage_with(dedup: Any = None, **guard: int) -> IngestStage:
+    limits = {"max_future_ms": 300_000, "max_age_ms": 86_400_000, "allowed_lateness_ms": 60_000} | guard
+    return IngestStage(4, dedup=dedup or MemoryDedup(3_600_000, clock=lambda: NOW),
+                       pseudonymizer=Pseudonymizer(KEY), event_time=EventTimeGuard(**limits, clock=lambda: NOW))
+
+
+def click(event_id: str, user: str = "u1", ts: datetime = TS, **over: Any) -> bytes:
+    rec = {"event_id": event_id, "event_type": "page_view", "user_id": user, "session_id": "s", "ts": ts,
            "device_id": None, "ip": None, "page": "/", "query": None, "product_id": None, "amount": None} | over
     return AvroCodec(T.CLICKS).encode(rec)
 
 
-def envelope(table: str, after: dict[str, Any] | None, op: str = "c", before: dict[str, Any] | None = None) -> bytes:
+def envelope(table: str, after: dict[str, Any] | None, op: str = "c", before: dict[str, Any] | None = None,
+             lsn: int = 1) -> bytes:
     source = {"version": "t", "connector": "postgresql", "name": "weir", "ts_ms": 0, "snapshot": "false",
-              "db": "postgres", "sequence": None, "schema": "public", "table": table, "txId": 1, "lsn": 1,
+              "db": "postgres", "sequence": None, "schema": "public", "table": table, "txId": 1, "lsn": lsn,
               "xmin": None}
     return AvroCodec(f"cdc.{table}").encode({"before": before, "after": after, "source": source, "op": op,
                                               "ts_ms": 0})
 
 
-def payment(pid: str, card: str = "c1", amount: float = 10.0) -> dict[str, Any]:
+def payment(pid: str, card: str = "c1", amount: float = 10.0, created: str = "2026-01-01T00:00:00.250000Z",
+            device: str | None = None) -> dict[str, Any]:
     return {"payment_id": pid, "order_id": "o", "customer_id": "u1", "card_id": card, "merchant_id": "m",
             "merchant_category": "retail", "amount": amount, "currency": "EUR", "status": "authorized",
-            "device_id": None, "created_at": "2026-01-01T00:00:00.250000Z"}
+            "device_id": device, "created_at": created}
 
 
-def msgs(*pairs: tuple[str, bytes | None]) -> list[Message]:
-    return [Message(topic, 0, i, None, value, 1_000) for i, (topic, value) in enumerate(pairs)]
+def msgs(*pairs: tuple[str, bytes | None], partition: int = 0, first_offset: int = 0) -> list[Message]:
+    return [Message(topic, partition, first_offset + i, f"k{i}".encode(), value, 1_000)
+            for i, (topic, value) in enumerate(pairs)]
+
+
+def produced(result: Any, topic: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for p in result.produce:
+        if p.topic == topic:
+            rec = AvroCodec(topic).decode(p.value)
+            out.extend(rec.get("items", [rec]))
+    return out
 
 
 def test_routes_valid_records_and_rejects_bad_ones_with_reasons() -> None:
-    stage = IngestStage(partitions=4)
+    stage = stage_with()
     label = {"payment_id": "p1", "is_fraud": True, "reason": "chargeback",
              "payment_created_at": "2026-01-01T00:00:00Z", "labelled_at": "2026-01-01T00:05:00+00:00"}
     result = stage.handle(msgs(
         (T.CLICKS, click("e1")),
-        (T.CLICKS, click("e1")),  # duplicate: dropped
+        (T.CLICKS, click("e1")),  # duplicate
         (T.CLICKS, click("e2", user="")),
         (T.CLICKS, b"garbage"),
         (T.CDC_PAYMENTS, envelope("payments", payment("p1"))),
-        (T.CDC_PAYMENTS, envelope("payments", payment("p2", amount=-5.0))),
-        (T.CDC_PAYMENTS, envelope("payments", None, op="d", before=payment("p3"))),
+        (T.CDC_PAYMENTS, envelope("payments", payment("p2", amount=-5.0), lsn=2)),
+        (T.CDC_PAYMENTS, envelope("payments", None, op="d", before=payment("p3"), lsn=3)),
         (T.CDC_PAYMENTS, None),  # tombstone after the delete
         (T.CDC_LABELS, envelope("payment_labels", label)),
     ))
-    assert [r.error.reason for r in result.rejected] == [Reason.MISSING_FIELD, Reason.UNDECODABLE, Reason.OUT_OF_RANGE]
-    assert stage.duplicates == 1
-    by_topic: dict[str, list[Any]] = {}
-    for p in result.produce:
-        by_topic.setdefault(p.topic, []).append(p)
-    (clicks,) = by_topic[T.I_CLICKS]
-    assert [c["event_id"] for c in AvroCodec(T.I_CLICKS).decode(clicks.value)["items"]] == ["e1"]
-    (pays,) = by_topic[T.I_PAYMENTS]
-    items = AvroCodec(T.I_PAYMENTS).decode(pays.value)["items"]
+    assert [r.error.reason for r in result.rejected] == [
+        Reason.MISSING_FIELD, Reason.UNDECODABLE, Reason.OUT_OF_RANGE, Reason.DUPLICATE]
+    assert stage.counts == {"accepted": 3, "skipped": 2, "missing_field": 1, "undecodable": 1, "out_of_range": 1,
+                            "duplicate": 1}
+    assert [c["event_id"] for c in produced(result, T.I_CLICKS)] == ["e1"]
+    (pays,) = [p for p in result.produce if p.topic == T.I_PAYMENTS]
+    items = produced(result, T.I_PAYMENTS)
     assert [(p["payment_id"], p["ts_ms"], p["source_ms"]) for p in items] == [("p1", 1767225600250, 1_000)]
     assert pays.partition == T.partition_for("c1", 4)
-    (lab,) = by_topic[T.LABELS]
-    decoded = AvroCodec(T.LABELS).decode(lab.value)
-    assert decoded["is_fraud"] is True and decoded["payment_id"] == "p1" and lab.key == b"p1"
+    (lab,) = [p for p in result.produce if p.topic == T.LABELS]
+    assert produced(result, T.LABELS)[0]["is_fraud"] is True and lab.key == b"p1"
 
 
-def test_cdc_resend_is_deduplicated() -> None:
-    stage = IngestStage(partitions=4)
+def test_cdc_resend_is_deduplicated_by_source_position() -> None:
+    stage = stage_with()
     first = stage.handle(msgs((T.CDC_PAYMENTS, envelope("payments", payment("p1")))))
-    again = stage.handle(msgs((T.CDC_PAYMENTS, envelope("payments", payment("p1")))))
+    again = stage.handle(msgs((T.CDC_PAYMENTS, envelope("payments", payment("p1"))), first_offset=7))
     assert len(first.produce) == 1 and again.produce == [] and stage.duplicates == 1
+    assert again.rejected[0].error.reason is Reason.DUPLICATE
+
+
+def test_redelivery_of_the_same_message_is_processed_again() -> None:
+    """After a crash before the commit, the same offsets come back: they are not duplicates."""
+    stage = stage_with()
+    batch = msgs((T.CLICKS, click("e1")), (T.CDC_PAYMENTS, envelope("payments", payment("p1"))))
+    assert len(stage.handle(batch).produce) == 2
+    again = stage.handle(batch)
+    assert len(again.produce) == 2 and again.rejected == []
+
+
+@pytest.mark.parametrize(("ts", "reason"), [
+    (TS + timedelta(hours=1, minutes=6), Reason.FUTURE_TIMESTAMP),  # 6 min ahead of the clock, 5 allowed
+    (TS - timedelta(days=2), Reason.PAST_TIMESTAMP),
+])
+def test_implausible_event_times_are_refused(ts: datetime, reason: Reason) -> None:
+    result = stage_with().handle(msgs((T.CLICKS, click("e1", ts=ts))))
+    assert [r.error.reason for r in result.rejected] == [reason]
+
+
+def test_late_events_are_refused_per_partition_but_snapshots_are_history() -> None:
+    stage = stage_with()
+    newest, late = TS + timedelta(minutes=10), TS + timedelta(minutes=8)  # 2 min behind, 1 min allowed
+    result = stage.handle(msgs((T.CLICKS, click("e1", ts=newest)), (T.CLICKS, click("e2", ts=late)),
+                               (T.CLICKS, click("e3", ts=late + timedelta(minutes=1, seconds=30)))))
+    assert [(r.message.offset, r.error.reason) for r in result.rejected] == [(1, Reason.LATE)]
+    assert "allowed lateness 60000 ms" in result.rejected[0].error.detail
+    other = stage.handle(msgs((T.CLICKS, click("e4", ts=late)), partition=1))
+    assert other.rejected == []  # another partition has its own watermark
+    ancient = payment("p9", created="2020-01-01T00:00:00Z")
+    snap = stage.handle(msgs((T.CDC_PAYMENTS, envelope("payments", ancient, op="r"))))
+    assert snap.rejected == [] and len(produced(snap, T.I_PAYMENTS)) == 1
+
+
+def test_pii_fields_leave_ingest_as_tokens() -> None:
+    stage = stage_with()
+    result = stage.handle(msgs((T.CLICKS, click("e1", device_id="dev-RAW-1", ip="203.0.113.9")),
+                               (T.CDC_PAYMENTS, envelope("payments", payment("p1", device="dev-RAW-1")))))
+    (c,), (p,) = produced(result, T.I_CLICKS), produced(result, T.I_PAYMENTS)
+    token = Pseudonymizer(KEY).token("dev-RAW-1")
+    assert c["device_id"] == p["device_id"] == token != "dev-RAW-1"  # one token per value: joins still work
+    assert all(b"RAW" not in (r.value or b"") and b"203.0.113.9" not in (r.value or b"") for r in result.produce)
+
+
+@pytest.fixture
+def redis_client(endpoints: Endpoints) -> Iterator[Any]:
+    client = redis.Redis.from_url(endpoints.redis_url)
+    yield client
+    client.close()
+
+
+def test_dedup_survives_a_restart(redis_client: Any) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:"
+    before = stage_with(RedisDedup(redis_client, 60_000, prefix=prefix))
+    batch = msgs((T.CLICKS, click("e1")), (T.CLICKS, click("e2")))
+    assert len(produced(before.handle(batch), T.I_CLICKS)) == 2
+    after = stage_with(RedisDedup(redis_client, 60_000, prefix=prefix))  # a new process: no memory of its own
+    resent = after.handle(msgs((T.CLICKS, click("e1")), first_offset=100))
+    assert [r.error.reason for r in resent.rejected] == [Reason.DUPLICATE]
+    assert len(produced(after.handle(batch), T.I_CLICKS)) == 2  # re-delivery of the uncommitted batch
+    assert 0 < redis_client.pttl(prefix + "e1") <= 60_000
+
+
+# --- property: whatever bytes arrive, ingest neither crashes nor loses a message --------------------------------
+
+def _valid(draw: st.DrawFn) -> tuple[str, bytes | None]:
+    i = draw(st.integers(0, 30))
+    kind = draw(st.sampled_from(["click", "payment", "label", "tombstone"]))
+    if kind == "click":
+        ts = TS + timedelta(seconds=draw(st.integers(-4000, 4000)))
+        return T.CLICKS, click(f"e{i}", user=draw(st.sampled_from(["u1", "u2", ""])), ts=ts,
+                               amount=draw(st.none() | st.floats(-10, 2e6, allow_nan=False)))
+    if kind == "payment":
+        amount = draw(st.floats(-10, 2e6, allow_nan=False))
+        return T.CDC_PAYMENTS, envelope("payments", payment(f"p{i}", amount=amount), lsn=i,
+                                        op=draw(st.sampled_from(["c", "r", "u"])))
+    if kind == "label":
+        label = {"payment_id": f"p{i}", "is_fraud": draw(st.booleans()), "reason": None,
+                 "payment_created_at": "2026-01-01T00:00:00Z", "labelled_at": draw(st.sampled_from(
+                     ["2026-01-01T00:05:00+00:00", "2026-01-01T00:05:00", "not a time"]))}
+        return T.CDC_LABELS, envelope("payment_labels", label, lsn=i)
+    return T.CDC_PAYMENTS, None
+
+
+@st.composite
+def hostile_message(draw: st.DrawFn) -> tuple[str, bytes | None]:
+    topic, value = _valid(draw)
+    damage = draw(st.sampled_from(["none", "truncate", "flip", "random", "header"]))
+    if value is None or damage == "none":
+        return topic, value
+    if damage == "truncate":
+        return topic, value[:draw(st.integers(0, len(value) - 1))]
+    if damage == "flip":
+        pos, bit = draw(st.integers(0, len(value) - 1)), draw(st.integers(0, 7))
+        return topic, value[:pos] + bytes([value[pos] ^ (1 << bit)]) + value[pos + 1:]
+    if damage == "header":  # a valid body behind an unknown schema id
+        return topic, b"\x00" + draw(st.binary(min_size=4, max_size=4)) + value[5:]
+    return draw(st.sampled_from([T.CLICKS, T.CDC_PAYMENTS, T.CDC_LABELS])), draw(st.binary(max_size=64))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(hostile_message(), min_size=1, max_size=40))
+def test_hostile_input_never_crashes_and_nothing_is_lost(redis_client: Any,
+                                                        batch: list[tuple[str, bytes | None]]) -> None:
+    stage = stage_with(RedisDedup(redis_client, 60_000, prefix=f"prop:{uuid.uuid4().hex}:"))
+    result = stage.handle(msgs(*batch))
+    out = sum(len(produced(result, t)) for t in (T.I_CLICKS, T.I_PAYMENTS, T.LABELS))
+    assert stage.counts["accepted"] == out
+    assert stage.counts["accepted"] + stage.counts["skipped"] + len(result.rejected) == len(batch)
+    assert all(r.error.reason in Reason for r in result.rejected)

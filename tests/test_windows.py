@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.dedup import Deduplicator
+from streams.dedup import MemoryDedup
 from streams.features.definitions import HOUR, MINUTE, CardState, UserState
 from streams.features.windows import EntityStates, Window
 
@@ -59,7 +59,16 @@ def test_user_new_device_logins_and_since_login() -> None:
 
 
 def test_dedup_bounded_by_count() -> None:
-    d = Deduplicator(horizon_ms=10**9, max_keys=3)
-    for k in "abcd":
-        assert d.first_time(k, 0)
-    assert len(d) == 3 and d.first_time("a", 0)  # forgotten: bounded memory wins over the horizon
+    d = MemoryDedup(horizon_ms=10**9, max_keys=3, clock=lambda: 0.0)
+    assert d.first_seen([(k, f"t:0:{i}") for i, k in enumerate("abcd")]) == [True] * 4
+    assert len(d) == 3 and d.first_seen([("a", "t:0:9")]) == [True]  # forgotten: bounded memory wins
+
+
+def test_dedup_forgets_after_the_horizon() -> None:
+    now = [0.0]
+    d = MemoryDedup(horizon_ms=1000, clock=lambda: now[0])
+    assert d.first_seen([("a", "t:0:1")]) == [True]
+    now[0] = 0.5
+    assert d.first_seen([("a", "t:0:2")]) == [False]
+    now[0] = 1.5
+    assert d.first_seen([("a", "t:0:3")]) == [True]

@@ -1,22 +1,35 @@
-"""Ingest: decode and validate public input, drop duplicates, re-key into internal micro-batches.
+"""Ingest: decode, validate, check event time, pseudonymize, dedup, re-key into internal micro-batches.
 
 Inputs: ``clickstream.events`` (one event per message) and the Debezium
 topics ``cdc.payments`` and ``cdc.payment_labels``. Outputs: ``weir.clicks``
 and ``weir.payments`` (Avro micro-batches, one message per destination
 partition per batch, partitioned by user id / card id) and ``labels.fraud``
-(public, one label per message). Refused records go to ``dlq.<topic>``.
+(public, one label per message): the *silver* stream — validated, deduped,
+and with every PII field replaced by its token. Every refused record goes to
+``dlq.<topic>`` with its reason (see :class:`streams.base.Reason`); every
+consumed message is either accepted, skipped (a CDC update, delete or
+tombstone, which ingest does not score), or dead-lettered.
+
+Dedup keys: a click's ``event_id``; a CDC change's (topic, key, op,
+``source.lsn``, ``source.txId``), which a connector re-sending after a crash
+repeats exactly. Snapshot reads (``op="r"``) are history and skip the
+event-time checks; everything else is checked by :class:`EventTimeGuard`
+per source partition.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from streams import topics as T
 from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, StepResult
 from streams.codec import AvroCodec
-from streams.dedup import Deduplicator
+from streams.dedup import DedupStore
+from streams.event_time import EventTimeGuard
+from streams.pseudonymize import Pseudonymizer, topic_pii
 
 MAX_AMOUNT = 1_000_000.0
 
@@ -71,61 +84,106 @@ def to_label(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A valid, pseudonymized record waiting for the dedup verdict."""
+
+    message: Message
+    dedup_id: str
+    kind: str  # "click" | "payment" | "label"
+    record: dict[str, Any]
+
+
 class IngestStage:
-    """Validation, dedup and re-keying. Holds only the dedup window as state."""
+    """Validation, event time, pseudonymization, dedup and re-keying.
+
+    State: event-time watermarks in memory (see :mod:`streams.event_time`) and
+    the dedup store, which survives restarts when it is Redis. ``counts`` tallies
+    every outcome (``accepted``, ``skipped``, and each refusal reason).
+    """
 
     step_id = "ingest"
     topics = (T.CLICKS, T.CDC_PAYMENTS, T.CDC_LABELS)
 
-    def __init__(self, partitions: int, dedup_horizon_ms: int = 6 * 3600 * 1000) -> None:
+    def __init__(self, partitions: int, *, dedup: DedupStore, pseudonymizer: Pseudonymizer,
+                 event_time: EventTimeGuard) -> None:
         self.partitions = partitions
-        self.dedup = Deduplicator(dedup_horizon_ms)
-        self.duplicates = 0
+        self.dedup = dedup
+        self.event_time = event_time
+        self.counts: Counter[str] = Counter()
+        self._pseudo = pseudonymizer
         self._in = {t: AvroCodec(t) for t in self.topics}
+        self._pii = {t: topic_pii(t) for t in self.topics}
         self._clicks = AvroCodec(T.I_CLICKS)
         self._payments = AvroCodec(T.I_PAYMENTS)
         self._labels = AvroCodec(T.LABELS)
 
+    @property
+    def duplicates(self) -> int:
+        return self.counts[Reason.DUPLICATE.value]
+
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
-        clicks: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        payments: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        accepted: list[Accepted] = []
         for msg in batch:
             try:
-                self._route(msg, clicks, payments, result)
+                item = self._validate(msg)
             except InvalidEvent as exc:
-                result.rejected.append(Rejected(msg, exc))
+                self._reject(result, msg, exc)
+                continue
+            if item is None:
+                self.counts["skipped"] += 1
+            else:
+                accepted.append(item)
+        fresh = self.dedup.first_seen([(a.dedup_id, f"{a.message.topic}:{a.message.partition}:{a.message.offset}")
+                                       for a in accepted])
+        clicks: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        payments: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for item, first in zip(accepted, fresh, strict=True):
+            if not first:
+                self._reject(result, item.message, InvalidEvent(
+                    Reason.DUPLICATE, f"event {item.dedup_id!r} was already ingested within the dedup horizon"))
+                continue
+            self.counts["accepted"] += 1
+            rec = item.record
+            if item.kind == "click":
+                clicks[T.partition_for(rec["user_id"], self.partitions)].append(rec)
+            elif item.kind == "payment":
+                payments[T.partition_for(rec["card_id"], self.partitions)].append(rec)
+            else:
+                result.produce.append(Produce(T.LABELS, rec["payment_id"].encode(), self._labels.encode(rec)))
         result.produce.extend(self._batches(T.I_CLICKS, self._clicks, clicks))
         result.produce.extend(self._batches(T.I_PAYMENTS, self._payments, payments))
         return result
 
-    def _route(self, msg: Message, clicks: dict[int, list[dict[str, Any]]],
-               payments: dict[int, list[dict[str, Any]]], result: StepResult) -> None:
+    def _reject(self, result: StepResult, msg: Message, exc: InvalidEvent) -> None:
+        self.counts[exc.reason.value] += 1
+        result.rejected.append(Rejected(msg, exc))
+
+    def _validate(self, msg: Message) -> Accepted | None:
+        """The accepted record of ``msg``, ``None`` to skip it, or :class:`InvalidEvent`."""
+        source = (msg.topic, msg.partition)
         if msg.topic == T.CLICKS:
-            click = to_click(self._in[T.CLICKS].decode(msg.value))
-            if self._first(click["event_id"], click["ts_ms"]):
-                clicks[T.partition_for(click["user_id"], self.partitions)].append(click)
-            return
+            raw = self._pseudo.record(self._pii[msg.topic], self._in[msg.topic].decode(msg.value))
+            click = to_click(raw)
+            self.event_time.check(source, click["ts_ms"])
+            return Accepted(msg, click["event_id"], "click", click)
         if msg.value is None:  # Debezium tombstone after a delete: nothing to ingest
-            return
+            return None
         envelope = self._in[msg.topic].decode(msg.value)
         if envelope["op"] not in ("c", "r") or envelope["after"] is None:
-            return  # updates and deletes are kept by the CDC sink, not scored or labelled
+            return None  # updates and deletes are kept by the CDC sink, not scored or labelled
+        row = self._pseudo.record(self._pii[msg.topic], envelope["after"])
+        src = envelope["source"]
+        change_id = f"{msg.topic}|{(msg.key or b'').decode(errors='replace')}|{envelope['op']}|" \
+                    f"{src.get('lsn')}|{src.get('txId')}"
         if msg.topic == T.CDC_PAYMENTS:
-            pay = to_payment(envelope["after"], msg.timestamp_ms)
-            if self._first(pay["event_id"], pay["ts_ms"]):
-                payments[T.partition_for(pay["card_id"], self.partitions)].append(pay)
+            rec, kind, ts = to_payment(row, msg.timestamp_ms), "payment", "ts_ms"
         else:
-            label = to_label(envelope["after"])
-            if self._first(label["event_id"], label["label_ts"]):
-                key = label["payment_id"].encode()
-                result.produce.append(Produce(T.LABELS, key, self._labels.encode(label)))
-
-    def _first(self, event_id: str, ts_ms: int) -> bool:
-        if self.dedup.first_time(event_id, ts_ms):
-            return True
-        self.duplicates += 1
-        return False
+            rec, kind, ts = to_label(row), "label", "label_ts"
+        if envelope["op"] != "r":  # snapshot reads are history: no lateness or age limits
+            self.event_time.check(source, rec[ts])
+        return Accepted(msg, change_id, kind, rec)
 
     @staticmethod
     def _batches(topic: str, codec: AvroCodec, groups: dict[int, list[dict[str, Any]]]) -> list[Produce]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from datetime import UTC, datetime
 
+import fastavro
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +26,17 @@ def test_round_trip_and_header() -> None:
     codec = AvroCodec("clickstream.events")
     data = codec.encode(CLICK)
     assert data[0] == 0 and struct.unpack(">I", data[1:5])[0] == codec.schema_id
-    assert codec.decode(data) == CLICK
+    assert codec.decode(data) == CLICK | {"user_agent": None}
+
+
+def test_a_record_written_with_an_older_version_decodes_into_the_current_one() -> None:
+    v1 = schemas.local_versions("clickstream.events")[0]
+    buf = io.BytesIO()
+    buf.write(b"\x00" + struct.pack(">I", schemas.schema_id_of(v1)))
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(v1), CLICK)
+    codec = AvroCodec("clickstream.events")
+    assert codec.subject.version >= 2 and codec.schema_id != schemas.schema_id_of(v1)
+    assert codec.decode(buf.getvalue()) == CLICK | {"user_agent": None}
 
 
 def test_every_schema_parses_and_ids_are_unique() -> None:

@@ -167,6 +167,14 @@ def catalog() -> Catalog:
         return _catalog
 
 
+def set_catalog(cat: Catalog | None) -> Catalog | None:
+    """Make ``cat`` this process's catalog (``None``: back to ``schemas/`` alone); returns the previous one."""
+    global _catalog
+    with _catalog_lock:
+        previous, _catalog = _catalog, cat
+    return previous
+
+
 def use_registry(url: str) -> Catalog:
     """Register ``schemas/`` with the registry at ``url`` and resolve ids through it from now on.
 
@@ -174,13 +182,11 @@ def use_registry(url: str) -> Catalog:
     Raises the registry's error when a local version is incompatible with
     what the subject already holds.
     """
-    global _catalog
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
     cat = Catalog(SchemaRegistryClient({"url": url}))
     cat.register_local()
-    with _catalog_lock:
-        _catalog = cat
+    set_catalog(cat)
     return cat
 
 

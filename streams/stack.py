@@ -45,6 +45,7 @@ class Stack:
         self.data_dir = settings.data_dir.resolve()
         self._started: list[Any] = []
         self.endpoints: Endpoints | None = None
+        self._previous_catalog: schemas.Catalog | None = None
 
     def start(self) -> Endpoints:
         s = self.settings
@@ -59,6 +60,7 @@ class Stack:
             postgres = self._start_postgres()
         ensure_topics(kafka, T.ALL, s.partitions)
         registry = s.schema_registry_url or self._start_registry(kafka)
+        self._previous_catalog = schemas.set_catalog(None)
         schemas.use_registry(registry)
         self.endpoints = Endpoints(kafka, redis_url, clickhouse, postgres, registry)
         return self.endpoints
@@ -95,6 +97,8 @@ class Stack:
         return pg.dsn
 
     def stop(self) -> None:
+        if self.endpoints is not None:  # codecs made from now on must not point at a registry we stop
+            schemas.set_catalog(self._previous_catalog)
         while self._started:
             service = self._started.pop()
             try:

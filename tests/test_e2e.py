@@ -13,18 +13,22 @@ import struct
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import redis
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, DeserializingConsumer, Producer, SerializingProducer, TopicPartition
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 
 from sinks.clickhouse import ClickHouse
 from streams import topics as T
 from streams.codec import AvroCodec, DecodeError
-from streams.demo import DemoOptions, pipeline_config, run_demo
+from streams.demo import DemoOptions, pipeline_config, run_demo, shop_start
+from streams.scenario.shop import ShopConfig
 from streams.settings import WeirSettings
 from streams.stack import Endpoints
 
@@ -58,6 +62,25 @@ def read_topic(bootstrap: str, topic: str | list[str], partitions: int, idle_s: 
     return out
 
 
+OPTS = DemoOptions(events=32_000, rate=1200, seed=11, drift_at=0.55, fraud_rate=0.15, progress=False)
+EXTERNAL_CLICKS = 40
+
+
+def produce_like_a_user(endpoints: Endpoints, ts: datetime) -> None:
+    """Clickstream events written the way a user's application would: confluent-kafka's own
+    SerializingProducer and AvroSerializer against Weir's schema registry, nothing from Weir."""
+    registry = SchemaRegistryClient({"url": endpoints.schema_registry_url})
+    schema = (Path(__file__).parent.parent / "schemas" / T.CLICKS / "v2.avsc").read_text()
+    producer = SerializingProducer({"bootstrap.servers": endpoints.kafka_bootstrap,
+                                    "value.serializer": AvroSerializer(registry, schema)})
+    for i in range(EXTERNAL_CLICKS):
+        producer.produce(T.CLICKS, key=f"ext-user-{i % 7}".encode(), value={
+            "event_id": f"ext-{i}", "event_type": "page_view", "user_id": f"ext-user-{i % 7}", "session_id": "ext",
+            "ts": ts + timedelta(seconds=i), "device_id": None, "ip": None, "page": "/", "query": None,
+            "product_id": None, "amount": None, "user_agent": "curl/8"})
+    assert producer.flush(10) == 0
+
+
 class LogCapture(logging.Handler):
     """Keeps every log line Weir writes during the demo (to check that none holds a payload)."""
 
@@ -82,15 +105,16 @@ def demo(endpoints: Endpoints, weir_dir: Path, chdb_path: Path) -> Iterator[tupl
         producer.produce(T.CLICKS, value, b"bad")
     producer.produce(T.CLICKS, _missing_field_record(), b"bad")
     producer.flush(10)
+    produce_like_a_user(endpoints, shop_start(OPTS.events, ShopConfig.events_per_hour) - timedelta(minutes=5))
     settings = WeirSettings(
         data_dir=weir_dir / "demo", kafka_bootstrap=endpoints.kafka_bootstrap, redis_url=endpoints.redis_url,
         postgres_dsn=endpoints.postgres_dsn, clickhouse_url=f"chdb://{chdb_path}",
+        schema_registry_url=endpoints.schema_registry_url,
     )
     config = replace(pipeline_config(settings), bootstrap_rows=300, drift_cooldown=300, retrain_window_rows=2000)
     # paced, so the model lifecycle (bootstrap, drift, retrain) happens while events still flow;
     # a high fraud rate gives the missed-fraud detector enough frauds in a short run
-    opts = DemoOptions(events=32_000, rate=1200, seed=11, drift_at=0.55, fraud_rate=0.15, progress=False,
-                       summary_json=weir_dir / "summary.json")
+    opts = replace(OPTS, summary_json=weir_dir / "summary.json")
     try:
         summary = run_demo(settings, opts, config)
     finally:
@@ -109,6 +133,28 @@ def test_every_payment_gets_exactly_one_champion_prediction(demo: Any, endpoints
     assert set(per_payment.values()) == {1}
     stored = ch.scalar("SELECT uniqExact(payment_id) FROM predictions FINAL WHERE model_name = 'fraud'")
     assert stored == summary["payments"] == summary["predictions"]
+
+
+def test_a_plain_confluent_kafka_client_produces_and_reads_predictions(demo: Any, endpoints: Endpoints) -> None:
+    summary, ch = demo
+    ingested = ch.scalar("SELECT count() FROM silver_clicks FINAL WHERE startsWith(event_id, 'ext-')")
+    assert ingested == EXTERNAL_CLICKS
+    registry = SchemaRegistryClient({"url": endpoints.schema_registry_url})
+    consumer = DeserializingConsumer({
+        "bootstrap.servers": endpoints.kafka_bootstrap, "group.id": "a-subscriber", "auto.offset.reset": "earliest",
+        "value.deserializer": AvroDeserializer(registry)})  # the writer schema comes from the registry, by id
+    consumer.assign([TopicPartition(T.PREDICTIONS, p, 0) for p in range(4)])
+    payments: set[str] = set()
+    idle = 0
+    while idle < 6:
+        msg = consumer.poll(0.5)
+        if msg is None or msg.error() is not None:
+            idle += 1
+            continue
+        idle = 0
+        payments.add(msg.value()["payment_id"])
+    consumer.close()
+    assert len(payments) == summary["payments"]
 
 
 def test_online_learner_scores_every_payment(demo: Any) -> None:
@@ -138,11 +184,11 @@ def test_clickhouse_holds_the_rows(demo: Any) -> None:
     # bronze is the topic as received: every message, the three bad ones included, with its decode status
     bronze = dict(ch.rows("SELECT status, count() FROM bronze_events FINAL WHERE topic = {t:String} GROUP BY status",
                           {"t": T.CLICKS}))
-    assert bronze == {"ok": summary["clicks"] + 1, "undecodable": 1, "unknown_schema_id": 1}
+    assert bronze == {"ok": summary["clicks"] + EXTERNAL_CLICKS + 1, "undecodable": 1, "unknown_schema_id": 1}
     assert ch.scalar("SELECT count() FROM bronze_events FINAL WHERE topic = {t:String} AND status = 'ok'",
                      {"t": T.CDC_PAYMENTS}) >= summary["payments"]
     # silver is what ingest accepted: validated and deduped
-    assert ch.scalar("SELECT count() FROM silver_clicks FINAL") == summary["clicks"]
+    assert ch.scalar("SELECT count() FROM silver_clicks FINAL") == summary["clicks"] + EXTERNAL_CLICKS
     assert ch.scalar("SELECT count() FROM silver_payments FINAL") == summary["payments"]
     assert ch.scalar("SELECT count() FROM labels FINAL") == summary["payments"]
     assert ch.scalar("SELECT count() FROM scored_features FINAL") == summary["payments"]

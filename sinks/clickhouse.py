@@ -77,9 +77,9 @@ DDL = [
 class ClickHouse:
     """A process-wide ClickHouse handle: ``chdb://<dir>`` (embedded) or an http(s) URL."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, database: str | None = None) -> None:
         self.dsn = dsn
-        self._client = clickhouse_connect.get_client(dsn=dsn)
+        self._client = clickhouse_connect.get_client(dsn=dsn, **({"database": database} if database else {}))
         self._lock = threading.RLock()
 
     def ensure_schema(self) -> None:

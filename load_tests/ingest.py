@@ -55,9 +55,10 @@ def clicks(n: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
     types = ["page_view", "page_view", "search", "add_to_cart", "login", "checkout"]
     out = []
     for i in range(n):
-        user = f"u{rng.randrange(20_000)}"
+        u = rng.randrange(20_000)  # 20,000 users, each with one of its two devices and its own address
+        user = f"u{u}"
         rec = {"event_id": f"e{i}", "event_type": rng.choice(types), "user_id": user, "session_id": f"s{i // 20}",
-               "ts": START_MS + i * 20, "device_id": f"d{rng.randrange(40_000)}", "ip": f"10.0.{i % 250}.{i % 199}",
+               "ts": START_MS + i * 20, "device_id": f"d{u}-{rng.randrange(2)}", "ip": f"10.{u // 250}.{u % 250}.7",
                "page": "/p", "query": None, "product_id": None, "amount": None}
         out.append((user.encode(), codec.encode(rec)))
     return out

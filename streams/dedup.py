@@ -14,26 +14,30 @@ stage that must survive a restart.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-# KEYS: one dedup key per event; ARGV[1]: horizon in ms; ARGV[i+1]: origin of KEYS[i].
-# Returns 1 where the event is new (or re-delivered from its first origin), 0 where it is a duplicate.
+# ARGV[1]: horizon in ms; ARGV[2]: key prefix; ARGV[3]: JSON [[event id, origin], ...]. Returns one
+# character per event: "1" where it is new (or re-delivered from its first origin), "0" for a duplicate.
+# One JSON argument and one string back, rather than 2n arguments and n integers: packing those cost
+# the client more than Redis spends running the script (measured: 0.3 s per 60k events).
 _CHECK_AND_SET = """
+local horizon, prefix = ARGV[1], ARGV[2]
 local out = {}
-for i = 1, #KEYS do
-  local origin = ARGV[i + 1]
-  if redis.call('SET', KEYS[i], origin, 'NX', 'PX', ARGV[1]) then
-    out[i] = 1
-  elseif redis.call('GET', KEYS[i]) == origin then
-    out[i] = 1
+for i, item in ipairs(cjson.decode(ARGV[3])) do
+  local key, origin = prefix .. item[1], item[2]
+  if redis.call('SET', key, origin, 'NX', 'PX', horizon) then
+    out[i] = '1'
+  elseif redis.call('GET', key) == origin then
+    out[i] = '1'
   else
-    out[i] = 0
+    out[i] = '0'
   end
 end
-return out
+return table.concat(out)
 """
 
 
@@ -56,9 +60,11 @@ class RedisDedup:
     def first_seen(self, items: Sequence[tuple[str, str]]) -> list[bool]:
         if not items:
             return []
-        keys = [self.prefix + event_id for event_id, _ in items]
-        flags = self._script(keys=keys, args=[self.horizon_ms, *(origin for _, origin in items)])
-        return [bool(f) for f in flags]
+        # keys travel in ARGV, so this store needs a single Redis (or one cluster slot), not a cluster
+        flags = self._script(args=[self.horizon_ms, self.prefix, json.dumps(items)])
+        if isinstance(flags, str):  # a client made with decode_responses=True
+            flags = flags.encode()
+        return [f == 49 for f in flags]  # b"1"
 
 
 class MemoryDedup:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -257,12 +258,9 @@ class BatchRunner:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("stage %s consume error: %s", self.stage.step_id, err)
                 continue
-            out.append(
-                Message(
-                    m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1],
-                    tuple((k, v or b"") for k, v in (m.headers() or ())),
-                )
-            )
+            h = m.headers()
+            headers = tuple((k, v or b"") for k, v in h) if h else ()
+            out.append(Message(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1], headers))
         return out
 
     def _produce(self, result: StepResult) -> None:
@@ -286,6 +284,6 @@ class BatchRunner:
         s.batches += 1
         s.busy_s += busy
         now_ms = time.time() * 1000 - busy * 1000
-        for m in batch:
-            s.by_topic[m.topic] = s.by_topic.get(m.topic, 0) + 1
-            s.lag_ms_sum += now_ms - m.timestamp_ms
+        s.lag_ms_sum += now_ms * len(batch) - sum(m.timestamp_ms for m in batch)
+        for topic, n in Counter(m.topic for m in batch).items():
+            s.by_topic[topic] = s.by_topic.get(topic, 0) + n

@@ -20,9 +20,8 @@ per source partition.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from streams import topics as T
 from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, StepResult
@@ -84,8 +83,7 @@ def to_label(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
+class Accepted(NamedTuple):
     """A valid, pseudonymized record waiting for the dedup verdict."""
 
     message: Message
@@ -125,9 +123,10 @@ class IngestStage:
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         accepted: list[Accepted] = []
+        now_ms = self.event_time.now_ms()
         for msg in batch:
             try:
-                item = self._validate(msg)
+                item = self._validate(msg, now_ms)
             except InvalidEvent as exc:
                 self._reject(result, msg, exc)
                 continue
@@ -160,29 +159,32 @@ class IngestStage:
         self.counts[exc.reason.value] += 1
         result.rejected.append(Rejected(msg, exc))
 
-    def _validate(self, msg: Message) -> Accepted | None:
-        """The accepted record of ``msg``, ``None`` to skip it, or :class:`InvalidEvent`."""
+    def _validate(self, msg: Message, now_ms: int) -> Accepted | None:
+        """The accepted record of ``msg``, ``None`` to skip it, or :class:`InvalidEvent`.
+
+        PII is tokenized in the record ingest emits (fields it drops, such as a click's IP,
+        never leave at all), so each raw value is hashed once and only if it travels on."""
         source = (msg.topic, msg.partition)
         if msg.topic == T.CLICKS:
-            raw = self._pseudo.record(self._pii[msg.topic], self._in[msg.topic].decode(msg.value))
-            click = to_click(raw)
-            self.event_time.check(source, click["ts_ms"])
+            click = to_click(self._in[msg.topic].decode(msg.value))
+            self.event_time.check(source, click["ts_ms"], now_ms)
+            self._pseudo.in_place(self._pii[msg.topic], click)
             return Accepted(msg, click["event_id"], "click", click)
         if msg.value is None:  # Debezium tombstone after a delete: nothing to ingest
             return None
         envelope = self._in[msg.topic].decode(msg.value)
         if envelope["op"] not in ("c", "r") or envelope["after"] is None:
-            return None  # updates and deletes are kept by the CDC sink, not scored or labelled
-        row = self._pseudo.record(self._pii[msg.topic], envelope["after"])
+            return None  # updates and deletes are kept in bronze, not scored or labelled
         src = envelope["source"]
         change_id = f"{msg.topic}|{(msg.key or b'').decode(errors='replace')}|{envelope['op']}|" \
                     f"{src.get('lsn')}|{src.get('txId')}"
         if msg.topic == T.CDC_PAYMENTS:
-            rec, kind, ts = to_payment(row, msg.timestamp_ms), "payment", "ts_ms"
+            rec, kind, ts = to_payment(envelope["after"], msg.timestamp_ms), "payment", "ts_ms"
         else:
-            rec, kind, ts = to_label(row), "label", "label_ts"
+            rec, kind, ts = to_label(envelope["after"]), "label", "label_ts"
         if envelope["op"] != "r":  # snapshot reads are history: no lateness or age limits
-            self.event_time.check(source, rec[ts])
+            self.event_time.check(source, rec[ts], now_ms)
+        self._pseudo.in_place(self._pii[msg.topic], rec)
         return Accepted(msg, change_id, kind, rec)
 
     @staticmethod

@@ -13,10 +13,16 @@ are produced first. Then, alternately, ``--reps`` times each:
   batch, produce, final flush. No dedup, no pseudonymization, no event time,
   no commits.
 
+It also measures the CDC connector alone (``--cdc-rows``, 0 to skip): rows
+inserted into PostgreSQL in transactions of 1,000, then the time until the
+connector has published every change and Kafka acknowledged it (decoding
+``pgoutput``, Debezium envelope, Avro, produce, slot advance).
+
 Prints the figures per rep; the last line is one JSON object with
 ``events_per_s`` (Weir, clicks, median), ``ceiling_events_per_s``, ``ratio``,
-and the same for CDC changes (``cdc_*``).
-Run: .venv/bin/python load_tests/ingest.py [--events 100000] [--reps 3]
+the same for CDC changes through ingest (``cdc_*``), and
+``connector_changes_per_s``.
+Run: .venv/bin/python load_tests/ingest.py [--events 300000] [--reps 3] [--cdc-rows 50000]
 """
 
 from __future__ import annotations
@@ -156,6 +162,32 @@ def _item(topic: str, r: dict[str, Any]) -> dict[str, Any]:
             "ts_ms": int(datetime.fromisoformat(r["created_at"]).timestamp() * 1000), "source_ms": 0}
 
 
+def connector_run(endpoints: Endpoints, rows: int) -> float:
+    """Changes/s of the CDC connector publishing ``rows`` inserts already committed in PostgreSQL."""
+    import psycopg
+
+    from streams.cdc import CdcConnector
+    from streams.scenario.driver import ShopDriver
+
+    ShopDriver(endpoints.postgres_dsn, endpoints.kafka_bootstrap).prepare()
+    connector = CdcConnector(endpoints.postgres_dsn, endpoints.kafka_bootstrap, ["payments"], slot="bench_slot",
+                             publication="bench_pub", max_changes=5000)
+    connector.setup()
+    with psycopg.connect(endpoints.postgres_dsn, autocommit=True) as conn:
+        for start in range(0, rows, 1000):
+            conn.execute(
+                "INSERT INTO payments SELECT 'bench-' || i, 'o', 'c', 'card-' || (i % 3000), 'm', 'retail', "
+                "(i % 500) + 0.99, 'EUR', 'authorized', 'dev-' || (i % 7000), now() "
+                "FROM generate_series(%s::int, %s::int) AS i", (start, min(start + 1000, rows) - 1))
+    t0 = time.perf_counter()
+    while connector.stats.changes_published < rows:
+        if connector.poll_once() == 0:
+            time.sleep(0.01)
+    elapsed = time.perf_counter() - t0
+    connector.close()
+    return rows / elapsed
+
+
 def measure(endpoints: Endpoints, topic: str, n: int, reps: int, partitions: int, tmp: Path) -> dict[str, float]:
     weir, ceiling = [], []
     for rep in range(reps):
@@ -170,10 +202,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=100_000, help="clickstream events (CDC changes: half as many)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cdc-rows", type=int, default=50_000, help="rows for the CDC connector alone (0: skip)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         settings = WeirSettings(data_dir=Path(tmp) / "stack")
-        with Stack(settings, with_postgres=False) as endpoints:
+        with Stack(settings, with_postgres=args.cdc_rows > 0) as endpoints:
             ensure_topics(endpoints.kafka_bootstrap, ["bench.ceiling"], settings.partitions)
             n_cdc = args.events // 2
             produce(endpoints.kafka_bootstrap, T.CLICKS, clicks(args.events))
@@ -182,10 +215,13 @@ def main() -> None:
                   "medians:", flush=True)
             click = measure(endpoints, T.CLICKS, args.events, args.reps, settings.partitions, Path(tmp))
             cdc = measure(endpoints, T.CDC_PAYMENTS, n_cdc, args.reps, settings.partitions, Path(tmp))
+            connector = round(connector_run(endpoints, args.cdc_rows)) if args.cdc_rows else None
+            print(f"  CDC connector: {connector:,} changes/s (PostgreSQL → Kafka, acknowledged)" if connector
+                  else "  CDC connector: skipped", flush=True)
     print(f"clicks: weir {click['events_per_s']:,}/s vs ceiling {click['ceiling_events_per_s']:,}/s "
           f"(ratio {click['ratio']}); CDC changes: weir {cdc['events_per_s']:,}/s vs ceiling "
           f"{cdc['ceiling_events_per_s']:,}/s (ratio {cdc['ratio']})")
-    print(json.dumps(click | {f"cdc_{k}": v for k, v in cdc.items()}))
+    print(json.dumps(click | {f"cdc_{k}": v for k, v in cdc.items()} | {"connector_changes_per_s": connector}))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 

@@ -176,8 +176,8 @@ def connector_run(endpoints: Endpoints, rows: int) -> float:
     with psycopg.connect(endpoints.postgres_dsn, autocommit=True) as conn:
         for start in range(0, rows, 1000):
             conn.execute(
-                "INSERT INTO payments SELECT 'bench-' || i, 'o', 'c', 'card-' || (i % 3000), 'm', 'retail', "
-                "(i % 500) + 0.99, 'EUR', 'authorized', 'dev-' || (i % 7000), now() "
+                "INSERT INTO payments SELECT 'bench-' || i, 'o', 'c', 'card-' || (i %% 3000), 'm', 'retail', "
+                "(i %% 500) + 0.99, 'EUR', 'authorized', 'dev-' || (i %% 7000), now() "
                 "FROM generate_series(%s::int, %s::int) AS i", (start, min(start + 1000, rows) - 1))
     t0 = time.perf_counter()
     while connector.stats.changes_published < rows:

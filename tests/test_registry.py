@@ -279,6 +279,10 @@ def test_error_codes(client: SchemaRegistryClient, registry: RegistryServer) -> 
     assert http(registry, "GET", "/subjects/clicks-value/versions/0")[1]["error_code"] == 42202
     err = refused(client.register_schema, "clicks-value", avro('{"type": "recrd"}'))
     assert (err.http_status_code, err.error_code) == (422, 42201)
+    bad_default = ('{"type": "record", "name": "R", "fields": '
+                   '[{"name": "s", "type": ["null", "string"], "default": "x"}]}')
+    err = refused(client.register_schema, "clicks-value", avro(bad_default))  # Confluent refuses it too
+    assert err.error_code == 42201 and "first branch" in err.error_message and "'s'" in err.error_message
     err = refused(client.register_schema, "p-value", Schema('syntax = "proto3";', "PROTOBUF"))
     assert err.error_code == 42201 and "AVRO" in err.error_message
     status, body = http(registry, "GET", "/no/such/path")

@@ -109,11 +109,55 @@ class Incompatibility:
 
 
 def parse(text: str) -> Schema:
-    """Parse an Avro schema from JSON text; ``SchemaParseError`` says why it is not one."""
+    """Parse an Avro schema from JSON text; ``SchemaParseError`` says why it is not one.
+
+    Field defaults are validated as Java Avro (and so Confluent's registry) does:
+    a union field's default must be a value of the union's *first* branch.
+
+    >>> parse('{"type": "record", "name": "R", "fields": [{"name": "s", "type": ["null", "string"], "default": "x"}]}')
+    Traceback (most recent call last):
+    ...
+    streams.registry.compat.SchemaParseError: invalid Avro schema: field 's': default 'x' is not a null (a union's default must match its first branch)
+    """
     try:
-        return avro.schema.parse(text)
+        schema = avro.schema.parse(text)
     except (avro.errors.AvroException, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise SchemaParseError(f"invalid Avro schema: {exc}") from exc
+    bad = invalid_defaults(schema)
+    if bad:
+        raise SchemaParseError(f"invalid Avro schema: {'; '.join(bad)}")
+    return schema
+
+
+def invalid_defaults(schema: Schema, path: str = "") -> list[str]:
+    """Fields whose default is not a value of their type (of a union's first branch)."""
+    found: list[str] = []
+    seen: set[int] = set()
+
+    def walk(node: Schema, where: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, RecordSchema):
+            for f in node.fields:
+                name = f"{where}.{f.name}" if where else f.name
+                if f.has_default:
+                    target = f.type.schemas[0] if isinstance(f.type, UnionSchema) else f.type
+                    if target.validate(f.default) is None:
+                        branch = " (a union's default must match its first branch)" \
+                            if isinstance(f.type, UnionSchema) else ""
+                        found.append(f"field {name!r}: default {f.default!r} is not a {target.type}{branch}")
+                walk(f.type, name)
+        elif isinstance(node, UnionSchema):
+            for branch in node.schemas:
+                walk(branch, where)
+        elif isinstance(node, ArraySchema):
+            walk(node.items, f"{where}[]")
+        elif isinstance(node, MapSchema):
+            walk(node.values, f"{where}{{}}")
+
+    walk(schema, path)
+    return found
 
 
 def check_level(level: str) -> str:

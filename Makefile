@@ -16,6 +16,7 @@ run: $(STAMP)
 	$(VENV)/bin/weir demo
 
 test: $(STAMP)
+	$(PY) -m mypy streams sinks models   # strict, as configured in pyproject.toml
 	$(PY) -m pytest
 
 bench: $(STAMP)

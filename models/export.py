@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import onnx
-import onnxruntime as ort  # type: ignore[import-untyped]  # ships no stubs
+import onnxruntime as ort  # ships no stubs: ignore_missing_imports in pyproject.toml
 import torch
 from torch import nn
 

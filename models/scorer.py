@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort  # type: ignore[import-untyped]  # ships no stubs
+import onnxruntime as ort  # ships no stubs: ignore_missing_imports in pyproject.toml
 
 from models.base import InvalidModelInput, ModelIntegrityError
 from models.export import INPUT_NAME, OUTPUT_NAME, sha256_file

@@ -79,7 +79,8 @@ class ClickHouse:
 
     def __init__(self, dsn: str, database: str | None = None) -> None:
         self.dsn = dsn
-        self._client = clickhouse_connect.get_client(dsn=dsn, **({"database": database} if database else {}))
+        extra: dict[str, Any] = {"database": database} if database else {}
+        self._client = clickhouse_connect.get_client(dsn=dsn, **extra)
         self._lock = threading.RLock()
 
     def ensure_schema(self) -> None:
@@ -98,7 +99,7 @@ class ClickHouse:
 
     def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         with self._lock:
-            return list(self._client.query(sql, parameters=parameters).result_rows)
+            return [tuple(r) for r in self._client.query(sql, parameters=parameters).result_rows]
 
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         rows = self.rows(sql, parameters)

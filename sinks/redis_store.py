@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import cast
 
 import redis
 
@@ -90,4 +91,5 @@ class OnlineStore:
         if not requests:
             return []
         raw = self._redis.mget([view.redis_key(entity_id) for view, entity_id in requests])
-        return [unpack(view, r) for (view, _), r in zip(requests, raw)]
+        # the client does not decode responses, so values are bytes (or None where the key is missing)
+        return [unpack(view, cast(bytes | None, r)) for (view, _), r in zip(requests, raw, strict=True)]

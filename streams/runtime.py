@@ -45,8 +45,11 @@ class Stage(Protocol):
     durable write it does must be complete when it returns.
     """
 
-    step_id: str
-    topics: tuple[str, ...]
+    @property
+    def step_id(self) -> str: ...
+
+    @property
+    def topics(self) -> tuple[str, ...]: ...
 
     def handle(self, batch: list[Message]) -> StepResult: ...
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-import psutil  # type: ignore[import-untyped]  # no stubs unless types-psutil is installed
+import psutil  # no stubs: ignore_missing_imports in pyproject.toml
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the package's __init__ warns when XDG_RUNTIME_DIR is unset

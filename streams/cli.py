@@ -1,5 +1,5 @@
 """The ``weir`` command: ``weir up`` (stack + every stage until Ctrl-C), ``weir demo``,
-``weir schemas check`` and ``weir dlq inspect|replay``."""
+``weir schemas check``, ``weir dlq inspect|replay`` and ``weir features list|describe``."""
 
 from __future__ import annotations
 
@@ -65,10 +65,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--summary-json", type=Path, default=None, help="default: <data dir>/demo-summary.json")
     d.add_argument("--no-progress", action="store_true")
     from streams import dlq
+    from streams.features import cli as features
     from streams.registry import check
 
     check.add_parser(sub)
     dlq.add_parser(sub)
+    features.add_parser(sub)
     return p
 
 

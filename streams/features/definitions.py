@@ -8,8 +8,10 @@ itself. Streaming (features stage), serving (inference stage) and training
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from streams.features.windows import Window
 
@@ -20,29 +22,57 @@ SINCE_LOGIN_CAP_S = 3600.0
 
 @dataclass(frozen=True)
 class FeatureView:
-    """A named, versioned group of features of one entity, stored together online."""
+    """A named, versioned group of features of one entity, stored together online.
+
+    ``docs`` says, per feature, what it aggregates over which window (the code
+    that computes it is the view's state class below). ``fingerprint`` hashes the
+    whole definition; a test pins it per (name, version), so a definition cannot
+    change without its version changing — and with it the Redis keys.
+    """
 
     name: str
     entity: str
     version: int
     features: tuple[str, ...]
     ttl_ms: int
+    source: str = ""
+    docs: tuple[str, ...] = ()
+    owner: str = "fraud-team"
+    description: str = ""
 
     def redis_key(self, entity_id: str) -> str:
         return f"weir:fv:{self.name}:v{self.version}:{entity_id}"
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 (12 hex digits) of the definition, defaults included."""
+        body = asdict(self) | {"defaults": [DEFAULTS.get(f, 0.0) for f in self.features]}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
 CARD = FeatureView(
     "card", "card_id", 1,
     ("card_count_1m", "card_amount_1m", "card_count_1h", "card_amount_1h", "card_distinct_merchants_1h"),
     ttl_ms=2 * HOUR,
+    source="weir.payments",
+    docs=("count of the card's payments, sliding 1 min", "sum of their amounts, sliding 1 min",
+          "count of the card's payments, sliding 1 h", "sum of their amounts, sliding 1 h",
+          "distinct merchants the card paid, sliding 1 h"),
+    description="Velocity of one card: how often, how much and where it paid lately (the payment itself included).",
 )
 USER = FeatureView(
     "user", "user_id", 1,
     ("user_clicks_30m", "user_searches_30m", "user_add_to_cart_30m", "user_new_device_logins_1h",
      "user_secs_since_login"),
     ttl_ms=2 * HOUR,
+    source="weir.clicks",
+    docs=("count of the user's clickstream events, sliding 30 min", "count of its searches, sliding 30 min",
+          "count of its add-to-cart events, sliding 30 min",
+          "logins from a device the user was not seen with before, sliding 1 h",
+          f"seconds since the user's last login, capped at {SINCE_LOGIN_CAP_S:.0f}"),
+    description="What the user did on the site before paying (keyed by user id = the payment's customer id).",
 )
+VIEWS = (CARD, USER)
 REQUEST = ("amount", "log_amount", "is_digital_goods")
 FEATURE_NAMES: tuple[str, ...] = CARD.features + USER.features + REQUEST
 

@@ -1,0 +1,108 @@
+"""``weir features list`` and ``weir features describe NAME``: the feature views, their versions and freshness.
+
+Freshness comes from the online store: a sample of the view's Redis keys
+(``--sample``, default 2,000), each value carrying the event time it is as
+of and the wall time of its write (see :mod:`sinks.redis_store`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from streams.features.definitions import DEFAULTS, VIEWS, FeatureView
+
+_HEADER = struct.Struct("<qq")  # event time, write time (ms): the head of every stored value
+
+
+def view_named(name: str) -> FeatureView:
+    for view in VIEWS:
+        if view.name == name:
+            return view
+    raise SystemExit(f"weir features: no view named {name!r}; known: {', '.join(v.name for v in VIEWS)}")
+
+
+def describe(view: FeatureView) -> list[str]:
+    """The definition of ``view`` as lines of text."""
+    lines = [f"{view.name} v{view.version}  (fingerprint {view.fingerprint})",
+             f"  entity: {view.entity}   source: {view.source}   ttl: {view.ttl_ms // 1000} s   owner: {view.owner}",
+             f"  {view.description}", "  features (name, default: what):"]
+    docs = view.docs or ("",) * len(view.features)
+    lines += [f"    {name:<28} {DEFAULTS.get(name, 0.0):>8g}: {doc}" for name, doc in zip(view.features, docs,
+                                                                                      strict=True)]
+    lines.append(f"  redis key: {view.redis_key('<' + view.entity + '>')}")
+    return lines
+
+
+def freshness(client: Any, view: FeatureView, sample: int, now_ms: int) -> str:
+    """One line on how fresh the view's online values are, from a sample of its keys."""
+    keys: list[bytes] = []
+    for key in client.scan_iter(match=view.redis_key("*"), count=1000):
+        keys.append(key)
+        if len(keys) >= sample:
+            break
+    if not keys:
+        return "  online: no values stored"
+    heads = [_HEADER.unpack_from(v) for v in client.mget(keys) if v is not None and len(v) >= _HEADER.size]
+    if not heads:
+        return "  online: no readable values"
+    newest_event = max(h[0] for h in heads)
+    newest_write = max(h[1] for h in heads)
+    return (f"  online: {len(heads)} entities sampled; newest values as of event time "
+            f"{datetime.fromtimestamp(newest_event / 1000, UTC):%Y-%m-%d %H:%M:%S}Z, "
+            f"last written {max(0, now_ms - newest_write) / 1000:.1f} s ago")
+
+
+def _redis_url(args: argparse.Namespace) -> str | None:
+    if args.redis:
+        return str(args.redis)
+    path = Path(os.environ.get("WEIR_DATA_DIR", ".weir")) / "endpoints.json"
+    if path.exists():
+        return str(json.loads(path.read_text())["redis_url"])
+    return None
+
+
+def _list(args: argparse.Namespace) -> int:
+    print(f"{'view':<8} {'version':<8} {'fingerprint':<13} {'entity':<9} {'source':<14} features  ttl")
+    for v in VIEWS:
+        print(f"{v.name:<8} v{v.version:<7} {v.fingerprint:<13} {v.entity:<9} {v.source:<14} "
+              f"{len(v.features):>8}  {v.ttl_ms // 1000} s")
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    view = view_named(args.name)
+    print("\n".join(describe(view)))
+    url = _redis_url(args)
+    if url is None:
+        print("  online: unknown (no --redis and no endpoints.json: is `weir up` running?)")
+        return 0
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        print(freshness(client, view, args.sample, int(time.time() * 1000)))
+    except redis.RedisError as exc:
+        print(f"  online: Redis at {url} not reachable ({exc})")
+    finally:
+        client.close()
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    """Add ``weir features`` with ``list`` and ``describe``; returns its subparsers for more commands."""
+    features: argparse.ArgumentParser = sub.add_parser("features", help="feature views: definitions, versions, freshness")
+    fsub = features.add_subparsers(dest="features_command", required=True)
+    fsub.add_parser("list", help="every feature view with its version").set_defaults(handler=_list)
+    d = fsub.add_parser("describe", help="one view's definition and the freshness of its online values")
+    d.add_argument("name")
+    d.add_argument("--redis", default=None, help="Redis URL (default: redis_url in endpoints.json)")
+    d.add_argument("--sample", type=int, default=2000, help="keys sampled for freshness")
+    d.set_defaults(handler=_describe)
+    return fsub

@@ -1,0 +1,57 @@
+"""Feature views as code: versions pinned to definitions, and `weir features list|describe`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from sinks.redis_store import OnlineStore
+from streams.features import cli
+from streams.features.definitions import CARD, DEFAULTS, VIEWS, FeatureView
+from streams.stack import Endpoints
+
+# Each view's definition at its version. A failing entry means a definition changed without a new version:
+# bump the view's `version` (its Redis keys change with it, so old values are not read as new) and pin it here.
+PINNED = {("card", 1): "124520fa345c", ("user", 1): "ebf137b1b3cb"}
+
+
+@pytest.mark.parametrize("view", VIEWS, ids=lambda v: v.name)
+def test_a_definition_cannot_change_without_its_version(view: FeatureView) -> None:
+    assert PINNED.get((view.name, view.version)) == view.fingerprint, (
+        f"view {view.name!r} v{view.version} changed (fingerprint {view.fingerprint}): bump its version")
+
+
+def test_every_part_of_a_definition_is_in_its_fingerprint() -> None:
+    for change in ({"ttl_ms": CARD.ttl_ms + 1}, {"features": CARD.features[:-1]}, {"source": "x"},
+                   {"docs": ()}, {"entity": "customer_id"}):
+        assert dataclasses.replace(CARD, **change).fingerprint != CARD.fingerprint, change
+    assert all(len(v.docs) == len(v.features) and v.source and v.description for v in VIEWS)
+    assert {f for v in VIEWS for f in v.features} <= set(DEFAULTS)
+
+
+def test_list_and_describe(capsys: pytest.CaptureFixture[str], endpoints: Endpoints) -> None:
+    assert cli._list(argparse.Namespace()) == 0
+    out = capsys.readouterr().out
+    assert all(f"v{v.version}" in out and v.fingerprint in out for v in VIEWS)
+    store = OnlineStore(endpoints.redis_url)
+    event_ts = int(time.time() * 1000) - 60_000
+    store.write(CARD, [(f"fresh-{i}", event_ts + i, [1.0] * len(CARD.features)) for i in range(5)])
+    args = argparse.Namespace(name="card", redis=endpoints.redis_url, sample=100_000)
+    assert cli._describe(args) == 0
+    out = capsys.readouterr().out
+    assert "card_distinct_merchants_1h" in out and "weir:fv:card:v1:<card_id>" in out
+    assert "newest values as of event time" in out and "last written" in out
+
+
+def test_freshness_reads_the_newest_event_and_write_times(endpoints: Endpoints) -> None:
+    view = dataclasses.replace(CARD, name=f"fresh{time.time_ns()}")
+    client: Any = redis.Redis.from_url(endpoints.redis_url)
+    assert cli.freshness(client, view, 10, 0) == "  online: no values stored"
+    OnlineStore(endpoints.redis_url).write(view, [("a", 1_000, [0.0] * 5), ("b", 3_600_000, [0.0] * 5)])
+    line = cli.freshness(client, view, 10, int(time.time() * 1000) + 2_000)
+    assert "2 entities sampled" in line and "1970-01-01 01:00:00Z" in line

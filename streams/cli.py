@@ -1,5 +1,5 @@
 """The ``weir`` command: ``weir up`` (stack + every stage until Ctrl-C), ``weir demo``,
-``weir schemas check``, ``weir dlq inspect|replay`` and ``weir features list|describe``."""
+``weir schemas check``, ``weir dlq inspect|replay`` and ``weir features list|describe|training-set``."""
 
 from __future__ import annotations
 
@@ -66,11 +66,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     from streams import dlq
     from streams.features import cli as features
+    from streams.features import offline
     from streams.registry import check
 
     check.add_parser(sub)
     dlq.add_parser(sub)
-    features.add_parser(sub)
+    offline.add_training_set_parser(features.add_parser(sub))
     return p
 
 

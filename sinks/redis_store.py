@@ -12,7 +12,8 @@ the view's TTL, and a batch of reads is one ``MGET``: one round trip each,
 with redis-py's per-command overhead paid once per batch instead of once per
 entity (measured: per-entity hash commands spent 60% of the features stage
 in redis-py's command packing). A missing entity comes back as the view's
-defaults with ``found=False``.
+defaults with ``found=False``; read ``as_of`` a request's event time, a value
+older than the view's TTL comes back as the defaults with ``stale=True``.
 """
 
 from __future__ import annotations
@@ -45,22 +46,28 @@ def _codec(n: int) -> struct.Struct:
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """One entity's values as read back."""
+    """One entity's values as read back: the view's defaults when ``found`` is False (no value)
+    or ``stale`` is True (a value older than the view's TTL at the time it was asked for)."""
 
     values: list[float]
     found: bool
     event_ts: int = 0
     write_ts: int = 0
+    stale: bool = False
 
 
 def pack(view: FeatureView, event_ts: int, write_ts: int, values: Sequence[float]) -> bytes:
     return _codec(len(view.features)).pack(event_ts, write_ts, *values)
 
 
-def unpack(view: FeatureView, raw: bytes | None) -> Stored:
+def unpack(view: FeatureView, raw: bytes | None, as_of: int | None = None) -> Stored:
+    """Decode one stored value; with ``as_of`` (event time, ms), a value older than the view's TTL
+    at that time is stale and comes back as the defaults (the offline training set applies the same rule)."""
     if raw is None:
         return Stored([DEFAULTS[f] for f in view.features], False)
     event_ts, write_ts, *values = _codec(len(view.features)).unpack(raw)
+    if as_of is not None and as_of - event_ts > view.ttl_ms:
+        return Stored([DEFAULTS[f] for f in view.features], True, event_ts, write_ts, stale=True)
     return Stored(values, True, event_ts, write_ts)
 
 
@@ -86,10 +93,13 @@ class OnlineStore:
             self._set_all(keys=keys, args=args)
         return len(keys)
 
-    def read(self, requests: Sequence[tuple[FeatureView, str]]) -> list[Stored]:
-        """Values of each (view, entity_id), in request order, with one MGET."""
+    def read(self, requests: Sequence[tuple[FeatureView, str]], as_of: Sequence[int] | None = None) -> list[Stored]:
+        """Values of each (view, entity_id), in request order, with one MGET; ``as_of[i]`` (event time
+        of the request) marks values older than the view's TTL stale (see :class:`Stored`)."""
         if not requests:
             return []
         raw = self._redis.mget([view.redis_key(entity_id) for view, entity_id in requests])
+        times: Sequence[int | None] = as_of if as_of is not None else [None] * len(requests)
         # the client does not decode responses, so values are bytes (or None where the key is missing)
-        return [unpack(view, cast(bytes | None, r)) for (view, _), r in zip(requests, raw, strict=True)]
+        return [unpack(view, cast(bytes | None, r), t)
+                for (view, _), r, t in zip(requests, raw, times, strict=True)]

@@ -55,3 +55,16 @@ def test_freshness_reads_the_newest_event_and_write_times(endpoints: Endpoints) 
     OnlineStore(endpoints.redis_url).write(view, [("a", 1_000, [0.0] * 5), ("b", 3_600_000, [0.0] * 5)])
     line = cli.freshness(client, view, 10, int(time.time() * 1000) + 2_000)
     assert "2 entities sampled" in line and "1970-01-01 01:00:00Z" in line
+
+
+def test_missing_and_stale_values_come_back_as_defaults_with_a_flag(endpoints: Endpoints) -> None:
+    view = dataclasses.replace(CARD, name=f"stale{time.time_ns()}")
+    store = OnlineStore(endpoints.redis_url)
+    store.write(view, [("fresh", 10 * 3_600_000, [1.0] * 5), ("old", 10 * 3_600_000 - view.ttl_ms - 1, [2.0] * 5)])
+    now = 10 * 3_600_000
+    fresh, old, missing = store.read([(view, "fresh"), (view, "old"), (view, "none")], as_of=[now] * 3)
+    defaults = [DEFAULTS[f] for f in view.features]
+    assert (fresh.values, fresh.found, fresh.stale) == ([1.0] * 5, True, False)
+    assert (old.values, old.found, old.stale) == (defaults, True, True)
+    assert (missing.values, missing.found, missing.stale) == (defaults, False, False)
+    assert store.read([(view, "old")])[0].values == [2.0] * 5  # without as_of: as stored

@@ -98,7 +98,11 @@ def adversarial(ch: ClickHouse) -> ClickHouse:
         (USER_V, "u1", "h+1", T + 1, poison),
         (USER_V, "u1", "h+day", T + DAY, poison),
         # user u2: an old row; a *card* id "u2" (another view, same entity string) must not be picked
-        (USER_V, "u2", "k-old", T - 5 * HOUR, vec(40)),
+        (USER_V, "u2", "k-old", T - 90 * 60_000, vec(40)),
+        # user u3: its newest row is older than the view's TTL at T: stale, so defaults, flagged
+        (USER_V, "u3", "s-stale", T - 5 * HOUR, poison),
+        # card c5: its row is exactly the TTL old at T: still fresh
+        (CARD_V, "c5", "t-edge", T - CARD.ttl_ms, vec(70)),
         (CARD_V, "u2", "k-card", T, poison),
         # user "c1": same entity string as card c1, user view
         (USER_V, "c1", "m0", T, vec(50)),
@@ -116,6 +120,7 @@ def adversarial(ch: ClickHouse) -> ClickHouse:
         ("p2", "c2", "u2", T, 3.0, "grocery"),
         ("p3", "c3", "c1", T, 7.0, "grocery"),
         ("p4", "c4", "u9", T, 1.0, "grocery"),
+        ("p5", "c5", "u3", T, 2.0, "grocery"),
         ("p-early", "c1", "u1", T - 2 * HOUR, 5.0, "grocery"),  # outside --since
         ("p-until", "c1", "u1", T + 2 * HOUR, 5.0, "grocery"),  # at --until: excluded
         ("p-unlabelled", "c1", "u1", T, 5.0, "grocery"),
@@ -131,8 +136,8 @@ def adversarial(ch: ClickHouse) -> ClickHouse:
 def test_as_of_rule_with_adversarial_timestamps(adversarial: ClickHouse) -> None:
     ts = training_set(adversarial, since_ms=T - HOUR, until_ms=T + 2 * HOUR)
 
-    assert sorted(ts.payment_ids) == ["p1", "p2", "p3", "p4"]  # one row each, in range, labelled
-    assert ts.rows == 4 and ts.X.shape == (4, len(FEATURE_NAMES)) and ts.X.dtype == np.float32
+    assert sorted(ts.payment_ids) == ["p1", "p2", "p3", "p4", "p5"]  # one row each, in range, labelled
+    assert ts.rows == 5 and ts.X.shape == (5, len(FEATURE_NAMES)) and ts.X.dtype == np.float32
     assert ts.feature_names == FEATURE_NAMES and ts.views == (CARD_V, USER_V)
     assert (ts.event_ts == T).all() and ts.ts_min_ms == ts.ts_max_ms == T
     assert ts.X.max() < 1e5, "a value stamped after the payment leaked into the training set"
@@ -142,6 +147,7 @@ def test_as_of_rule_with_adversarial_timestamps(adversarial: ClickHouse) -> None
         "p2": (vec(20), vec(40), (False, False), request_features(3.0, "grocery"), 0),
         "p3": (vec(31), vec(50), (False, False), request_features(7.0, "grocery"), 0),
         "p4": (vec(60), USER_DEFAULTS, (False, True), request_features(1.0, "grocery"), 0),
+        "p5": (vec(70), USER_DEFAULTS, (False, True), request_features(2.0, "grocery"), 0),
     }
     for pid, (card, user, flags, request, y) in expected.items():
         i = row_of(ts, pid)
@@ -153,7 +159,7 @@ def test_as_of_rule_with_adversarial_timestamps(adversarial: ClickHouse) -> None
 
 def test_open_range_and_limit(adversarial: ClickHouse) -> None:
     everything = training_set(adversarial)
-    assert sorted(everything.payment_ids) == ["p-early", "p-until", "p1", "p2", "p3", "p4"]
+    assert sorted(everything.payment_ids) == ["p-early", "p-until", "p1", "p2", "p3", "p4", "p5"]
     assert list(everything.event_ts) == sorted(everything.event_ts)
     early = everything.X[row_of(everything, "p-early")]
     np.testing.assert_array_equal(early[:5], CARD_DEFAULTS)  # c1 has no row 2 h before T
@@ -162,7 +168,7 @@ def test_open_range_and_limit(adversarial: ClickHouse) -> None:
     np.testing.assert_array_equal(late[:5], np.asarray(vec(1e6), dtype=np.float32))  # T + 1 is before it: fine
 
     newest = training_set(adversarial, limit=2)
-    assert list(newest.payment_ids) == ["p4", "p-until"]  # the newest two, oldest first (ties by id)
+    assert list(newest.payment_ids) == ["p5", "p-until"]  # the newest two, oldest first (ties by id)
 
 
 def test_a_row_after_the_payment_is_never_read_even_when_written_first(ch: ClickHouse) -> None:
@@ -203,8 +209,12 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     return {"logs": logs, "payments": payments, "labelled": labelled, "redelivered": redelivered, "bounds": bounds}
 
 
+UNIT = 20 * 60_000  # the scenarios' time unit: 13 units span more than the views' 2 h TTL
+
+
 def reference(sc: dict[str, Any]) -> dict[str, tuple[list[float], tuple[bool, bool], int]]:
-    """For each labelled payment in range: scan every log row of its entities, keep the newest with ts <= T."""
+    """For each labelled payment in range: scan every log row of its entities, keep the newest with ts <= T,
+    unless it is older than the view's TTL at T (stale: defaults, as serving does)."""
     since, until = sc["bounds"]
     out = {}
     for pid, (card, cust, t, amount, cat) in sc["payments"].items():
@@ -217,6 +227,8 @@ def reference(sc: dict[str, Any]) -> dict[str, tuple[list[float], tuple[bool, bo
             for (v, e, ts, eid) in sc["logs"]:
                 if v == view and e == entity and ts <= t and (best is None or (ts, eid) > best):
                     best = (ts, eid)
+            if best is not None and (t - best[0]) * UNIT > (CARD if view == CARD_V else USER).ttl_ms:
+                best = None
             vector += defaults if best is None else sc["logs"][(view, entity, *best)]
             flags.append(best is None)
         out[pid] = (vector + request_features(amount, cat), (flags[0], flags[1]), sc["labelled"][pid])
@@ -228,14 +240,15 @@ def reference(sc: dict[str, Any]) -> dict[str, tuple[list[float], tuple[bool, bo
 def test_matches_brute_force_reference(ch: ClickHouse, sc: dict[str, Any]) -> None:
     for table in ("feature_log", "silver_payments", "labels"):
         ch.command(f"TRUNCATE TABLE {table}")
-    log(ch, [(v, e, eid, T0 + ts, vals) for (v, e, ts, eid), vals in sc["logs"].items()])
-    log(ch, [(v, e, eid, T0 + ts, sc["logs"][(v, e, ts, eid)]) for (v, e, ts, eid) in sc["redelivered"]])
-    pay(ch, [(pid, card, cust, T0 + t, amount, cat) for pid, (card, cust, t, amount, cat) in sc["payments"].items()])
-    label(ch, [(pid, y, T0 + sc["payments"][pid][2], T0 + DAY) for pid, y in sc["labelled"].items()])
+    log(ch, [(v, e, eid, T0 + ts * UNIT, vals) for (v, e, ts, eid), vals in sc["logs"].items()])
+    log(ch, [(v, e, eid, T0 + ts * UNIT, sc["logs"][(v, e, ts, eid)]) for (v, e, ts, eid) in sc["redelivered"]])
+    pay(ch, [(pid, card, cust, T0 + t * UNIT, amount, cat)
+             for pid, (card, cust, t, amount, cat) in sc["payments"].items()])
+    label(ch, [(pid, y, T0 + sc["payments"][pid][2] * UNIT, T0 + DAY) for pid, y in sc["labelled"].items()])
     since, until = sc["bounds"]
 
-    got = training_set(ch, since_ms=None if since is None else T0 + since,
-                       until_ms=None if until is None else T0 + until)
+    got = training_set(ch, since_ms=None if since is None else T0 + since * UNIT,
+                       until_ms=None if until is None else T0 + until * UNIT)
 
     want = reference(sc)
     assert sorted(got.payment_ids) == sorted(want)
@@ -245,7 +258,7 @@ def test_matches_brute_force_reference(ch: ClickHouse, sc: dict[str, Any]) -> No
         vector, flags, y = want[pid]
         np.testing.assert_array_equal(got.X[i], np.asarray(vector, dtype=np.float32), err_msg=pid)
         assert tuple(got.defaulted[i]) == flags and got.y[i] == y
-        assert got.event_ts[i] == T0 + sc["payments"][pid][2]
+        assert got.event_ts[i] == T0 + sc["payments"][pid][2] * UNIT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +310,7 @@ def test_cli_writes_csv(adversarial: ClickHouse, clickhouse_client: Any, chdb_pa
     with out.open() as f:
         rows = list(csv.reader(f))
     assert rows[0] == [*FEATURE_NAMES, "label", "payment_id", "event_ts"]
-    assert len(rows) == 1 + 4
+    assert len(rows) == 1 + 5
     expected = training_set(adversarial, since_ms=T0, until_ms=T0 + 3 * HOUR)
     by_id = {r[-2]: r for r in rows[1:]}
     for i, pid in enumerate(expected.payment_ids):
@@ -305,7 +318,7 @@ def test_cli_writes_csv(adversarial: ClickHouse, clickhouse_client: Any, chdb_pa
         np.testing.assert_array_equal(np.asarray(r[:len(FEATURE_NAMES)], dtype=np.float32), expected.X[i])
         assert int(r[len(FEATURE_NAMES)]) == expected.y[i] and r[-1] == "2026-01-01T01:00:00.000Z"
     printed = capsys.readouterr().out
-    assert "rows: 4" in printed and expected.sha256 in printed and str(out) in printed
+    assert "rows: 5" in printed and expected.sha256 in printed and str(out) in printed
 
 
 def test_cli_writes_parquet_and_defaults(adversarial: ClickHouse, clickhouse_client: Any, chdb_path: Path,
@@ -317,7 +330,7 @@ def test_cli_writes_parquet_and_defaults(adversarial: ClickHouse, clickhouse_cli
     assert args.handler(args) == 0
     table = pq.read_table(out)
     assert table.column_names == [*FEATURE_NAMES, "label", "payment_id", "event_ts"]
-    assert table.num_rows == 6
+    assert table.num_rows == 7
     assert table.schema.metadata[b"weir.sha256"].decode() == training_set(adversarial).sha256
 
 

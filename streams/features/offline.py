@@ -34,8 +34,13 @@ log has one row per entity per micro-batch, stamped with the entity's newest
 event time in it, and inference reads Redis after the whole batch is written.
 A card with two payments ``T1 < T2`` in one batch was served the ``T2`` values
 for both; the offline set gives the first payment the previous batch's row,
-because the ``T2`` row is later than ``T1``. And Redis expires a key
-``ttl_ms`` of wall time after its write, which this join does not model.
+because the ``T2`` row is later than ``T1``.
+
+Staleness, as serving applies it: a row older than the view's ``ttl_ms`` at
+the payment's time (``T - row.ts > ttl_ms``) is stale, and the view gets its
+defaults and the ``defaulted`` flag, exactly as :meth:`OnlineStore.read` does
+with ``as_of``. (Redis also expires keys ``ttl_ms`` of wall time after their
+write; with event time near wall time that is the same cut.)
 
 Request features come from the payment itself (:func:`request_features`).
 """
@@ -122,7 +127,9 @@ def training_sql(views: Sequence[FeatureView], *, since: bool, until: bool, limi
     where = [c for c, on in (("p.ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')", since),
                              ("p.ts < fromUnixTimestamp64Milli({until:Int64}, 'UTC')", until)) if on]
     log_until = " AND ts < fromUnixTimestamp64Milli({until:Int64}, 'UTC')" if until else ""
-    picked = ",\n    ".join(f"v{i}.hit, v{i}.values" for i in range(len(views)))
+    # a row older than the view's TTL at the payment's time is stale: serving gets the defaults for it too
+    picked = ",\n    ".join(f"v{i}.hit AND q.ts_ms - v{i}.ts_ms <= {int(v.ttl_ms)}, v{i}.values"
+                            for i, v in enumerate(views))
     return f"""
 WITH q AS (
     SELECT p.payment_id AS payment_id, p.card_id AS card_id, p.customer_id AS customer_id, p.amount AS amount,

@@ -85,7 +85,7 @@ class InferenceStage:
     def features(self, payments: list[dict[str, Any]]) -> np.ndarray:
         """The served feature matrix (n, len(FEATURE_NAMES)), float32, in one Redis round trip."""
         requests = [r for p in payments for r in ((CARD, p["card_id"]), (USER, p["customer_id"]))]
-        fetched = self.store.read(requests)
+        fetched = self.store.read(requests, as_of=[p["ts_ms"] for p in payments for _ in range(2)])
         rows = [
             fetched[2 * i].values + fetched[2 * i + 1].values + request_features(p["amount"], p["merchant_category"])
             for i, p in enumerate(payments)

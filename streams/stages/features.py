@@ -7,22 +7,53 @@ feature-log row per touched entity to ``weir.feature_log`` (the ClickHouse
 sink writes it), and forwards the payments to ``weir.scoring`` on the same
 partition. Redis is written before the payments are forwarded, so inference
 always reads values that include the payment itself.
+
+**State and recovery.** Ingest partitions ``weir.payments`` by card and
+``weir.clicks`` by user, so every entity's events are in one partition and the
+window state is partition-local: one :class:`FeatureComputer` per input
+(topic, partition), a function of that partition's log alone. After a
+successful commit, at most every ``checkpoint_every_s``, the stage saves each
+changed partition's state with the offset it is the state *after* (a
+:mod:`~streams.features.checkpoint` snapshot). When the group assigns it a
+partition with committed offset C, it restores the snapshot (offset S ≤ C) and
+asks the runner to start at S; without a usable snapshot (none, another
+definition, or S > C because Redis lost it or the group was reset) it starts at
+the log's beginning. Messages below C are **replayed**: they update the windows
+and nothing else (no Redis write, no feature-log or scoring record, no dead
+letter), because they were processed and committed before. From C on it
+processes normally, so after a crash (kill -9 included) the values equal those
+of an uninterrupted run. Replay costs time proportional to the log since S:
+without a snapshot that is the whole log (the embedded broker keeps every
+record in memory; on a real Kafka, the topic's retention). Memory stays bounded
+by the windows (at most 1 h of event time per entity, idle entities evicted
+after the view's TTL).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from sinks.redis_store import OnlineStore
 from streams import topics as T
-from streams.base import Message, Produce, StepResult
-from streams.codec import AvroCodec, decoded
+from streams.base import Message, Produce, Rejected, StepResult
+from streams.codec import AvroCodec, DecodeError
+from streams.features.checkpoint import RedisSnapshots, SnapshotCodec, SnapshotError
 from streams.features.definitions import CARD, USER, CardState, FeatureView, UserState
 from streams.features.windows import EntityStates
 
+log = logging.getLogger(__name__)
+
 Touched = dict[str, tuple[int, str, list[float]]]  # entity -> (event ts, last event id, values)
+TopicPartition = tuple[str, int]
 
 LOG_BATCH_ROWS = 4000  # feature-log rows per message: ~200 KB, well under the broker's 1 MB limit
+OFFSET_BEGINNING = -2  # librdkafka's logical offset: the log's first retained record
 
 
 def _chunks(touched: Touched, size: int) -> list[Touched]:
@@ -31,50 +62,123 @@ def _chunks(touched: Touched, size: int) -> list[Touched]:
 
 
 class FeatureComputer:
-    """The pure part: window state per card and per user. No I/O."""
+    """The pure part: window state per card and per user. No I/O.
+
+    An entity's values are as of its newest event time (a late event updates
+    the windows, and the values stay as of the newest event), so they depend
+    only on the order of the entity's events, never on how they were batched.
+    ``touched=None`` updates the state without computing values (replay).
+    """
 
     def __init__(self) -> None:
         self.cards: EntityStates[CardState] = EntityStates(CardState, CARD.ttl_ms)
         self.users: EntityStates[UserState] = EntityStates(UserState, USER.ttl_ms)
 
-    def add_payment(self, p: dict[str, Any], touched: Touched) -> None:
+    def add_payment(self, p: dict[str, Any], touched: Touched | None) -> None:
         state = self.cards.get(p["card_id"], p["ts_ms"])
         state.update(p["ts_ms"], p["amount"], p["merchant_id"])
-        now = max(p["ts_ms"], touched.get(p["card_id"], (0,))[0])
-        touched[p["card_id"]] = (now, p["event_id"], state.values(now))
+        if touched is not None:
+            now = state.payments.ts[-1]  # the card's newest payment: the window keeps time order
+            touched[p["card_id"]] = (now, p["event_id"], state.values(now))
 
-    def add_click(self, c: dict[str, Any], touched: Touched) -> None:
+    def add_click(self, c: dict[str, Any], touched: Touched | None) -> None:
         state = self.users.get(c["user_id"], c["ts_ms"])
         state.update(c["ts_ms"], c["event_type"], c.get("device_id"))
-        now = max(c["ts_ms"], touched.get(c["user_id"], (0,))[0])
-        touched[c["user_id"]] = (now, c["event_id"], state.values(now))
+        if touched is not None:
+            now = state.clicks.ts[-1]  # the user's newest click: every event is a click
+            touched[c["user_id"]] = (now, c["event_id"], state.values(now))
+
+    def state(self) -> tuple[EntityStates[CardState], EntityStates[UserState]]:
+        """What a snapshot holds."""
+        return self.cards, self.users
+
+    @classmethod
+    def from_state(cls, state: Any) -> FeatureComputer:
+        """The inverse of :meth:`state`; raises :class:`SnapshotError` on anything else."""
+        if not (isinstance(state, tuple) and len(state) == 2
+                and all(isinstance(s, EntityStates) for s in state)):
+            raise SnapshotError("snapshot is not (card states, user states)")
+        computer = cls()
+        computer.cards, computer.users = state
+        return computer
+
+
+@dataclass(slots=True)
+class PartitionState:
+    """One input partition's windows and how far into its log they are."""
+
+    computer: FeatureComputer
+    position: int  # offset of the first message the state has not seen
+    replay_until: int = 0  # below this offset: processed and committed before, update the windows only
+    saved: int = -1  # position of the last snapshot written
+
+
+def snapshot_codec() -> SnapshotCodec:
+    """Snapshots name the feature views' definitions: a changed view invalidates them."""
+    return SnapshotCodec(f"features:{CARD.fingerprint}:{USER.fingerprint}".encode())
 
 
 class FeaturesStage:
-    step_id = "features"
-    topics = (T.I_CLICKS, T.I_PAYMENTS)
+    """The features stage: see the module docstring for what it writes and how it recovers.
 
-    def __init__(self, store: OnlineStore) -> None:
+    ``snapshots`` None: no checkpoints, every assignment of a partition that has a
+    committed offset replays its log from the beginning (correct, slower).
+    ``clock`` is the wall clock checkpoints are paced by (seconds, monotonic).
+    """
+
+    step_id = "features"
+
+    def __init__(self, store: OnlineStore, *, snapshots: RedisSnapshots | None = None,
+                 checkpoint_every_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 clicks_topic: str = T.I_CLICKS, payments_topic: str = T.I_PAYMENTS) -> None:
         self.store = store
-        self.computer = FeatureComputer()
-        self._codecs = {t: AvroCodec(t) for t in self.topics}
+        self.snapshots = snapshots
+        self.checkpoint_every_s = checkpoint_every_s
+        self._clock = clock
+        self._next_checkpoint = clock() + checkpoint_every_s
+        self.clicks_topic, self.payments_topic = clicks_topic, payments_topic
+        self.topics: tuple[str, ...] = (clicks_topic, payments_topic)
+        self.partitions: dict[TopicPartition, PartitionState] = {}
+        self.replayed = 0  # messages applied in replay (state only), for tests and metrics
+        self._all_committed = True  # nothing handled since the last successful commit
+        self._codecs = {clicks_topic: AvroCodec(T.I_CLICKS), payments_topic: AvroCodec(T.I_PAYMENTS)}
+        self._snapshot = snapshot_codec()
         self._scoring = AvroCodec(T.I_SCORING)
         self._log = AvroCodec(T.I_FEATURE_LOG)
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
+        self._all_committed = not batch and self._all_committed
         cards: Touched = {}
         users: Touched = {}
-        for msg, record in decoded(batch, self._codecs, result):
+        for msg in batch:
+            part = self.partitions.get((msg.topic, msg.partition))
+            if part is None:  # assigned without on_assign (a runner without the hook): start where it starts
+                part = self.partitions[(msg.topic, msg.partition)] = PartitionState(FeatureComputer(), msg.offset)
+            if msg.offset < part.position:
+                log.warning("features: %s[%d] offset %d is already in the state (at %d), skipped",
+                            msg.topic, msg.partition, msg.offset, part.position)
+                continue
+            part.position = msg.offset + 1
+            replay = msg.offset < part.replay_until
+            try:
+                record = self._codecs[msg.topic].decode(msg.value)
+            except DecodeError as exc:
+                if not replay:  # a replayed one was dead-lettered the first time
+                    result.rejected.append(Rejected(msg, exc))
+                continue
             items = record["items"]
-            if msg.topic == T.I_PAYMENTS:
+            if replay:
+                self.replayed += 1
+            if msg.topic == self.payments_topic:
                 for p in items:
-                    self.computer.add_payment(p, cards)
-                result.produce.append(Produce(T.I_SCORING, None, self._scoring.encode({"items": items}),
-                                              partition=msg.partition))
+                    part.computer.add_payment(p, None if replay else cards)
+                if not replay:
+                    result.produce.append(Produce(T.I_SCORING, None, self._scoring.encode({"items": items}),
+                                                  partition=msg.partition))
             else:
                 for c in items:
-                    self.computer.add_click(c, users)
+                    part.computer.add_click(c, None if replay else users)
         self.store.write(CARD, ((k, ts, v) for k, (ts, _, v) in cards.items()))
         self.store.write(USER, ((k, ts, v) for k, (ts, _, v) in users.items()))
         # Redis first, then forward: the scoring records must come after the writes.
@@ -82,6 +186,95 @@ class FeaturesStage:
                 for chunk in _chunks(touched, LOG_BATCH_ROWS)]
         result.produce[:0] = logs
         return result
+
+    # --- recovery hooks, called by the BatchRunner (see streams.runtime.Recoverable) ---
+
+    def on_assign(self, assigned: list[TopicPartition],
+                  committed: dict[TopicPartition, int | None]) -> dict[TopicPartition, int]:
+        """Restore each assigned partition's state; returns where the runner must start reading it."""
+        starts: dict[TopicPartition, int] = {}
+        for tp in assigned:
+            c = committed.get(tp)
+            if c is None:  # the group never committed here: nothing was processed, start as configured
+                self.partitions.pop(tp, None)
+                continue
+            restored = self._restore(tp, c)
+            if restored is None:
+                self.partitions[tp] = PartitionState(FeatureComputer(), 0, replay_until=c)
+                starts[tp] = OFFSET_BEGINNING
+                log.info("features: %s[%d] has no usable snapshot, replaying from the beginning to %d", *tp, c)
+            else:
+                self.partitions[tp] = restored
+                starts[tp] = restored.position
+                log.info("features: %s[%d] restored at %d, replaying to %d", *tp, restored.position, c)
+        return starts
+
+    def on_revoke(self, revoked: list[TopicPartition]) -> None:
+        """Drop the state of partitions another member now owns (it restores them itself).
+
+        When the runner's last commit covered everything handled (a clean handoff or
+        stop), their state is saved first, so the next owner replays nothing."""
+        if self._all_committed:
+            self._save([tp for tp in revoked if tp in self.partitions])
+        for tp in revoked:
+            self.partitions.pop(tp, None)
+
+    def after_commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Every handled message is now at or below its partition's committed offset, so the
+        in-memory state of each partition is a valid snapshot: save the changed ones when due."""
+        self._all_committed = True
+        if self.snapshots is None or self._clock() < self._next_checkpoint:
+            return
+        self.checkpoint()
+
+    def checkpoint(self) -> int:
+        """Save the state of every partition that changed since its last snapshot; returns how many.
+
+        Call only when everything handled is committed (``after_commit``). A Redis
+        failure is logged and retried at the next checkpoint: the older snapshots
+        stay valid, recovery just replays more.
+        """
+        self._next_checkpoint = self._clock() + self.checkpoint_every_s
+        return self._save(list(self.partitions))
+
+    def _save(self, partitions: list[TopicPartition]) -> int:
+        if self.snapshots is None:
+            return 0
+        saved = 0
+        for topic, partition in partitions:
+            part = self.partitions[(topic, partition)]
+            if part.position == part.saved:
+                continue
+            try:
+                self.snapshots.save(topic, partition, self._snapshot.encode(part.position, part.computer.state()))
+            except redis.RedisError as exc:
+                log.warning("features: snapshot of %s[%d] not saved (%s); retried later", topic, partition, exc)
+                return saved
+            part.saved = part.position
+            saved += 1
+        return saved
+
+    def _restore(self, tp: TopicPartition, committed: int) -> PartitionState | None:
+        if self.snapshots is None:
+            return None
+        try:
+            raw = self.snapshots.load(*tp)
+        except redis.RedisError as exc:
+            log.warning("features: snapshot of %s[%d] not readable (%s)", *tp, exc)
+            return None
+        if raw is None:
+            return None
+        try:
+            offset, state = self._snapshot.decode(raw)
+            computer = FeatureComputer.from_state(state)
+        except SnapshotError as exc:
+            log.warning("features: snapshot of %s[%d] refused: %s", *tp, exc)
+            return None
+        if offset > committed:  # ahead of the group (offsets reset, another log): not this log's state
+            log.warning("features: snapshot of %s[%d] is at %d, past the committed %d: ignored",
+                        *tp, offset, committed)
+            return None
+        return PartitionState(computer, offset, replay_until=committed, saved=offset)
 
     def _log_batch(self, view: FeatureView, touched: Touched) -> Produce:
         record = {

@@ -1,0 +1,429 @@
+"""The features stage survives crashes: kill -9 mid-stream, restart, and the values equal an uninterrupted run's.
+
+The reference is the pure :class:`FeatureComputer`, one per input partition, fed
+that partition's events in log order (the stage's state is partition-local).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from sinks.redis_store import unpack
+from streams import topics as T
+from streams.base import Message
+from streams.codec import AvroCodec
+from streams.features.checkpoint import RedisSnapshots, SnapshotCodec, SnapshotError
+from streams.features.definitions import CARD, MINUTE, USER
+from streams.kafka import consumer_config, ensure_topics, producer_config
+from streams.stack import Endpoints
+from streams.stages.features import OFFSET_BEGINNING, FeatureComputer, FeaturesStage, Touched, snapshot_codec
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTITIONS = 4
+T0 = 1_700_000_000_000
+EVENT_TYPES = ["page_view", "page_view", "search", "add_to_cart", "login", "checkout"]
+
+# ---------------------------------------------------------------- input
+
+
+def events(tag: str, n: int = 3000, seed: int = 7) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Payments and clicks over ~3 h of event time: recurring entities, ~10% late events (up to 5 min),
+    and "sparse" entities seen only at the start and the end, so TTL eviction happens mid-stream."""
+    rng = random.Random(seed)
+    payments: list[dict[str, Any]] = []
+    clicks: list[dict[str, Any]] = []
+    for i in range(n):
+        ts = T0 + i * 3600 + (-rng.randrange(5 * MINUTE) if rng.random() < 0.1 else 0)
+        edge = i < n // 10 or i > n - n // 10
+        card = f"{tag}-c{rng.randrange(10) + 1000}" if edge and rng.random() < 0.3 else f"{tag}-c{rng.randrange(120)}"
+        user = f"{tag}-u{rng.randrange(10) + 1000}" if edge and rng.random() < 0.3 else f"{tag}-u{rng.randrange(80)}"
+        payments.append({"event_id": f"p{i}", "payment_id": f"p{i}", "card_id": card, "customer_id": user,
+                         "merchant_id": f"m{rng.randrange(15)}", "merchant_category": "retail",
+                         "amount": round(rng.lognormvariate(3, 1), 2), "device_id": None, "ts_ms": ts,
+                         "source_ms": 0})
+        clicks.append({"event_id": f"e{i}", "event_type": rng.choice(EVENT_TYPES), "user_id": user,
+                       "session_id": f"s{i // 20}", "device_id": f"d{user}-{rng.randrange(3)}", "ts_ms": ts + 7,
+                       "amount": None})
+    return payments, clicks
+
+
+def micro_batches(items: list[dict[str, Any]], key: str, size: int = 20) -> dict[int, list[list[dict[str, Any]]]]:
+    """As ingest emits them: per chunk of ``size`` events, one message per partition (by entity)."""
+    out: dict[int, list[list[dict[str, Any]]]] = {p: [] for p in range(PARTITIONS)}
+    for start in range(0, len(items), size):
+        by_part: dict[int, list[dict[str, Any]]] = {}
+        for item in items[start:start + size]:
+            by_part.setdefault(T.partition_for(item[key], PARTITIONS), []).append(item)
+        for p, group in by_part.items():
+            out[p].append(group)
+    return out
+
+
+def reference_rows(payments: dict[int, list[list[dict[str, Any]]]], clicks: dict[int, list[list[dict[str, Any]]]]
+                   ) -> dict[tuple[str, str, str], tuple[int, list[float]]]:
+    """(view, entity, event id) -> the entity's (as-of ts, values) right after that event, uninterrupted."""
+    rows: dict[tuple[str, str, str], tuple[int, list[float]]] = {}
+    for p in range(PARTITIONS):
+        for view, batches, key in (("card", payments, "card_id"), ("user", clicks, "user_id")):
+            computer = FeatureComputer()
+            add = computer.add_payment if view == "card" else computer.add_click
+            for msg in batches[p]:
+                for item in msg:
+                    touched: Touched = {}
+                    add(item, touched)
+                    ts, eid, values = touched[item[key]]
+                    rows[(view, item[key], eid)] = (ts, values)
+    return rows
+
+
+def feature_log(bootstrap: str, prefix: str) -> list[tuple[str, str, str, int, list[float]]]:
+    """Every (view, entity, event id, ts, values) row of ``weir.feature_log`` about entities named ``prefix*``."""
+    consumer = Consumer(consumer_config(bootstrap, f"read-{uuid.uuid4().hex}"))
+    consumer.assign([TopicPartition(T.I_FEATURE_LOG, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+    codec = AvroCodec(T.I_FEATURE_LOG)
+    rows: list[tuple[str, str, str, int, list[float]]] = []
+    idle_since = time.monotonic()
+    try:
+        while time.monotonic() - idle_since < 3:
+            msgs = consumer.consume(500, 0.2)
+            if msgs:
+                idle_since = time.monotonic()
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                rec = codec.decode(m.value())
+                n = rec["n_features"]
+                view = rec["view"].split(":")[0]
+                for i, entity in enumerate(rec["entity_ids"]):
+                    if entity.startswith(prefix):
+                        rows.append((view, entity, rec["event_ids"][i], rec["ts_ms"][i],
+                                     rec["values"][i * n:(i + 1) * n]))
+    finally:
+        consumer.close()
+    return rows
+
+
+def reference(payments: dict[int, list[list[dict[str, Any]]]],
+              clicks: dict[int, list[list[dict[str, Any]]]]) -> tuple[Touched, Touched]:
+    """The uninterrupted run: each partition's events through its own computer, in log order."""
+    cards: Touched = {}
+    users: Touched = {}
+    for p in range(PARTITIONS):
+        computer = FeatureComputer()
+        for msg in payments[p]:
+            for item in msg:
+                computer.add_payment(item, cards)
+        computer = FeatureComputer()
+        for msg in clicks[p]:
+            for item in msg:
+                computer.add_click(item, users)
+    return cards, users
+
+
+# ---------------------------------------------------------------- pure
+
+
+class RecordingStore:
+    """Stands in for the online store in the pure tests: remembers what was written."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, int, list[float]]] = []
+
+    def write(self, view: Any, rows: Any) -> int:
+        got = [(view.name, k, ts, list(v)) for k, ts, v in rows]
+        self.rows.extend(got)
+        return len(got)
+
+
+def _messages(topic: str, batches: dict[int, list[list[dict[str, Any]]]], codec: AvroCodec) -> list[Message]:
+    return [Message(topic, p, off, None, codec.encode({"items": items}), 0)
+            for p, msgs in batches.items() for off, items in enumerate(msgs)]
+
+
+def test_snapshot_round_trip_continues_identically() -> None:
+    payments, clicks = events("rt", n=1200)
+    codec = snapshot_codec()
+    live, cards, users = FeatureComputer(), {}, {}  # type: ignore[var-annotated]
+    half = len(payments) // 2
+    for p, c in zip(payments[:half], clicks[:half], strict=True):
+        live.add_payment(p, cards)
+        live.add_click(c, users)
+    offset, state = codec.decode(codec.encode(123, live.state()))
+    restored = FeatureComputer.from_state(state)
+    assert offset == 123
+    # every entity's windows, last-seen times, the watermark and the next sweep (the TTL eviction's clock)
+    assert vars(restored.cards) == vars(live.cards) and vars(restored.users) == vars(live.users)
+    a_cards: Touched = {}
+    b_cards: Touched = {}
+    a_users: Touched = {}
+    b_users: Touched = {}
+    for p, c in zip(payments[half:], clicks[half:], strict=True):
+        live.add_payment(p, a_cards)
+        restored.add_payment(p, b_cards)
+        live.add_click(c, a_users)
+        restored.add_click(c, b_users)
+    assert a_cards == b_cards and a_users == b_users
+    assert len(live.cards) == len(restored.cards) and len(live.users) == len(restored.users)
+
+
+def test_snapshot_refuses_foreign_definitions_and_code() -> None:
+    live = FeatureComputer()
+    data = snapshot_codec().encode(5, live.state())
+    with pytest.raises(SnapshotError, match="another feature definition"):
+        SnapshotCodec(b"another view").decode(data)
+    with pytest.raises(SnapshotError, match="format"):
+        snapshot_codec().decode(data[:3] + bytes([9]) + data[4:])
+    evil = data[:28] + pickle.dumps(os.getcwd)  # the 28-byte header, then a pickle that names a function
+    with pytest.raises(SnapshotError, match="names"):
+        snapshot_codec().decode(evil)
+    with pytest.raises(SnapshotError):
+        snapshot_codec().decode(data[:40])
+    with pytest.raises(SnapshotError, match="not"):
+        FeatureComputer.from_state(("x", "y"))
+
+
+def test_state_only_replay_produces_nothing_and_rebuilds_the_state() -> None:
+    payments, clicks = events("rp", n=600)
+    pay = micro_batches(payments, "card_id")
+    clk = micro_batches(clicks, "user_id")
+    msgs = (_messages(T.I_PAYMENTS, pay, AvroCodec(T.I_PAYMENTS))
+            + _messages(T.I_CLICKS, clk, AvroCodec(T.I_CLICKS)))
+    committed = {(T.I_PAYMENTS, 0): 10, (T.I_CLICKS, 1): 7}
+    bad = Message(T.I_PAYMENTS, 0, 3, None, b"not avro", 0)
+    msgs = [bad if (m.topic, m.partition, m.offset) == (T.I_PAYMENTS, 0, 3) else m for m in msgs]
+
+    store = RecordingStore()
+    stage = FeaturesStage(store)  # type: ignore[arg-type]
+    starts = stage.on_assign([(T.I_PAYMENTS, 0), (T.I_CLICKS, 1), (T.I_CLICKS, 2)],
+                             {**committed, (T.I_CLICKS, 2): None})
+    assert starts == {(T.I_PAYMENTS, 0): OFFSET_BEGINNING, (T.I_CLICKS, 1): OFFSET_BEGINNING}
+    replay = [m for m in msgs if m.offset < committed.get((m.topic, m.partition), -1)]
+    result = stage.handle(replay)
+    assert result.produce == [] and result.rejected == [] and store.rows == []
+    assert stage.replayed == len(replay) - 1  # the undecodable one is skipped, not dead-lettered again
+
+    # from the committed offset on, it is a normal run whose state includes the replayed events
+    rest = [m for m in msgs if (m.topic, m.partition) in committed and m.offset >= committed[(m.topic, m.partition)]]
+    result = stage.handle(rest)
+    assert result.produce and not result.rejected
+    ref_cards, ref_users = reference({0: [i for o, i in enumerate(pay[0]) if o != 3]} | {p: [] for p in (1, 2, 3)},
+                                     {1: clk[1]} | {p: [] for p in (0, 2, 3)})
+    last = {(view, k): (ts, v) for view, k, ts, v in store.rows}
+    for k, (ts, _, v) in ref_cards.items():
+        if (("card", k)) in last:
+            assert last[("card", k)] == (ts, v)
+    written_users = {k for view, k, _, _ in store.rows if view == "user"}
+    assert written_users and all(last[("user", k)] == (ref_users[k][0], ref_users[k][2]) for k in written_users)
+
+
+class MemorySnapshots:
+    """Stands in for :class:`RedisSnapshots` in the pure tests."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, int], bytes] = {}
+
+    def save(self, topic: str, partition: int, data: bytes) -> None:
+        self.data[(topic, partition)] = data
+
+    def load(self, topic: str, partition: int) -> bytes | None:
+        return self.data.get((topic, partition))
+
+
+def test_checkpoints_only_committed_state_on_the_clock() -> None:
+    payments, _ = events("ck", n=200)
+    msgs = _messages(T.I_PAYMENTS, micro_batches(payments, "card_id"), AvroCodec(T.I_PAYMENTS))
+    p0 = [m for m in msgs if m.partition == 0]
+    now = [100.0]
+    snaps = MemorySnapshots()
+    stage = FeaturesStage(RecordingStore(), snapshots=snaps, checkpoint_every_s=5,  # type: ignore[arg-type]
+                          clock=lambda: now[0])
+    stage.handle(p0[:4])
+    stage.on_revoke([(T.I_PAYMENTS, 0)])  # handled but not committed (a lost commit): nothing saved
+    assert snaps.data == {}
+    stage.handle(p0[:4])
+    stage.after_commit({(T.I_PAYMENTS, 0): 4})
+    assert snaps.data == {}  # not due yet
+    now[0] += 5
+    stage.after_commit({})
+    assert snapshot_codec().decode(snaps.data[(T.I_PAYMENTS, 0)])[0] == 4
+    stage.handle(p0[4:6])
+    stage.after_commit({(T.I_PAYMENTS, 0): 6})
+    stage.on_revoke([(T.I_PAYMENTS, 0)])  # clean handoff: saved at once, then dropped
+    assert snapshot_codec().decode(snaps.data[(T.I_PAYMENTS, 0)])[0] == 6 and stage.partitions == {}
+
+    # the next owner restores it and replays nothing; a snapshot past the committed offset is not used
+    other = FeaturesStage(RecordingStore(), snapshots=snaps)  # type: ignore[arg-type]
+    assert other.on_assign([(T.I_PAYMENTS, 0)], {(T.I_PAYMENTS, 0): 6}) == {(T.I_PAYMENTS, 0): 6}
+    assert other.on_assign([(T.I_PAYMENTS, 0)], {(T.I_PAYMENTS, 0): 5}) == {(T.I_PAYMENTS, 0): OFFSET_BEGINNING}
+
+
+def test_values_do_not_depend_on_batching() -> None:
+    """Late events: an entity's values are as of its newest event, however the messages were batched."""
+    payments, _ = events("bt", n=800)
+    msgs = _messages(T.I_PAYMENTS, micro_batches(payments, "card_id"), AvroCodec(T.I_PAYMENTS))
+    finals = []
+    for size in (1, 7, len(msgs)):
+        store = RecordingStore()
+        stage = FeaturesStage(store)  # type: ignore[arg-type]
+        for i in range(0, len(msgs), size):
+            stage.handle(msgs[i:i + size])
+        finals.append({k: (ts, v) for _, k, ts, v in store.rows})
+    assert finals[0] == finals[1] == finals[2]
+
+
+# ---------------------------------------------------------------- kill -9 against the real broker and Redis
+
+WORKER = """
+import json, sys, time
+cfg = json.loads(sys.argv[1])
+sys.path.insert(0, cfg["root"])
+from streams import kafka, runtime, schemas
+schemas.use_registry(cfg["registry"])
+# small fetches, so the worker moves through every partition of both topics at once (not one after another)
+runtime.consumer_config = lambda b, g, **o: kafka.consumer_config(b, g, **o, **{"max.partition.fetch.bytes": 4096})
+from sinks.redis_store import OnlineStore
+from streams.features.checkpoint import RedisSnapshots
+from streams.runtime import BatchRunner
+from streams.stages.features import FeaturesStage
+
+stage = FeaturesStage(OnlineStore(cfg["redis"]), snapshots=RedisSnapshots.from_url(cfg["redis"]),
+                      checkpoint_every_s=cfg["checkpoint_s"], clicks_topic=cfg["clicks"],
+                      payments_topic=cfg["payments"])
+handle = stage.handle
+def slow(batch):
+    time.sleep(cfg["delay_s"])
+    return handle(batch)
+stage.handle = slow
+runner = BatchRunner(stage, cfg["bootstrap"], group_id=cfg["group"], max_batch=cfg["max_batch"])
+runner.start()
+ends = {(t, int(p)): e for t, per in cfg["ends"].items() for p, e in per.items() if e > 0}
+while True:
+    if runner.error is not None:
+        raise SystemExit(f"worker failed: {runner.error!r}")
+    parts = stage.partitions
+    if all(tp in parts and parts[tp].position >= e for tp, e in ends.items()):
+        break
+    time.sleep(0.02)
+runner.stop()
+if runner.error is not None:
+    raise SystemExit(f"worker failed: {runner.error!r}")
+print(json.dumps({"replayed": stage.replayed, "consumed": runner.stats.consumed}), flush=True)
+"""
+
+
+def _produce(bootstrap: str, topic: str, batches: dict[int, list[list[dict[str, Any]]]], codec: AvroCodec) -> None:
+    producer = Producer(producer_config(bootstrap))
+    for p, msgs in batches.items():
+        for items in msgs:
+            producer.produce(topic, codec.encode({"items": items}), partition=p)
+    assert producer.flush(60) == 0
+
+
+def _committed(consumer: Consumer, topics: list[str]) -> dict[tuple[str, int], int]:
+    """The group's committed offsets (0 where none), read by a member that never joins it."""
+    got = consumer.committed([TopicPartition(t, p) for t in topics for p in range(PARTITIONS)], timeout=10)
+    return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in got}
+
+
+def _worker(endpoints: Endpoints, cfg: dict[str, Any]) -> subprocess.Popen[str]:
+    full = cfg | {"root": str(ROOT), "bootstrap": endpoints.kafka_bootstrap, "redis": endpoints.redis_url,
+                  "registry": endpoints.schema_registry_url}
+    return subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(full)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("lose_snapshots", [False, True], ids=["from-snapshot", "snapshot-deleted"])
+def test_kill_9_mid_stream_then_restart_equals_uninterrupted(endpoints: Endpoints, lose_snapshots: bool) -> None:
+    tag = uuid.uuid4().hex[:8]
+    clicks_topic, payments_topic = f"t.{tag}.clicks", f"t.{tag}.payments"
+    ensure_topics(endpoints.kafka_bootstrap, [clicks_topic, payments_topic], PARTITIONS)
+    payments, clicks = events(tag)
+    pay, clk = micro_batches(payments, "card_id"), micro_batches(clicks, "user_id")
+    _produce(endpoints.kafka_bootstrap, payments_topic, pay, AvroCodec(T.I_PAYMENTS))
+    _produce(endpoints.kafka_bootstrap, clicks_topic, clk, AvroCodec(T.I_CLICKS))
+    ends = {payments_topic: {p: len(m) for p, m in pay.items()}, clicks_topic: {p: len(m) for p, m in clk.items()}}
+    total = sum(e for per in ends.values() for e in per.values())
+    group = f"recovery-{tag}"
+    snaps = RedisSnapshots.from_url(endpoints.redis_url)
+    topics = [clicks_topic, payments_topic]
+    cfg = {"group": group, "clicks": clicks_topic, "payments": payments_topic, "ends": ends, "max_batch": 4}
+
+    # 1. a slow worker, killed with SIGKILL after some commits and checkpoints, well before the end
+    first = _worker(endpoints, cfg | {"delay_s": 0.05, "checkpoint_s": 0.3})
+    watcher = Consumer(consumer_config(endpoints.kafka_bootstrap, group))
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert first.poll() is None, f"first worker exited early: {first.communicate()}"
+            assert time.monotonic() < deadline, "first worker made no progress"
+            done = _committed(watcher, topics)
+            per_topic = {t: sum(o for (tt, _), o in done.items() if tt == t) / sum(ends[t].values()) for t in topics}
+            saved = {t for t in topics for p in range(PARTITIONS) if snaps.load(t, p) is not None}
+            if sum(done.values()) >= total * 0.25 and min(per_topic.values()) >= 0.1 and len(saved) == 2:
+                break
+            time.sleep(0.05)
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(30)
+    committed = _committed(watcher, topics)
+    watcher.close()
+    assert 0 < sum(committed.values()) < total * 0.9, "killed too late to be mid-stream"
+    snapshot_at = {}
+    for t in topics:
+        for p in range(PARTITIONS):
+            raw = snaps.load(t, p)
+            if raw is not None:
+                snapshot_at[(t, p)] = snapshot_codec().decode(raw)[0]
+            if lose_snapshots:
+                snaps.delete(t, p)
+    assert all(s <= committed[tp] for tp, s in snapshot_at.items())
+
+    # 2. a new worker in the same group finishes the stream
+    second = _worker(endpoints, cfg | {"delay_s": 0.0, "checkpoint_s": 600.0})
+    out, err = second.communicate(timeout=180)
+    assert second.returncode == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    starts = {tp: 0 if lose_snapshots else snapshot_at.get(tp, 0) for tp in committed}
+    assert report["replayed"] == sum(c - starts[tp] for tp, c in committed.items())  # exactly S..C-1
+    assert report["consumed"] == report["replayed"] + total - sum(committed.values())
+    # it stopped cleanly: on leaving the group it saved every partition's state at the end of its log
+    final = {tp: snapshot_codec().decode(raw)[0] for tp in committed if (raw := snaps.load(*tp)) is not None}
+    assert final == {(t, p): e for t, per in ends.items() for p, e in per.items()}
+
+    # 3. every feature-log row (the killed worker's and the new one's) has the values of an uninterrupted run,
+    # in particular the rows computed right after the restart, which need the windows from before the crash
+    expected = reference_rows(pay, clk)
+    rows = feature_log(endpoints.kafka_bootstrap, f"{tag}-")
+    wrong = [r for r in rows if expected[(r[0], r[1], r[2])] != (r[3], r[4])]
+    assert not wrong, f"{len(wrong)} of {len(rows)} feature-log rows differ, e.g. {wrong[:2]}"
+    # the last event of each partition not finished before the kill: its row can only come from the new worker
+    after_restart = {(view, batches[p][-1][-1][key], batches[p][-1][-1]["event_id"])
+                     for view, batches, key, t in (("card", pay, "card_id", payments_topic),
+                                                   ("user", clk, "user_id", clicks_topic))
+                     for p in range(PARTITIONS) if committed[(t, p)] < len(batches[p])}
+    assert after_restart
+    assert after_restart <= {(v, k, eid) for v, k, eid, _, _ in rows}  # the new worker wrote rows after C
+
+    # 4. the online store holds what an uninterrupted run computes
+    ref_cards, ref_users = reference(pay, clk)
+    client = redis.Redis.from_url(endpoints.redis_url)
+    for view, ref in ((CARD, ref_cards), (USER, ref_users)):
+        keys = list(ref)
+        got = [unpack(view, raw) for raw in client.mget([view.redis_key(k) for k in keys])]  # type: ignore[union-attr]
+        mismatched = [k for k, g in zip(keys, got, strict=True)
+                      if not g.found or (g.event_ts, g.values) != (ref[k][0], ref[k][2])]
+        assert not mismatched, f"{view.name}: {len(mismatched)} of {len(keys)} differ, e.g. {mismatched[:3]}"

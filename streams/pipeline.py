@@ -29,6 +29,7 @@ from streams import topics as T
 from streams.dedup import RedisDedup
 from streams.dlq import DlqGuard
 from streams.event_time import EventTimeGuard
+from streams.features.checkpoint import RedisSnapshots
 from streams.features.definitions import FEATURE_NAMES
 from streams.pseudonymize import Pseudonymizer
 from streams.runtime import BatchRunner, Stage
@@ -70,6 +71,7 @@ class PipelineConfig:
     max_age_ms: int = 7 * 86_400_000
     allowed_lateness_ms: int = 600_000
     pseudonym_key: bytes = field(default=b"weir-dev-pseudonym-key", repr=False)
+    features_checkpoint_s: float = 5.0
     dlq_max_ratio: float = 0.5
     dlq_window: int = 1000
     dlq_min_events: int = 200
@@ -113,7 +115,9 @@ class Pipeline:
             self._run(ingest_stage(c, e.redis_url), hot=True)
         if "features" in wanted:
             assert store is not None
-            self._run(FeaturesStage(store), hot=True, max_batch=16)  # micro-batches of up to 500 events each
+            snapshots = RedisSnapshots.from_url(e.redis_url)  # window state survives a crash (docs/features.md)
+            stage = FeaturesStage(store, snapshots=snapshots, checkpoint_every_s=c.features_checkpoint_s)
+            self._run(stage, hot=True, max_batch=16)  # micro-batches of up to 500 events each
         if "inference" in wanted:
             assert store is not None
             slot = ModelSlot(RuleScorer(list(FEATURE_NAMES)))

@@ -38,6 +38,9 @@ class WeirSettings(BaseSettings):
     event_max_age_s: int = Field(7 * 86_400, ge=1, description="Refuse events older than this (snapshots excepted).")
     allowed_lateness_s: int = Field(600, ge=0, description="How far behind its partition's newest event an event "
                                                           "may be before it is refused as late.")
+    features_checkpoint_s: float = Field(
+        5.0, gt=0, description="How often the features stage snapshots its window state to Redis (after a commit)."
+    )
     partitions: int = Field(4, ge=1, description="Partitions for topics Weir creates.")
     batch_max_size: int = Field(500, ge=1, description="Max events per micro-batch in the hot path.")
     batch_max_wait_ms: int = Field(5, ge=1, description="Max time a hot-path micro-batch waits to fill.")

@@ -20,7 +20,6 @@ never logged or printed unless asked (``--show-payload``): they may hold persona
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -37,6 +36,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from streams.base import Rejected
 from streams.kafka import DeliveryTracker, consumer_config, flush_or_raise, producer_config
+from streams.stack import EndpointNotFound, endpoint
 
 log = logging.getLogger(__name__)
 
@@ -438,21 +438,12 @@ class DlqGuard:
 # the command line
 
 
-def resolve_bootstrap(explicit: str | None, data_dir: Path) -> str:
+def resolve_bootstrap(explicit: str | None, data_dir: Path | None = None) -> str:
     """``explicit``, else ``kafka_bootstrap`` from ``<data_dir>/endpoints.json`` (``weir up``)."""
-    if explicit:
-        return explicit
-    path = data_dir / "endpoints.json"
     try:
-        bootstrap = json.loads(path.read_text())["kafka_bootstrap"]
-    except FileNotFoundError:
-        raise DlqError(f"no Kafka to talk to: pass --bootstrap HOST:PORT, or start the stack with `weir up` "
-                       f"(it writes {path}; WEIR_DATA_DIR picks another data dir)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DlqError(f"{path} has no kafka_bootstrap ({exc!r}); pass --bootstrap HOST:PORT") from None
-    if not isinstance(bootstrap, str) or not bootstrap:
-        raise DlqError(f"{path} has no kafka_bootstrap; pass --bootstrap HOST:PORT")
-    return bootstrap
+        return endpoint("kafka_bootstrap", explicit, flag="--bootstrap HOST:PORT", data_dir=data_dir)
+    except EndpointNotFound as exc:
+        raise DlqError(str(exc)) from None
 
 
 def preview(value: bytes | None, limit: int = PREVIEW_BYTES) -> str:
@@ -485,14 +476,8 @@ def format_dead_letter(d: DeadLetter, *, show_payload: bool = False) -> str:
     return line
 
 
-def _data_dir() -> Path:
-    from streams.settings import WeirSettings
-
-    return WeirSettings().data_dir
-
-
 def _cmd_inspect(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
-    bootstrap = resolve_bootstrap(args.bootstrap, _data_dir())
+    bootstrap = resolve_bootstrap(args.bootstrap)
     topic = dlq_topic_name(args.topic)
     want = _reason(args.reason)
     counts: Counter[str] = Counter()
@@ -511,7 +496,7 @@ def _cmd_inspect(args: argparse.Namespace, out: Callable[[str], None] = print) -
 
 
 def _cmd_replay(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
-    bootstrap = resolve_bootstrap(args.bootstrap, _data_dir())
+    bootstrap = resolve_bootstrap(args.bootstrap)
     report = replay(bootstrap, args.topic, reason=args.reason, dry_run=args.dry_run,
                     from_beginning=args.from_beginning, progress=True if args.progress else None)
     verb = "would replay" if report.dry_run else "replayed"

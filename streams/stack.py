@@ -38,6 +38,28 @@ class Endpoints:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
+class EndpointNotFound(LookupError):
+    """Neither an explicit value nor ``endpoints.json`` says where a service is; the message says what to do."""
+
+
+def endpoint(name: str, explicit: str | None, *, flag: str, data_dir: Path | None = None) -> str:
+    """``explicit``, else the field ``name`` of ``<data_dir>/endpoints.json`` (written by ``weir up``;
+    ``data_dir`` defaults to ``WEIR_DATA_DIR``). ``flag`` names the option a person can pass instead."""
+    if explicit:
+        return explicit
+    path = (data_dir if data_dir is not None else WeirSettings().data_dir) / "endpoints.json"
+    try:
+        value = json.loads(path.read_text())[name]
+    except FileNotFoundError:
+        raise EndpointNotFound(f"no {name}: pass {flag}, or start the stack with `weir up` "
+                               f"(it writes {path}; WEIR_DATA_DIR picks another data dir)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EndpointNotFound(f"{path} has no {name} ({exc!r}); pass {flag}") from None
+    if not isinstance(value, str) or not value:
+        raise EndpointNotFound(f"{path} has no {name}; pass {flag}")
+    return value
+
+
 class Stack:
     def __init__(self, settings: WeirSettings, *, with_postgres: bool = True) -> None:
         self.settings = settings

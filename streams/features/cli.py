@@ -8,15 +8,13 @@ of and the wall time of its write (see :mod:`sinks.redis_store`).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import struct
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from streams.features.definitions import DEFAULTS, VIEWS, FeatureView
+from streams.stack import EndpointNotFound, endpoint
 
 _HEADER = struct.Struct("<qq")  # event time, write time (ms): the head of every stored value
 
@@ -60,12 +58,10 @@ def freshness(client: Any, view: FeatureView, sample: int, now_ms: int) -> str:
 
 
 def _redis_url(args: argparse.Namespace) -> str | None:
-    if args.redis:
-        return str(args.redis)
-    path = Path(os.environ.get("WEIR_DATA_DIR", ".weir")) / "endpoints.json"
-    if path.exists():
-        return str(json.loads(path.read_text())["redis_url"])
-    return None
+    try:
+        return endpoint("redis_url", args.redis, flag="--redis URL")
+    except EndpointNotFound:
+        return None
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
 import struct
 import sys
 from collections.abc import Sequence
@@ -63,6 +62,8 @@ import numpy as np
 
 from sinks.clickhouse import ClickHouse
 from streams.features.definitions import CARD, DEFAULTS, REQUEST, USER, FeatureView, request_features
+from streams.settings import WeirSettings
+from streams.stack import EndpointNotFound, endpoint
 
 # The silver_payments column that holds each view entity's id (inference reads USER by customer_id).
 ENTITY_COLUMNS: dict[str, str] = {"card_id": "card_id", "user_id": "customer_id"}
@@ -264,27 +265,12 @@ def parse_time(text: str) -> int:
     return round(t.timestamp() * 1000)
 
 
-def resolve_dsn(explicit: str | None, data_dir: Path) -> str:
+def resolve_dsn(explicit: str | None, data_dir: Path | None = None) -> str:
     """``explicit``, else ``clickhouse_dsn`` from ``<data_dir>/endpoints.json`` (written by ``weir up``)."""
-    if explicit:
-        return explicit
-    path = data_dir / "endpoints.json"
     try:
-        dsn = json.loads(path.read_text())["clickhouse_dsn"]
-    except FileNotFoundError:
-        raise OfflineError(f"no ClickHouse to read: pass --clickhouse DSN, or start the stack with `weir up` "
-                           f"(it writes {path}; WEIR_DATA_DIR picks another data dir)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise OfflineError(f"{path} has no clickhouse_dsn ({exc!r}); pass --clickhouse DSN") from None
-    if not isinstance(dsn, str) or not dsn:
-        raise OfflineError(f"{path} has no clickhouse_dsn; pass --clickhouse DSN")
-    return dsn
-
-
-def _data_dir() -> Path:
-    from streams.settings import WeirSettings
-
-    return WeirSettings().data_dir
+        return endpoint("clickhouse_dsn", explicit, flag="--clickhouse DSN", data_dir=data_dir)
+    except EndpointNotFound as exc:
+        raise OfflineError(str(exc)) from None
 
 
 def _cmd_training_set(args: argparse.Namespace) -> int:
@@ -293,8 +279,7 @@ def _cmd_training_set(args: argparse.Namespace) -> int:
         until = parse_time(args.until) if args.until else None
         if since is not None and until is not None and until <= since:
             raise OfflineError("--until must be after --since")
-        data_dir = _data_dir()
-        dsn = resolve_dsn(args.clickhouse, data_dir)
+        dsn = resolve_dsn(args.clickhouse)
     except OfflineError as exc:
         print(f"weir features training-set: error: {exc}", file=sys.stderr)
         return 1
@@ -303,7 +288,7 @@ def _cmd_training_set(args: argparse.Namespace) -> int:
         ts = training_set(ch, since_ms=since, until_ms=until, limit=args.limit)
     finally:
         ch.close()
-    out: Path = args.out if args.out is not None else data_dir / "training-set.csv"
+    out: Path = args.out if args.out is not None else WeirSettings().data_dir / "training-set.csv"
     fmt = write(ts, out)
     lo, hi = ts.ts_min_ms, ts.ts_max_ms
     span = f"{_iso(lo)} .. {_iso(hi)}" if lo is not None and hi is not None else "(empty)"

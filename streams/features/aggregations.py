@@ -44,10 +44,11 @@ just accepted and any ``now`` at or above the container's watermark. Older
 
 **Bounded state.** An entity keeps only events with
 ``ts > newest - allowed_lateness_ms - longest window extent``. Entities idle
-for more than ``ttl_ms`` of event time (the container's newest ts minus the
-entity's) are dropped; ``ttl_ms`` must be at least the lateness plus the
-longest extent, so a dropped entity's events lie outside every window any
-valid later query reads: dropping never changes a value.
+for more than ``ttl_ms`` of event time (the container's watermark minus the
+entity's newest ts) are dropped; ``ttl_ms`` must be at least the lateness plus
+the longest extent, so a dropped entity's events lie outside every window any
+valid later query reads, even after a new event for it as old as the
+watermark: dropping never changes a value.
 
 **Recovery.** :meth:`Aggregators.snapshot` / :meth:`Aggregators.restore`:
 restoring a snapshot and feeding the remaining events gives bit-identical
@@ -565,7 +566,10 @@ class Aggregators:
         return status
 
     def _sweep(self, max_ts: int) -> None:
-        cutoff = max_ts - self._ttl_ms
+        # Idle relative to the *watermark*, not the newest ts: a dropped key may get a new event as old as
+        # the watermark, after which queries may reach lateness + extent further back; measured from the
+        # watermark, ttl >= lateness + extent keeps everything such a query could read.
+        cutoff = max_ts - self._lateness - self._ttl_ms
         idle = [k for k, e in self._entities.items() if e._newest is not None and e._newest < cutoff]
         for k in idle:
             del self._entities[k]

@@ -67,7 +67,8 @@ from sinks.redis_store import OnlineStore
 from streams import topics as T
 from streams.codec import AvroCodec
 from streams.dlq import DlqGuard
-from streams.features.definitions import HOUR, FeatureView
+from streams.features.aggregations import Agg, Sliding
+from streams.features.definitions import HOUR, Feature, FeatureView
 from streams.kafka import producer_config
 from streams.pipeline import PipelineConfig
 from streams.pseudonymize import Pseudonymizer
@@ -79,7 +80,8 @@ from streams.stages.features import FeaturesStage
 START_MS = int(time.time() * 1000) - 3 * 3600 * 1000  # event times start three hours ago and increase
 PAYMENT_SHARE = 0.15
 INGEST_BATCH = 500  # events per ingest batch: one output message per partition per batch
-BENCH_VIEW = FeatureView("bench30", "entity", 1, tuple(f"f{i}" for i in range(30)), ttl_ms=2 * HOUR)
+BENCH_VIEW = FeatureView("bench30", "entity", 1, source="bench", ttl_ms=2 * HOUR,  # 30 features, for read latency
+                         specs=tuple(Feature(f"f{i}", Agg.COUNT, Sliding(HOUR), "bench") for i in range(30)))
 BATCH_SIZES = (1, 32, 256)
 WRITE_BATCH = 100  # entities per background write
 

@@ -27,7 +27,7 @@ from typing import cast
 
 import redis
 
-from streams.features.definitions import DEFAULTS, FeatureView
+from streams.features.definitions import FeatureView
 
 # KEYS: the entities' keys; ARGV[1]: TTL in ms; ARGV[i+1]: the value of KEYS[i]
 SET_ALL = """
@@ -64,10 +64,10 @@ def unpack(view: FeatureView, raw: bytes | None, as_of: int | None = None) -> St
     """Decode one stored value; with ``as_of`` (event time, ms), a value older than the view's TTL
     at that time is stale and comes back as the defaults (the offline training set applies the same rule)."""
     if raw is None:
-        return Stored([DEFAULTS[f] for f in view.features], False)
+        return Stored(view.defaults, False)
     event_ts, write_ts, *values = _codec(len(view.features)).unpack(raw)
     if as_of is not None and as_of - event_ts > view.ttl_ms:
-        return Stored([DEFAULTS[f] for f in view.features], True, event_ts, write_ts, stale=True)
+        return Stored(view.defaults, True, event_ts, write_ts, stale=True)
     return Stored(values, True, event_ts, write_ts)
 
 

@@ -12,12 +12,15 @@ import redis
 
 from sinks.redis_store import OnlineStore
 from streams.features import cli
-from streams.features.definitions import CARD, DEFAULTS, VIEWS, FeatureView
+from streams.features.aggregations import Agg, Sliding
+from streams.features.definitions import CARD, DEFAULTS, MINUTE, USER, VIEWS, Feature, FeatureView
+from streams.features.engine import ViewState
 from streams.stack import Endpoints
 
 # Each view's definition at its version. A failing entry means a definition changed without a new version:
 # bump the view's `version` (its Redis keys change with it, so old values are not read as new) and pin it here.
-PINNED = {("card", 1): "124520fa345c", ("user", 1): "ebf137b1b3cb"}
+PINNED = {("card", 1): "124520fa345c", ("user", 1): "ebf137b1b3cb",  # hand-written windows
+          ("card", 2): "90dcfd5ff44d", ("user", 2): "4cf40d73b908"}  # declared, compiled; late events refused
 
 
 @pytest.mark.parametrize("view", VIEWS, ids=lambda v: v.name)
@@ -27,11 +30,27 @@ def test_a_definition_cannot_change_without_its_version(view: FeatureView) -> No
 
 
 def test_every_part_of_a_definition_is_in_its_fingerprint() -> None:
-    for change in ({"ttl_ms": CARD.ttl_ms + 1}, {"features": CARD.features[:-1]}, {"source": "x"},
-                   {"docs": ()}, {"entity": "customer_id"}):
+    first = CARD.specs[0]
+    for change in ({"ttl_ms": CARD.ttl_ms + 1}, {"specs": CARD.specs[:-1]}, {"source": "x"},
+                   {"entity": "customer_id"}, {"allowed_lateness_ms": 1}, {"derive": USER.derive},
+                   {"specs": (dataclasses.replace(first, window=Sliding(2 * MINUTE)), *CARD.specs[1:])},
+                   {"specs": (dataclasses.replace(first, where=(("merchant_id", "m1"),)), *CARD.specs[1:])},
+                   {"specs": (dataclasses.replace(first, doc="other"), *CARD.specs[1:])},
+                   {"specs": (first, dataclasses.replace(CARD.specs[1], value="fee"), *CARD.specs[2:])}):
         assert dataclasses.replace(CARD, **change).fingerprint != CARD.fingerprint, change
-    assert all(len(v.docs) == len(v.features) and v.source and v.description for v in VIEWS)
+    assert all(v.source and v.description and all(f.doc for f in v.specs) for v in VIEWS)
     assert {f for v in VIEWS for f in v.features} <= set(DEFAULTS)
+
+
+def test_definitions_that_cannot_be_computed_are_refused() -> None:
+    with pytest.raises(ValueError, match="needs value field"):
+        Feature("x", Agg.SUM, Sliding(MINUTE), "no field")
+    with pytest.raises(ValueError, match="distinct field"):
+        Feature("x", Agg.DISTINCT, Sliding(MINUTE), "no field")
+    with pytest.raises(ValueError, match="unique"):
+        dataclasses.replace(CARD, specs=CARD.specs[:1] * 2)
+    with pytest.raises(ValueError, match="ttl_ms"):  # TTL shorter than lateness + the longest window
+        ViewState(dataclasses.replace(CARD, ttl_ms=CARD.allowed_lateness_ms))
 
 
 def test_list_and_describe(capsys: pytest.CaptureFixture[str], endpoints: Endpoints) -> None:
@@ -44,7 +63,7 @@ def test_list_and_describe(capsys: pytest.CaptureFixture[str], endpoints: Endpoi
     args = argparse.Namespace(name="card", redis=endpoints.redis_url, sample=100_000)
     assert cli._describe(args) == 0
     out = capsys.readouterr().out
-    assert "card_distinct_merchants_1h" in out and "weir:fv:card:v1:<card_id>" in out
+    assert "card_distinct_merchants_1h" in out and "weir:fv:card:v2:<card_id>" in out
     assert "newest values as of event time" in out and "last written" in out
 
 

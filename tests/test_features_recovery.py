@@ -6,6 +6,7 @@ that partition's events in log order (the stage's state is partition-local).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -26,16 +27,25 @@ from sinks.redis_store import unpack
 from streams import topics as T
 from streams.base import Message
 from streams.codec import AvroCodec
+from streams.features.aggregations import plain_loads
 from streams.features.checkpoint import RedisSnapshots, SnapshotCodec, SnapshotError
-from streams.features.definitions import CARD, MINUTE, USER
+from streams.features.definitions import CARD, MINUTE, USER, FeatureView
 from streams.kafka import consumer_config, ensure_topics, producer_config
 from streams.stack import Endpoints
-from streams.stages.features import OFFSET_BEGINNING, FeatureComputer, FeaturesStage, Touched, snapshot_codec
+from streams.stages.features import (
+    OFFSET_BEGINNING,
+    FeatureComputer,
+    FeaturesStage,
+    Touched,
+    TouchedIds,
+    snapshot_codec,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
 T0 = 1_700_000_000_000
 EVENT_TYPES = ["page_view", "page_view", "search", "add_to_cart", "login", "checkout"]
+VIEW = {"card": CARD, "user": USER}
 
 # ---------------------------------------------------------------- input
 
@@ -80,13 +90,13 @@ def reference_rows(payments: dict[int, list[list[dict[str, Any]]]], clicks: dict
     for p in range(PARTITIONS):
         for view, batches, key in (("card", payments, "card_id"), ("user", clicks, "user_id")):
             computer = FeatureComputer()
-            add = computer.add_payment if view == "card" else computer.add_click
+            source = T.I_PAYMENTS if view == "card" else T.I_CLICKS
             for msg in batches[p]:
                 for item in msg:
-                    touched: Touched = {}
-                    add(item, touched)
-                    ts, eid, values = touched[item[key]]
-                    rows[(view, item[key], eid)] = (ts, values)
+                    touched: TouchedIds = {}
+                    computer.add(source, item, touched)
+                    for (ts, eid, values) in computer.collect(touched).get(VIEW[view], {}).values():
+                        rows[(view, item[key], eid)] = (ts, values)
     return rows
 
 
@@ -123,14 +133,13 @@ def reference(payments: dict[int, list[list[dict[str, Any]]]],
     cards: Touched = {}
     users: Touched = {}
     for p in range(PARTITIONS):
-        computer = FeatureComputer()
-        for msg in payments[p]:
-            for item in msg:
-                computer.add_payment(item, cards)
-        computer = FeatureComputer()
-        for msg in clicks[p]:
-            for item in msg:
-                computer.add_click(item, users)
+        for source, batches, out, view in ((T.I_PAYMENTS, payments, cards, CARD), (T.I_CLICKS, clicks, users, USER)):
+            computer = FeatureComputer()
+            touched: TouchedIds = {}
+            for msg in batches[p]:
+                for item in msg:
+                    computer.add(source, item, touched)
+            out.update(computer.collect(touched).get(view, {}))
     return cards, users
 
 
@@ -154,34 +163,43 @@ def _messages(topic: str, batches: dict[int, list[list[dict[str, Any]]]], codec:
             for p, msgs in batches.items() for off, items in enumerate(msgs)]
 
 
+def _feed(computer: FeatureComputer, payments: list[dict[str, Any]], clicks: list[dict[str, Any]]
+          ) -> dict[FeatureView, Touched]:
+    touched: TouchedIds = {}
+    for p, c in zip(payments, clicks, strict=True):
+        computer.add(T.I_PAYMENTS, p, touched)
+        computer.add(T.I_CLICKS, c, touched)
+    return computer.collect(touched)
+
+
+def _decoded(state: list[tuple[str, bytes]]) -> list[Any]:
+    """A computer's state as plain data (pickled bytes can differ with object sharing alone)."""
+    out = []
+    for name, blob in state:
+        max_ts, next_sweep, lanes, derived = plain_loads(blob[16:])  # the view header is 16 bytes
+        out.append((name, max_ts, next_sweep, [plain_loads(lane[38:]) for lane in lanes], derived))  # lane: 38
+    return out
+
+
 def test_snapshot_round_trip_continues_identically() -> None:
     payments, clicks = events("rt", n=1200)
     codec = snapshot_codec()
-    live, cards, users = FeatureComputer(), {}, {}  # type: ignore[var-annotated]
+    live = FeatureComputer()
     half = len(payments) // 2
-    for p, c in zip(payments[:half], clicks[:half], strict=True):
-        live.add_payment(p, cards)
-        live.add_click(c, users)
+    _feed(live, payments[:half], clicks[:half])
     offset, state = codec.decode(codec.encode(123, live.state()))
     restored = FeatureComputer.from_state(state)
     assert offset == 123
-    # every entity's windows, last-seen times, the watermark and the next sweep (the TTL eviction's clock)
-    assert vars(restored.cards) == vars(live.cards) and vars(restored.users) == vars(live.users)
-    a_cards: Touched = {}
-    b_cards: Touched = {}
-    a_users: Touched = {}
-    b_users: Touched = {}
-    for p, c in zip(payments[half:], clicks[half:], strict=True):
-        live.add_payment(p, a_cards)
-        restored.add_payment(p, b_cards)
-        live.add_click(c, a_users)
-        restored.add_click(c, b_users)
-    assert a_cards == b_cards and a_users == b_users
-    assert len(live.cards) == len(restored.cards) and len(live.users) == len(restored.users)
+    # every entity's events, seen ids and devices, the watermarks and the next sweeps (TTL eviction's clock)
+    assert _decoded(restored.state()) == _decoded(live.state())
+    assert _feed(live, payments[half:], clicks[half:]) == _feed(restored, payments[half:], clicks[half:])
+    assert _decoded(restored.state()) == _decoded(live.state())
+    assert all(len(live.states[v]) == len(restored.states[v]) > 0 for v in live.states)
 
 
 def test_snapshot_refuses_foreign_definitions_and_code() -> None:
     live = FeatureComputer()
+    _feed(live, *events("rf", n=50))
     data = snapshot_codec().encode(5, live.state())
     with pytest.raises(SnapshotError, match="another feature definition"):
         SnapshotCodec(b"another view").decode(data)
@@ -192,8 +210,15 @@ def test_snapshot_refuses_foreign_definitions_and_code() -> None:
         snapshot_codec().decode(evil)
     with pytest.raises(SnapshotError):
         snapshot_codec().decode(data[:40])
-    with pytest.raises(SnapshotError, match="not"):
-        FeatureComputer.from_state(("x", "y"))
+    with pytest.raises(SnapshotError, match="not hold"):
+        FeatureComputer.from_state([("x", b"y")])
+    changed = dataclasses.replace(CARD, ttl_ms=CARD.ttl_ms + 1)  # a view snapshot names its definition
+    with pytest.raises(SnapshotError, match="another definition"):
+        FeatureComputer.from_state(live.state(), views=(changed, USER))
+    (name, blob), user = live.state()
+    flipped = blob[:-20] + bytes([blob[-20] ^ 1]) + blob[-19:]  # a bit flip inside a lane's payload
+    with pytest.raises(SnapshotError):
+        FeatureComputer.from_state([(name, flipped), user])
 
 
 def test_state_only_replay_produces_nothing_and_rebuilds_the_state() -> None:
@@ -296,6 +321,7 @@ schemas.use_registry(cfg["registry"])
 # small fetches, so the worker moves through every partition of both topics at once (not one after another)
 runtime.consumer_config = lambda b, g, **o: kafka.consumer_config(b, g, **o, **{"max.partition.fetch.bytes": 4096})
 from sinks.redis_store import OnlineStore
+from streams.features.aggregations import plain_loads
 from streams.features.checkpoint import RedisSnapshots
 from streams.runtime import BatchRunner
 from streams.stages.features import FeaturesStage

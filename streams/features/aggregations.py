@@ -102,6 +102,7 @@ __all__ = [
     "Status",
     "Tumbling",
     "WindowSpec",
+    "plain_loads",
 ]
 
 
@@ -545,6 +546,11 @@ class Aggregators:
         """The keys whose state is held now."""
         return list(self._entities)
 
+    def newest(self, key: str) -> int | None:
+        """``key`` 's greatest accepted ts; ``None`` if the key is not held."""
+        ent = self._entities.get(key)
+        return None if ent is None else ent._newest
+
     def add(self, key: str, event_id: str, ts: int, value: float = 0.0, tag: str = "") -> Status:
         """Record one event of entity ``key``; refused events (``LATE``, ``DUPLICATE``) change nothing.
 
@@ -617,7 +623,7 @@ class Aggregators:
         if len(payload) != length or zlib.crc32(payload) != crc:
             raise SnapshotError("payload length or CRC mismatch")
         try:
-            max_ts, next_sweep, rows = _PlainUnpickler(io.BytesIO(payload)).load()
+            max_ts, next_sweep, rows = plain_loads(payload)
             entities: dict[str, EntityAggregator] = {}
             plan = self._plan
             for key, newest, id_ts, id_list, stores in rows:
@@ -649,6 +655,12 @@ class _PlainUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         raise SnapshotError(f"snapshot names {module}.{name}")
+
+
+def plain_loads(data: bytes | memoryview) -> Any:
+    """Unpickle builtin containers and scalars only; anything naming a class or function raises
+    :class:`SnapshotError` (a snapshot from Redis must not be able to run code)."""
+    return _PlainUnpickler(io.BytesIO(data)).load()
 
 
 class SnapshotError(ValueError):

@@ -3,7 +3,7 @@
 The silver tables (``silver_clicks``, ``silver_payments``) hold every event
 ingest accepted. :func:`recompute` replays them, in event-time order, through
 the same :class:`~streams.stages.features.FeatureComputer` the features stage
-runs, and returns each entity's values as of its newest event — what the
+runs (the views' declared definitions, compiled by :mod:`streams.features.engine`), and returns each entity's values as of its newest event — what the
 streaming path leaves in the online store. Card views depend only on payments
 and user views only on clicks, so the two streams need no interleaving.
 The parity test (``tests/test_e2e.py``) holds the two equal.
@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from sinks.clickhouse import ClickHouse
-from streams.features.definitions import CARD, USER, FeatureView
-from streams.stages.features import FeatureComputer, Touched
+from streams import topics as T
+from streams.features.definitions import VIEWS, FeatureView
+from streams.stages.features import FeatureComputer, Touched, TouchedIds
 
 PAYMENTS_SQL = """
 SELECT event_id, card_id, merchant_id, amount, toUnixTimestamp64Milli(ts) AS ts_ms
@@ -36,12 +37,11 @@ def recompute(ch: ClickHouse, *, until_ms: int | None = None) -> dict[FeatureVie
     """Each view's entities → (event time, last event id, values) after replaying the silver tables
     (events with ``ts < until_ms`` when given)."""
     computer = FeatureComputer()
-    cards: Touched = {}
-    users: Touched = {}
+    touched: TouchedIds = {}
     for event_id, card_id, merchant_id, amount, ts_ms in _rows(ch, PAYMENTS_SQL, until_ms):
-        computer.add_payment({"event_id": event_id, "card_id": card_id, "merchant_id": merchant_id,
-                              "amount": float(amount), "ts_ms": int(ts_ms)}, cards)
+        computer.add(T.I_PAYMENTS, {"event_id": event_id, "card_id": card_id, "merchant_id": merchant_id,
+                                    "amount": float(amount), "ts_ms": int(ts_ms)}, touched)
     for event_id, user_id, event_type, device_id, ts_ms in _rows(ch, CLICKS_SQL, until_ms):
-        computer.add_click({"event_id": event_id, "user_id": user_id, "event_type": event_type,
-                            "device_id": device_id, "ts_ms": int(ts_ms)}, users)
-    return {CARD: cards, USER: users}
+        computer.add(T.I_CLICKS, {"event_id": event_id, "user_id": user_id, "event_type": event_type,
+                                  "device_id": device_id, "ts_ms": int(ts_ms)}, touched)
+    return {view: computer.collect(touched).get(view, {}) for view in VIEWS}

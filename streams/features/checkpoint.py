@@ -8,53 +8,35 @@ offset; on assignment it restores the snapshot and replays the log from ``O``
 
 Wire format, versioned: magic ``WFS``, format byte, a 16-byte fingerprint of
 what the state means (the feature views' definitions), the offset (int64),
-then a pickle. Unpickling is restricted to the window and state classes below
-and builtin containers, so a snapshot cannot name arbitrary code. A snapshot
+then a pickle of builtins only: for the features stage, one
+(view name, :meth:`~streams.features.engine.ViewState.snapshot`) pair per view,
+each of which carries its own view fingerprint and per-lane CRC-checked
+:meth:`~streams.features.aggregations.Aggregators.snapshot` s. Unpickling
+refuses any class or function, so a snapshot cannot name code. A snapshot
 with another format, another fingerprint or a corrupt body raises
 :class:`SnapshotError`; the caller then recomputes the state from the log.
 
->>> from streams.features.definitions import HOUR, CardState
->>> from streams.features.windows import EntityStates
->>> cards: EntityStates[CardState] = EntityStates(CardState, 2 * HOUR)
->>> cards.get("c1", 1_000).update(1_000, 12.5, "m1")
 >>> codec = SnapshotCodec(b"example")
->>> offset, (restored,) = codec.decode(codec.encode(42, (cards,)))
->>> offset, restored.get("c1", 1_000).values(1_000)
-(42, [1.0, 12.5, 1.0, 12.5, 1.0])
+>>> codec.decode(codec.encode(42, [("card", b"...")]))
+(42, [('card', b'...')])
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 import struct
 from typing import Any
 
 import redis
 
+from streams.features.aggregations import SnapshotError, plain_loads
+
+__all__ = ["RedisSnapshots", "SnapshotCodec", "SnapshotError"]
+
 MAGIC = b"WFS"
-FORMAT = 1
+FORMAT = 2
 _HEADER = struct.Struct(">3sB16sq")
-
-# (module, name) of every class a feature-state snapshot may contain
-ALLOWED = frozenset({
-    ("streams.features.windows", "EntityStates"),
-    ("streams.features.windows", "Window"),
-    ("streams.features.definitions", "CardState"),
-    ("streams.features.definitions", "UserState"),
-})
-
-
-class SnapshotError(ValueError):
-    """A snapshot that cannot be restored: corrupt, another format version, or another definition."""
-
-
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in ALLOWED:
-            raise SnapshotError(f"snapshot names {module}.{name}")
-        return super().find_class(module, name)
 
 
 class SnapshotCodec:
@@ -85,7 +67,7 @@ class SnapshotCodec:
         if offset < 0:
             raise SnapshotError(f"negative snapshot offset {offset}")
         try:
-            state = _Unpickler(io.BytesIO(data[_HEADER.size:])).load()
+            state = plain_loads(memoryview(data)[_HEADER.size:])
         except SnapshotError:
             raise
         except Exception as exc:  # pickle raises many types on corrupt input

@@ -13,7 +13,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from streams.features.definitions import DEFAULTS, VIEWS, FeatureView
+from streams.features.aggregations import Sliding, Tumbling, WindowSpec
+from streams.features.definitions import VIEWS, Feature, FeatureView
 from streams.stack import EndpointNotFound, endpoint
 
 _HEADER = struct.Struct("<qq")  # event time, write time (ms): the head of every stored value
@@ -26,14 +27,36 @@ def view_named(name: str) -> FeatureView:
     raise SystemExit(f"weir features: no view named {name!r}; known: {', '.join(v.name for v in VIEWS)}")
 
 
+def _window(w: WindowSpec) -> str:
+    if isinstance(w, Sliding):
+        return f"sliding {_span(w.span_ms)}"
+    if isinstance(w, Tumbling):
+        return f"tumbling {_span(w.size_ms)}"
+    return f"hopping {_span(w.size_ms)} every {_span(w.hop_ms)}"
+
+
+def _span(ms: int) -> str:
+    for unit, size in (("h", 3_600_000), ("min", 60_000), ("s", 1_000)):
+        if ms % size == 0:
+            return f"{ms // size} {unit}"
+    return f"{ms} ms"
+
+
+def _how(f: Feature) -> str:
+    of = f"({f.value or f.distinct})" if f.value or f.distinct else ""
+    where = " where " + " and ".join(f"{k}={v!r}" for k, v in f.where) if f.where else ""
+    return f"{f.agg.value}{of}, {_window(f.window)}{where}"
+
+
 def describe(view: FeatureView) -> list[str]:
     """The definition of ``view`` as lines of text."""
     lines = [f"{view.name} v{view.version}  (fingerprint {view.fingerprint})",
-             f"  entity: {view.entity}   source: {view.source}   ttl: {view.ttl_ms // 1000} s   owner: {view.owner}",
-             f"  {view.description}", "  features (name, default: what):"]
-    docs = view.docs or ("",) * len(view.features)
-    lines += [f"    {name:<28} {DEFAULTS.get(name, 0.0):>8g}: {doc}" for name, doc in zip(view.features, docs,
-                                                                                      strict=True)]
+             f"  entity: {view.entity}   source: {view.source}   ttl: {view.ttl_ms // 1000} s   "
+             f"allowed lateness: {view.allowed_lateness_ms // 1000} s   owner: {view.owner}",
+             f"  {view.description}", "  features (name, default: how; what):"]
+    lines += [f"    {f.name:<28} {f.default:>6g}: {_how(f)}; {f.doc}" for f in view.specs]
+    lines += [f"  derived: {d.out} = a {d.field} not seen before" + (
+        " where " + " and ".join(f"{k}={v!r}" for k, v in d.where) if d.where else "") for d in view.derive]
     lines.append(f"  redis key: {view.redis_key('<' + view.entity + '>')}")
     return lines
 

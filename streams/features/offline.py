@@ -17,12 +17,12 @@ entity with ``row.ts <= payment.ts`` (the same millisecond included).
   is what inference read. Excluding it (``<``) would
   train on a vector without the payment while serving scores with it.
 * Why it cannot leak: a row stamped ``t`` holds window aggregates over
-  ``(t - span, t]`` only (:class:`streams.features.windows.Window` reads
-  ``bisect_right(now)``), so a row with ``t <= T`` never counts an event later
+  ``(t - span, t]`` only (:meth:`streams.features.aggregations.EntityAggregator.values`
+  never reads an event later than ``now``), so a row with ``t <= T`` never counts an event later
   than ``T``. Rows after ``T`` are never read, whatever their value and
   however early they were written; label time plays no part.
 * No row at or before ``T`` (a new card, a user with no clicks yet): the view's
-  :data:`~streams.features.definitions.DEFAULTS`, as the online store returns
+  defaults (:attr:`~streams.features.definitions.FeatureView.defaults`), as the online store returns
   for a missing key, and the row's ``defaulted`` flag for that view is set.
 * Re-delivered log rows collapse (``FINAL`` plus a ``GROUP BY`` on
   ``(entity, ts)``); two distinct rows of one entity at the same millisecond
@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from sinks.clickhouse import ClickHouse
-from streams.features.definitions import CARD, DEFAULTS, REQUEST, USER, FeatureView, request_features
+from streams.features.definitions import CARD, REQUEST, USER, FeatureView, request_features
 from streams.settings import WeirSettings
 from streams.stack import EndpointNotFound, endpoint
 
@@ -176,7 +176,7 @@ def training_set(ch: ClickHouse, *, since_ms: int | None = None, until_ms: int |
     rows = ch.rows(sql, params)
 
     names = tuple(f for v in views for f in v.features) + REQUEST
-    defaults = [[DEFAULTS[f] for f in v.features] for v in views]
+    defaults = [v.defaults for v in views]
     X = np.empty((len(rows), len(names)), dtype=np.float32)
     defaulted = np.zeros((len(rows), len(views)), dtype=bool)
     for r, (_, _, _, amount, category, *picked) in enumerate(rows):

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +43,15 @@ from sinks.redis_store import OnlineStore
 from streams import topics as T
 from streams.base import Message, Produce, Rejected, StepResult
 from streams.codec import AvroCodec, DecodeError
-from streams.features.checkpoint import RedisSnapshots, SnapshotCodec, SnapshotError
-from streams.features.definitions import CARD, USER, CardState, FeatureView, UserState
-from streams.features.windows import EntityStates
+from streams.features.aggregations import SnapshotError, Status
+from streams.features.checkpoint import RedisSnapshots, SnapshotCodec
+from streams.features.definitions import VIEWS, FeatureView
+from streams.features.engine import ViewState
 
 log = logging.getLogger(__name__)
 
 Touched = dict[str, tuple[int, str, list[float]]]  # entity -> (event ts, last event id, values)
+TouchedIds = dict[FeatureView, dict[str, str]]  # view -> entity -> last accepted event id
 TopicPartition = tuple[str, int]
 
 LOG_BATCH_ROWS = 4000  # feature-log rows per message: ~200 KB, well under the broker's 1 MB limit
@@ -62,44 +64,58 @@ def _chunks(touched: Touched, size: int) -> list[Touched]:
 
 
 class FeatureComputer:
-    """The pure part: window state per card and per user. No I/O.
+    """The pure part: one :class:`~streams.features.engine.ViewState` per feature view. No I/O.
 
-    An entity's values are as of its newest event time (a late event updates
-    the windows, and the values stay as of the newest event), so they depend
-    only on the order of the entity's events, never on how they were batched.
-    ``touched=None`` updates the state without computing values (replay).
+    ``add`` feeds one source record to every view computed from its topic and
+    notes which entities it touched; ``collect`` gives the touched entities'
+    values, each as of the entity's newest event, so they depend only on the
+    order of the entity's events, never on how they were batched.
     """
 
-    def __init__(self) -> None:
-        self.cards: EntityStates[CardState] = EntityStates(CardState, CARD.ttl_ms)
-        self.users: EntityStates[UserState] = EntityStates(UserState, USER.ttl_ms)
+    def __init__(self, views: Sequence[FeatureView] = VIEWS) -> None:
+        self.states = {view.name: ViewState(view) for view in views}
+        self._by_source: dict[str, list[ViewState]] = {}
+        for state in self.states.values():
+            self._by_source.setdefault(state.view.source, []).append(state)
 
-    def add_payment(self, p: dict[str, Any], touched: Touched | None) -> None:
-        state = self.cards.get(p["card_id"], p["ts_ms"])
-        state.update(p["ts_ms"], p["amount"], p["merchant_id"])
-        if touched is not None:
-            now = state.payments.ts[-1]  # the card's newest payment: the window keeps time order
-            touched[p["card_id"]] = (now, p["event_id"], state.values(now))
+    def add(self, source: str, item: Mapping[str, Any], touched: TouchedIds | None = None) -> None:
+        """Feed a record of topic ``source``; accepted ones mark their entity in ``touched`` (None: replay)."""
+        for state in self._by_source.get(source, ()):
+            if state.add(item) is Status.ACCEPTED and touched is not None:
+                touched.setdefault(state.view, {})[item[state.view.entity]] = item["event_id"]
 
-    def add_click(self, c: dict[str, Any], touched: Touched | None) -> None:
-        state = self.users.get(c["user_id"], c["ts_ms"])
-        state.update(c["ts_ms"], c["event_type"], c.get("device_id"))
-        if touched is not None:
-            now = state.clicks.ts[-1]  # the user's newest click: every event is a click
-            touched[c["user_id"]] = (now, c["event_id"], state.values(now))
+    def collect(self, touched: TouchedIds) -> dict[FeatureView, Touched]:
+        """Each touched entity's (as-of event time, last event id, values), per view."""
+        out: dict[FeatureView, Touched] = {}
+        for view, ids in touched.items():
+            state = self.states[view.name]
+            rows: Touched = out.setdefault(view, {})
+            for key, event_id in ids.items():
+                got = state.values(key)
+                if got is not None:
+                    rows[key] = (got[0], event_id, got[1])
+        return out
 
-    def state(self) -> tuple[EntityStates[CardState], EntityStates[UserState]]:
-        """What a snapshot holds."""
-        return self.cards, self.users
+    @property
+    def refused(self) -> tuple[int, int]:
+        """(late, duplicate) events refused so far, over all views."""
+        return (sum(s.late for s in self.states.values()), sum(s.duplicates for s in self.states.values()))
+
+    def state(self) -> list[tuple[str, bytes]]:
+        """What a snapshot holds: (view name, :meth:`ViewState.snapshot`) per view."""
+        return [(name, s.snapshot()) for name, s in self.states.items()]
 
     @classmethod
-    def from_state(cls, state: Any) -> FeatureComputer:
+    def from_state(cls, state: Any, views: Sequence[FeatureView] = VIEWS) -> FeatureComputer:
         """The inverse of :meth:`state`; raises :class:`SnapshotError` on anything else."""
-        if not (isinstance(state, tuple) and len(state) == 2
-                and all(isinstance(s, EntityStates) for s in state)):
-            raise SnapshotError("snapshot is not (card states, user states)")
-        computer = cls()
-        computer.cards, computer.users = state
+        if not (isinstance(state, list) and [n for n, _ in state] == [v.name for v in views]):
+            raise SnapshotError("snapshot does not hold these feature views")
+        computer = cls(views)
+        for view, (_, blob) in zip(views, state, strict=True):
+            computer.states[view.name] = ViewState.restore(view, blob)
+        computer._by_source = {}
+        for s in computer.states.values():
+            computer._by_source.setdefault(s.view.source, []).append(s)
         return computer
 
 
@@ -115,7 +131,7 @@ class PartitionState:
 
 def snapshot_codec() -> SnapshotCodec:
     """Snapshots name the feature views' definitions: a changed view invalidates them."""
-    return SnapshotCodec(f"features:{CARD.fingerprint}:{USER.fingerprint}".encode())
+    return SnapshotCodec(("features:" + ":".join(v.fingerprint for v in VIEWS)).encode())
 
 
 class FeaturesStage:
@@ -140,6 +156,8 @@ class FeaturesStage:
         self.topics: tuple[str, ...] = (clicks_topic, payments_topic)
         self.partitions: dict[TopicPartition, PartitionState] = {}
         self.replayed = 0  # messages applied in replay (state only), for tests and metrics
+        self.late = self.duplicates = 0  # events the views refused (outside replay), for tests and metrics
+        self._sources = {clicks_topic: T.I_CLICKS, payments_topic: T.I_PAYMENTS}  # input topic -> views' source
         self._all_committed = True  # nothing handled since the last successful commit
         self._codecs = {clicks_topic: AvroCodec(T.I_CLICKS), payments_topic: AvroCodec(T.I_PAYMENTS)}
         self._snapshot = snapshot_codec()
@@ -149,8 +167,8 @@ class FeaturesStage:
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         self._all_committed = not batch and self._all_committed
-        cards: Touched = {}
-        users: Touched = {}
+        touched: dict[TopicPartition, TouchedIds] = {}
+        late, duplicates = self._refused()
         for msg in batch:
             part = self.partitions.get((msg.topic, msg.partition))
             if part is None:  # assigned without on_assign (a runner without the hook): start where it starts
@@ -168,24 +186,40 @@ class FeaturesStage:
                     result.rejected.append(Rejected(msg, exc))
                 continue
             items = record["items"]
+            source = self._sources[msg.topic]
+            marks = None if replay else touched.setdefault((msg.topic, msg.partition), {})
+            for item in items:
+                part.computer.add(source, item, marks)
             if replay:
                 self.replayed += 1
-            if msg.topic == self.payments_topic:
-                for p in items:
-                    part.computer.add_payment(p, None if replay else cards)
-                if not replay:
-                    result.produce.append(Produce(T.I_SCORING, None, self._scoring.encode({"items": items}),
-                                                  partition=msg.partition))
-            else:
-                for c in items:
-                    part.computer.add_click(c, None if replay else users)
-        self.store.write(CARD, ((k, ts, v) for k, (ts, _, v) in cards.items()))
-        self.store.write(USER, ((k, ts, v) for k, (ts, _, v) in users.items()))
+            elif msg.topic == self.payments_topic:
+                result.produce.append(Produce(T.I_SCORING, None, self._scoring.encode({"items": items}),
+                                              partition=msg.partition))
+        values: dict[FeatureView, Touched] = {view: {} for view in VIEWS}
+        for tp, ids in touched.items():
+            for view, rows in self.partitions[tp].computer.collect(ids).items():
+                values[view].update(rows)
+        for view, rows in values.items():
+            self.store.write(view, ((k, ts, v) for k, (ts, _, v) in rows.items()))
         # Redis first, then forward: the scoring records must come after the writes.
-        logs = [self._log_batch(view, chunk) for view, touched in ((CARD, cards), (USER, users))
-                for chunk in _chunks(touched, LOG_BATCH_ROWS)]
-        result.produce[:0] = logs
+        result.produce[:0] = [self._log_batch(view, chunk) for view, rows in values.items()
+                              for chunk in _chunks(rows, LOG_BATCH_ROWS)]
+        self._report_refused(late, duplicates)
         return result
+
+    def _refused(self) -> tuple[int, int]:
+        counts = [p.computer.refused for p in self.partitions.values()]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    def _report_refused(self, late_before: int, duplicates_before: int) -> None:
+        """Count (and log) events the views refused in this batch: they stay in silver and are still scored,
+        but do not enter the windows."""
+        late, duplicates = self._refused()
+        if late > late_before or duplicates > duplicates_before:
+            self.late += late - late_before
+            self.duplicates += duplicates - duplicates_before
+            log.warning("features: %d late and %d duplicate events left out of the windows (totals %d, %d)",
+                        late - late_before, duplicates - duplicates_before, self.late, self.duplicates)
 
     # --- recovery hooks, called by the BatchRunner (see streams.runtime.Recoverable) ---
 

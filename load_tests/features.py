@@ -28,13 +28,13 @@
 
 Prints the figures per rep; the last line is one JSON object with
 ``events_per_s`` (weir, median), ``no_redis_events_per_s``, ``redis_write_share``,
-``handle_share`` (the stage's ``handle``), ``gc_share``, ``frozen_events_per_s`` (with ``--gc-freeze``),
+``handle_share`` (the stage's ``handle``), ``gc_share``, ``no_freezer_events_per_s`` (with ``--gc-baseline``),
 ``fetch_p50_ms_<n>``/``fetch_p99_ms_<n>`` and ``raw_fetch_p50_ms_<n>``/``raw_fetch_p99_ms_<n>``
 for n in 1, 32, 256, and ``write_rate_per_s`` (the background rate achieved).
-``--profile`` adds one cProfile'd weir rep and prints its top functions; ``--gc-freeze`` adds
-a third variant to each rep, weir with everything alive before it frozen out of the cyclic
-collector's reach (``gc.freeze()``, what a process could do once its modules are imported),
-to show what the collector costs the stage.
+``--profile`` adds one cProfile'd weir rep and prints its top functions; ``--gc-baseline`` adds
+a third variant to each rep, weir without the :class:`~streams.gcpolicy.StateFreezer` the
+pipeline gives the stage (the growing window state then stays in the cyclic collector's full
+scans), to show what the collector costs the stage.
 Run: .venv/bin/python load_tests/features.py [--events 100000] [--reps 3] [--reads 3000] [--write-rate 20000]
 """
 
@@ -75,6 +75,7 @@ from streams.pseudonymize import Pseudonymizer
 from streams.runtime import BatchRunner
 from streams.settings import WeirSettings
 from streams.stack import Endpoints, Stack
+from streams.gcpolicy import StateFreezer
 from streams.stages.features import FeaturesStage
 
 START_MS = int(time.time() * 1000) - 3 * 3600 * 1000  # event times start three hours ago and increase
@@ -202,26 +203,16 @@ class GcTimer:
 
 
 def stage_run(endpoints: Endpoints, n_events: int, n_msgs: int, label: str, *, drop: bool = False,
-              profile: bool = False, freeze: bool = False) -> dict[str, float]:
+              profile: bool = False, freezer: bool = True) -> dict[str, float]:
     """One drain of every pre-produced message by a fresh features stage in a fresh consumer group.
 
-    ``freeze``: the objects alive before the rep (the imports' ~260k) are frozen out of the cyclic
-    collector's reach for the rep, as a process could do once started."""
+    ``freezer`` False: without the pipeline's :class:`StateFreezer` (the baseline of ``--gc-baseline``)."""
+    gc.unfreeze()  # the previous rep's state, frozen after its commits by the stage's StateFreezer
     gc.collect()  # the previous reps' stages (window state for every entity) must not weigh on this one's GC
-    if freeze:
-        gc.freeze()
-    try:
-        return _stage_run(endpoints, n_events, n_msgs, label, drop=drop, profile=profile)
-    finally:
-        if freeze:
-            gc.unfreeze()
-
-
-def _stage_run(endpoints: Endpoints, n_events: int, n_msgs: int, label: str, *, drop: bool,
-               profile: bool) -> dict[str, float]:
     c = PipelineConfig(data_dir=Path("."))
     store = TimedStore(endpoints.redis_url, drop=drop)
-    stage = FeaturesStage(store)
+    # as Pipeline.start builds it
+    stage = FeaturesStage(store, after_commit_hook=StateFreezer() if freezer else None)
     runner_cls = ProfiledRunner if profile else Runner
     runner = runner_cls(  # as Pipeline.start builds the features runner
         stage, endpoints.kafka_bootstrap, group_id=f"bench-features-{label}-{time.time_ns()}", max_batch=16,
@@ -252,7 +243,7 @@ def _stage_run(endpoints: Endpoints, n_events: int, n_msgs: int, label: str, *, 
 
 
 def throughput(endpoints: Endpoints, n_events: int, reps: int, partitions: int, profile: bool,
-               freeze: bool) -> dict[str, float]:
+               gc_baseline: bool) -> dict[str, float]:
     msgs = messages(n_events, partitions)
     produce(endpoints.kafka_bootstrap, msgs)
     print(f"features alone: {n_events:,} events in {len(msgs):,} micro-batch messages "
@@ -263,7 +254,7 @@ def throughput(endpoints: Endpoints, n_events: int, reps: int, partitions: int, 
         b = stage_run(endpoints, n_events, len(msgs), f"noredis{rep}", drop=True)
         weir.append(w["events_per_s"])
         bare.append(b["events_per_s"])
-        f = stage_run(endpoints, n_events, len(msgs), f"frozen{rep}", freeze=True) if freeze else None
+        f = stage_run(endpoints, n_events, len(msgs), f"nofreezer{rep}", freezer=False) if gc_baseline else None
         share.append(w["write_share"])
         handle.append(w["handle_share"])
         gcs.append(w["gc_share"])
@@ -273,7 +264,7 @@ def throughput(endpoints: Endpoints, n_events: int, reps: int, partitions: int, 
               f"no redis {b['events_per_s']:,.0f} events/s", flush=True)
         if f is not None:
             frozen.append(f["events_per_s"])
-            print(f"         weir with the start-up heap frozen {f['events_per_s']:,.0f} events/s "
+            print(f"         weir without the StateFreezer {f['events_per_s']:,.0f} events/s "
                   f"(GC {f['gc_share']:.0%}, {f['full_gcs']} full)", flush=True)
     if profile:
         stage_run(endpoints, n_events, len(msgs), "profile", profile=True)
@@ -285,7 +276,7 @@ def throughput(endpoints: Endpoints, n_events: int, reps: int, partitions: int, 
     return {"events_per_s": round(statistics.median(weir)), "no_redis_events_per_s": round(statistics.median(bare)),
             "redis_write_share": round(statistics.median(share), 3),
             "handle_share": round(statistics.median(handle), 3), "gc_share": round(statistics.median(gcs), 3)} | (
-        {"frozen_events_per_s": round(statistics.median(frozen))} if frozen else {})
+        {"no_freezer_events_per_s": round(statistics.median(frozen))} if frozen else {})
 
 
 # ---------------------------------------------------------------------------------------------- read latency
@@ -371,13 +362,13 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=3000, help="reads per batch size (and as many raw ones)")
     ap.add_argument("--write-rate", type=float, default=20_000, help="background entity writes/s during reads")
     ap.add_argument("--profile", action="store_true", help="one more weir rep under cProfile; print the top")
-    ap.add_argument("--gc-freeze", action="store_true",
-                    help="a third variant per rep: weir with gc.freeze() (full collections skip the imports)")
+    ap.add_argument("--gc-baseline", action="store_true",
+                    help="a third variant per rep: weir without the StateFreezer (full GC scans of the state)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         settings = WeirSettings(data_dir=Path(tmp) / "stack")
         with Stack(settings, with_postgres=False) as endpoints:
-            tput = throughput(endpoints, args.events, args.reps, settings.partitions, args.profile, args.gc_freeze)
+            tput = throughput(endpoints, args.events, args.reps, settings.partitions, args.profile, args.gc_baseline)
             reads = read_latency(endpoints, args.entities, args.reads, args.write_rate)
     print(f"features: {tput['events_per_s']:,} events/s (target ≥ 30,000; {tput['no_redis_events_per_s']:,} without "
           f"Redis writes, which take {tput['redis_write_share']:.0%} of the wall time); fetch p99 for 1 entity "

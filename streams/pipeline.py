@@ -35,6 +35,7 @@ from streams.pseudonymize import Pseudonymizer
 from streams.runtime import BatchRunner, Stage
 from streams.stack import Endpoints
 from streams.stages.drift import DriftStage
+from streams.gcpolicy import StateFreezer
 from streams.stages.features import FeaturesStage
 from streams.stages.inference import InferenceStage, ModelSlot
 from streams.stages.ingest import IngestStage
@@ -116,7 +117,8 @@ class Pipeline:
         if "features" in wanted:
             assert store is not None
             snapshots = RedisSnapshots.from_url(e.redis_url)  # window state survives a crash (docs/features.md)
-            stage = FeaturesStage(store, snapshots=snapshots, checkpoint_every_s=c.features_checkpoint_s)
+            stage = FeaturesStage(store, snapshots=snapshots, checkpoint_every_s=c.features_checkpoint_s,
+                                  after_commit_hook=StateFreezer())  # the windows: out of full GC scans
             self._run(stage, hot=True, max_batch=16)  # micro-batches of up to 500 events each
         if "inference" in wanted:
             assert store is not None

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 import redis
@@ -29,7 +30,8 @@ from sinks.redis_store import OnlineStore
 from streams import topics as T
 from streams.codec import AvroCodec, DecodeError
 from streams.demo import DemoOptions, pipeline_config, run_demo, shop_start
-from streams.features import backfill
+from streams.features import backfill, offline
+from streams.features.definitions import CARD
 from streams.scenario.shop import ShopConfig
 from streams.settings import WeirSettings
 from streams.stack import Endpoints
@@ -282,3 +284,17 @@ def test_backfill_from_silver_equals_what_streaming_wrote_online(demo: Any, endp
                 assert (got.event_ts, got.values) == (ts, pytest.approx(values, rel=1e-9)), f"{view.name} {entity}"
                 compared += 1
     assert compared > 1000
+
+
+def test_each_payment_trains_on_the_card_values_it_was_served(demo: Any) -> None:
+    """Training–serving parity per payment: the card view's values inference scored each payment with (attached
+    by the features stage, as of that payment) are the ones the point-in-time training set gives it, even for
+    payments of one card that shared a micro-batch."""
+    _, ch = demo
+    ts = offline.training_set(ch, views=(CARD,))
+    served = {pid: np.asarray(x[:len(CARD.features)], dtype=np.float32)
+              for pid, x in ch.rows("SELECT payment_id, features FROM scored_features FINAL")}
+    assert ts.rows > 1000 and not ts.defaulted.any()  # every accepted payment logged its card's row at its time
+    differ = [pid for pid, x in zip(ts.payment_ids, ts.X, strict=True)
+              if not np.array_equal(x[:len(CARD.features)], served[pid])]
+    assert differ == [], f"{len(differ)} of {ts.rows} payments trained on other card values, e.g. {differ[:3]}"

@@ -66,15 +66,18 @@ def _stream(raw: list[tuple[str, int, str, str | None, float | None, int]]) -> l
     return events
 
 
-def reference(view: FeatureView, events: list[dict[str, Any]]) -> dict[str, tuple[int, list[float]]]:
-    """Brute force from the declaration: which events are accepted, then every feature from scratch."""
+def reference(view: FeatureView, events: list[dict[str, Any]]) -> list[tuple[Status, list[float] | None]]:
+    """Brute force from the declaration: per event, whether it is accepted and, if so, its entity's features
+    as of the event's own time, computed from scratch over the events accepted so far."""
     accepted: list[dict[str, Any]] = []
+    out: list[tuple[Status, list[float] | None]] = []
     max_ts: int | None = None
     seen_ids: set[tuple[str, str]] = set()
     devices: dict[str, tuple[int, list[Any]]] = {}  # per FirstSeen (one here): entity -> (newest ts, known)
     for e in events:
         if max_ts is not None and e["ts_ms"] < max_ts - view.allowed_lateness_ms:
-            continue  # late
+            out.append((Status.LATE, None))
+            continue
         e = dict(e)
         for rule in view.derive:
             e[rule.out] = False
@@ -88,15 +91,13 @@ def reference(view: FeatureView, events: list[dict[str, Any]]) -> dict[str, tupl
                     devices[e[view.entity]] = (max(last, e["ts_ms"]),
                                                known + [v] if e[rule.out] and len(known) < rule.remember else known)
         if (e[view.entity], e["event_id"]) in seen_ids:
-            continue  # duplicate (ids are unique per entity in these streams, and never evicted while not late)
+            out.append((Status.DUPLICATE, None))  # ids are never evicted while not late
+            continue
         seen_ids.add((e[view.entity], e["event_id"]))
         accepted.append(e)
         max_ts = e["ts_ms"] if max_ts is None else max(max_ts, e["ts_ms"])
-    out: dict[str, tuple[int, list[float]]] = {}
-    for key in {e[view.entity] for e in accepted}:
-        mine = [(i, e) for i, e in enumerate(accepted) if e[view.entity] == key]
-        now = max(e["ts_ms"] for _, e in mine)
-        out[key] = (now, [_feature(f, mine, now) for f in view.specs])
+        mine = [(i, a) for i, a in enumerate(accepted) if a[view.entity] == e[view.entity]]
+        out.append((Status.ACCEPTED, [_feature(f, mine, e["ts_ms"]) for f in view.specs]))
     return out
 
 
@@ -133,16 +134,13 @@ def _feature(f: Feature, mine: list[tuple[int, dict[str, Any]]], now: int) -> fl
 def test_compiled_view_matches_its_declaration(raw: list[tuple[str, int, str, str | None, float | None, int]]) -> None:
     events = _stream(raw)
     state = ViewState(SINK)
-    for e in events:
-        state.add(e)
-    expected = reference(SINK, events)
-    for key in "abc":
-        got = state.values(key)
-        if key not in expected:
-            assert got is None
+    for e, (status, values) in zip(events, reference(SINK, events), strict=True):
+        assert state.add(e) is status
+        if values is None:
             continue
-        assert got is not None and got[0] == expected[key][0]
-        for f, a, b in zip(SINK.specs, got[1], expected[key][1], strict=True):
+        got = state.values(e["k"], at=e["ts_ms"])
+        assert got is not None and got[0] == e["ts_ms"]
+        for f, a, b in zip(SINK.specs, got[1], values, strict=True):
             assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6), (f.name, a, b)
 
 

@@ -37,7 +37,6 @@ from streams.stages.features import (
     FeatureComputer,
     FeaturesStage,
     Touched,
-    TouchedIds,
     snapshot_codec,
 )
 
@@ -93,10 +92,8 @@ def reference_rows(payments: dict[int, list[list[dict[str, Any]]]], clicks: dict
             source = T.I_PAYMENTS if view == "card" else T.I_CLICKS
             for msg in batches[p]:
                 for item in msg:
-                    touched: TouchedIds = {}
-                    computer.add(source, item, touched)
-                    for (ts, eid, values) in computer.collect(touched).get(VIEW[view], {}).values():
-                        rows[(view, item[key], eid)] = (ts, values)
+                    for _, entity, eid, ts, values in computer.add(source, item):
+                        rows[(view, entity, eid)] = (ts, values)
     return rows
 
 
@@ -135,11 +132,11 @@ def reference(payments: dict[int, list[list[dict[str, Any]]]],
     for p in range(PARTITIONS):
         for source, batches, out, view in ((T.I_PAYMENTS, payments, cards, CARD), (T.I_CLICKS, clicks, users, USER)):
             computer = FeatureComputer()
-            touched: TouchedIds = {}
+            last: dict[FeatureView, Touched] = {}
             for msg in batches[p]:
                 for item in msg:
-                    computer.add(source, item, touched)
-            out.update(computer.collect(touched).get(view, {}))
+                    computer.latest(computer.add(source, item), last)
+            out.update(last.get(view, {}))
     return cards, users
 
 
@@ -165,11 +162,11 @@ def _messages(topic: str, batches: dict[int, list[list[dict[str, Any]]]], codec:
 
 def _feed(computer: FeatureComputer, payments: list[dict[str, Any]], clicks: list[dict[str, Any]]
           ) -> dict[FeatureView, Touched]:
-    touched: TouchedIds = {}
+    last: dict[FeatureView, Touched] = {}
     for p, c in zip(payments, clicks, strict=True):
-        computer.add(T.I_PAYMENTS, p, touched)
-        computer.add(T.I_CLICKS, c, touched)
-    return computer.collect(touched)
+        computer.latest(computer.add(T.I_PAYMENTS, p), last)
+        computer.latest(computer.add(T.I_CLICKS, c), last)
+    return last
 
 
 def _decoded(state: list[tuple[str, bytes]]) -> list[Any]:
@@ -453,3 +450,21 @@ def test_kill_9_mid_stream_then_restart_equals_uninterrupted(endpoints: Endpoint
         mismatched = [k for k, g in zip(keys, got, strict=True)
                       if not g.found or (g.event_ts, g.values) != (ref[k][0], ref[k][2])]
         assert not mismatched, f"{view.name}: {len(mismatched)} of {len(keys)} differ, e.g. {mismatched[:3]}"
+
+
+def test_each_payment_is_served_the_values_logged_for_it() -> None:
+    """Three payments of one card in one message: each scoring record carries the card's values as of that
+    payment, equal to its own feature-log row; the online store gets the last."""
+    payments = [{"event_id": f"p{i}", "payment_id": f"p{i}", "card_id": "c1", "customer_id": "u1",
+                 "merchant_id": f"m{i % 2}", "merchant_category": "retail", "amount": 10.0 * (i + 1),
+                 "device_id": None, "ts_ms": T0 + 1000 * i, "source_ms": 0} for i in range(3)]
+    store = RecordingStore()
+    result = FeaturesStage(store).handle(  # type: ignore[arg-type]
+        [Message(T.I_PAYMENTS, 0, 0, None, AvroCodec(T.I_PAYMENTS).encode({"items": payments}), 0)])
+    (scoring,) = [AvroCodec(T.I_SCORING).decode(p.value) for p in result.produce if p.topic == T.I_SCORING]
+    (log,) = [AvroCodec(T.I_FEATURE_LOG).decode(p.value) for p in result.produce if p.topic == T.I_FEATURE_LOG]
+    served = [item["served"]["card:v2"] for item in scoring["items"]]
+    assert served == [[1.0, 10.0, 1.0, 10.0, 1.0], [2.0, 30.0, 2.0, 30.0, 2.0], [3.0, 60.0, 3.0, 60.0, 2.0]]
+    assert log["event_ids"] == ["p0", "p1", "p2"] and log["ts_ms"] == [T0, T0 + 1000, T0 + 2000]
+    assert [log["values"][i * 5:(i + 1) * 5] for i in range(3)] == served
+    assert store.rows == [("card", "c1", T0 + 2000, served[-1])]

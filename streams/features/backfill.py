@@ -17,7 +17,7 @@ from typing import Any
 from sinks.clickhouse import ClickHouse
 from streams import topics as T
 from streams.features.definitions import VIEWS, FeatureView
-from streams.stages.features import FeatureComputer, Touched, TouchedIds
+from streams.stages.features import FeatureComputer, Touched
 
 PAYMENTS_SQL = """
 SELECT event_id, card_id, merchant_id, amount, toUnixTimestamp64Milli(ts) AS ts_ms
@@ -37,11 +37,11 @@ def recompute(ch: ClickHouse, *, until_ms: int | None = None) -> dict[FeatureVie
     """Each view's entities → (event time, last event id, values) after replaying the silver tables
     (events with ``ts < until_ms`` when given)."""
     computer = FeatureComputer()
-    touched: TouchedIds = {}
+    out: dict[FeatureView, Touched] = {view: {} for view in VIEWS}
     for event_id, card_id, merchant_id, amount, ts_ms in _rows(ch, PAYMENTS_SQL, until_ms):
-        computer.add(T.I_PAYMENTS, {"event_id": event_id, "card_id": card_id, "merchant_id": merchant_id,
-                                    "amount": float(amount), "ts_ms": int(ts_ms)}, touched)
+        computer.latest(computer.add(T.I_PAYMENTS, {"event_id": event_id, "card_id": card_id, "merchant_id": merchant_id,
+                                           "amount": float(amount), "ts_ms": int(ts_ms)}), out)
     for event_id, user_id, event_type, device_id, ts_ms in _rows(ch, CLICKS_SQL, until_ms):
-        computer.add(T.I_CLICKS, {"event_id": event_id, "user_id": user_id, "event_type": event_type,
-                                  "device_id": device_id, "ts_ms": int(ts_ms)}, touched)
-    return {view: computer.collect(touched).get(view, {}) for view in VIEWS}
+        computer.latest(computer.add(T.I_CLICKS, {"event_id": event_id, "user_id": user_id, "event_type": event_type,
+                                         "device_id": device_id, "ts_ms": int(ts_ms)}), out)
+    return out

@@ -179,6 +179,11 @@ REQUEST = ("amount", "log_amount", "is_digital_goods")
 FEATURE_NAMES: tuple[str, ...] = CARD.features + USER.features + REQUEST
 
 
+def view_key(view: FeatureView) -> str:
+    """``<name>:v<version>``: how the feature log and scoring records name a view's values."""
+    return f"{view.name}:v{view.version}"
+
+
 def request_features(amount: float, merchant_category: str) -> list[float]:
     return [amount, math.log1p(max(amount, 0.0)), 1.0 if merchant_category == "digital_goods" else 0.0]
 

@@ -197,12 +197,14 @@ class ViewState:
                 self._next_sweep = ts + max(1, self.view.ttl_ms // 8)
         return status
 
-    def values(self, key: str) -> tuple[int, list[float]] | None:
-        """``key`` 's values as of its newest accepted event, with that event's time; ``None`` if no lane holds it."""
+    def values(self, key: str, at: int | None = None) -> tuple[int, list[float]] | None:
+        """``key`` 's values as of event time ``at`` (default: its newest accepted event), with that time;
+        ``None`` if no lane holds the key. ``at`` must not be older than the newest minus the lateness
+        (the time of any event just accepted qualifies)."""
         newest = [ts for a in self._aggs if (ts := a.newest(key)) is not None]
         if not newest:
             return None
-        now = max(newest)
+        now = max(newest) if at is None else at
         out = self.view.defaults
         for lane in self._lanes:
             assert lane.aggs is not None

@@ -1,8 +1,7 @@
 """The offline store: point-in-time correct training sets from the ClickHouse feature log.
 
-The features stage logs every value it writes to the online store, with the
-event time it is as of, to ``feature_log`` (one row per view, entity and
-micro-batch). :func:`training_set` rebuilds, for each labelled payment, the
+The features stage logs every value it computes, with the event time it is
+as of, to ``feature_log`` (one row per view and accepted event). :func:`training_set` rebuilds, for each labelled payment, the
 vector serving read for it, using only log rows whose event time is at or
 before the payment's: one ``ASOF LEFT JOIN`` per view, in one query.
 
@@ -29,12 +28,16 @@ entity with ``row.ts <= payment.ts`` (the same millisecond included).
   (two batches that both ended at ``T``) are broken by the greatest event id,
   so the result is deterministic. Both are as of ``T``: neither leaks.
 
-Where training can still differ from serving (features-stage behaviour, not this join): the
-log has one row per entity per micro-batch, stamped with the entity's newest
-event time in it, and inference reads Redis after the whole batch is written.
-A card with two payments ``T1 < T2`` in one batch was served the ``T2`` values
-for both; the offline set gives the first payment the previous batch's row,
-because the ``T2`` row is later than ``T1``.
+What serving used, per payment: the features stage logs one row per accepted
+event, with the entity's values as of that event's own time, and attaches the
+card view's row to the payment it forwards for scoring; inference uses those
+values instead of reading the card from Redis. So a payment's card vector in
+the training set is the one it was scored with, even when several payments of
+one card share a micro-batch (``tests/test_e2e.py`` checks every payment).
+The user view is still read from Redis at scoring time: it may include clicks
+processed before the payment but stamped after it, which this join (rightly)
+leaves out. Two events of one entity in the same millisecond give two rows
+with the same ``ts``; the join takes the greatest event id's.
 
 Staleness, as serving applies it: a row older than the view's ``ttl_ms`` at
 the payment's time (``T - row.ts > ttl_ms``) is stale, and the view gets its
@@ -61,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from sinks.clickhouse import ClickHouse
-from streams.features.definitions import CARD, REQUEST, USER, FeatureView, request_features
+from streams.features.definitions import CARD, REQUEST, USER, FeatureView, request_features, view_key
 from streams.settings import WeirSettings
 from streams.stack import EndpointNotFound, endpoint
 
@@ -69,11 +72,6 @@ from streams.stack import EndpointNotFound, endpoint
 ENTITY_COLUMNS: dict[str, str] = {"card_id": "card_id", "user_id": "customer_id"}
 
 LABEL, PAYMENT_ID, EVENT_TS = "label", "payment_id", "event_ts"
-
-
-def view_key(view: FeatureView) -> str:
-    """The ``feature_log.view`` value of a view (as the features stage writes it)."""
-    return f"{view.name}:v{view.version}"
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,16 @@
 """Features: per-entity windowed aggregates into the online store, the feature log, and on to scoring.
 
-Inputs: ``weir.clicks`` (user view) and ``weir.payments`` (card view) micro-batches.
-For each batch it updates the windows in event order, writes each touched
-entity's newest values to Redis (one pipelined round trip), appends one
-feature-log row per touched entity to ``weir.feature_log`` (the ClickHouse
-sink writes it), and forwards the payments to ``weir.scoring`` on the same
-partition. Redis is written before the payments are forwarded, so inference
-always reads values that include the payment itself.
+Inputs: ``weir.clicks`` (user view) and ``weir.payments`` (card view) micro-batches;
+the views are the declarations of :mod:`streams.features.definitions`, compiled
+by :mod:`streams.features.engine`. For each batch it feeds the events in
+partition order, appends one feature-log row per accepted event (the entity's
+values as of that event's time) to ``weir.feature_log`` (the ClickHouse sink
+writes it), writes each touched entity's newest values to Redis (one pipelined
+round trip), and forwards the payments to ``weir.scoring`` on the same
+partition, each carrying its own card-view row (``served``), which inference
+uses, so serving and the training set agree per payment. Redis is written
+before the payments are forwarded, so inference's user-view reads are at least
+as new as the batch.
 
 **State and recovery.** Ingest partitions ``weir.payments`` by card and
 ``weir.clicks`` by user, so every entity's events are in one partition and the
@@ -45,31 +49,29 @@ from streams.base import Message, Produce, Rejected, StepResult
 from streams.codec import AvroCodec, DecodeError
 from streams.features.aggregations import SnapshotError, Status
 from streams.features.checkpoint import RedisSnapshots, SnapshotCodec
-from streams.features.definitions import VIEWS, FeatureView
+from streams.features.definitions import VIEWS, FeatureView, view_key
 from streams.features.engine import ViewState
 
 log = logging.getLogger(__name__)
 
 Touched = dict[str, tuple[int, str, list[float]]]  # entity -> (event ts, last event id, values)
-TouchedIds = dict[FeatureView, dict[str, str]]  # view -> entity -> last accepted event id
+LogRow = tuple[FeatureView, str, str, int, list[float]]  # view, entity, event id, as-of ts, values after it
 TopicPartition = tuple[str, int]
 
 LOG_BATCH_ROWS = 4000  # feature-log rows per message: ~200 KB, well under the broker's 1 MB limit
 OFFSET_BEGINNING = -2  # librdkafka's logical offset: the log's first retained record
 
 
-def _chunks(touched: Touched, size: int) -> list[Touched]:
-    items = list(touched.items())
-    return [dict(items[i:i + size]) for i in range(0, len(items), size)]
-
-
 class FeatureComputer:
     """The pure part: one :class:`~streams.features.engine.ViewState` per feature view. No I/O.
 
     ``add`` feeds one source record to every view computed from its topic and
-    notes which entities it touched; ``collect`` gives the touched entities'
-    values, each as of the entity's newest event, so they depend only on the
-    order of the entity's events, never on how they were batched.
+    returns, per view that accepted it, the entity's values right after it, as
+    of the record's own event time (an out-of-order record sees nothing later
+    than itself): what serving gets for a payment and what the feature log
+    records. ``current`` gives an entity's values as of its newest event, what
+    the online store holds. Both depend only on the order of the entity's
+    events, never on how they were batched.
     """
 
     def __init__(self, views: Sequence[FeatureView] = VIEWS) -> None:
@@ -78,22 +80,29 @@ class FeatureComputer:
         for state in self.states.values():
             self._by_source.setdefault(state.view.source, []).append(state)
 
-    def add(self, source: str, item: Mapping[str, Any], touched: TouchedIds | None = None) -> None:
-        """Feed a record of topic ``source``; accepted ones mark their entity in ``touched`` (None: replay)."""
+    def add(self, source: str, item: Mapping[str, Any], *, values: bool = True) -> list[LogRow]:
+        """Feed a record of topic ``source``; ``values`` False (replay): update the state only."""
+        rows: list[LogRow] = []
         for state in self._by_source.get(source, ()):
-            if state.add(item) is Status.ACCEPTED and touched is not None:
-                touched.setdefault(state.view, {})[item[state.view.entity]] = item["event_id"]
-
-    def collect(self, touched: TouchedIds) -> dict[FeatureView, Touched]:
-        """Each touched entity's (as-of event time, last event id, values), per view."""
-        out: dict[FeatureView, Touched] = {}
-        for view, ids in touched.items():
-            state = self.states[view.name]
-            rows: Touched = out.setdefault(view, {})
-            for key, event_id in ids.items():
-                got = state.values(key)
+            if state.add(item) is Status.ACCEPTED and values:
+                key = item[state.view.entity]
+                got = state.values(key, at=item["ts_ms"])
                 if got is not None:
-                    rows[key] = (got[0], event_id, got[1])
+                    rows.append((state.view, key, item["event_id"], got[0], got[1]))
+        return rows
+
+    def current(self, view: FeatureView, key: str) -> tuple[int, list[float]] | None:
+        """``key`` 's values in ``view`` as of its newest accepted event, with that event's time."""
+        return self.states[view.name].values(key)
+
+    def latest(self, rows: list[LogRow], into: dict[FeatureView, Touched] | None = None
+               ) -> dict[FeatureView, Touched]:
+        """Each entity of ``rows`` → (newest event time, last event id in ``rows``, values as of it), per view."""
+        out: dict[FeatureView, Touched] = {} if into is None else into
+        for view, key, event_id, _, _ in rows:
+            got = self.current(view, key)
+            if got is not None:
+                out.setdefault(view, {})[key] = (got[0], event_id, got[1])
         return out
 
     @property
@@ -140,14 +149,18 @@ class FeaturesStage:
     ``snapshots`` None: no checkpoints, every assignment of a partition that has a
     committed offset replays its log from the beginning (correct, slower).
     ``clock`` is the wall clock checkpoints are paced by (seconds, monotonic).
+    ``after_commit_hook`` runs after every successful commit (the pipeline passes a
+    :class:`~streams.gcpolicy.StateFreezer`).
     """
 
     step_id = "features"
 
     def __init__(self, store: OnlineStore, *, snapshots: RedisSnapshots | None = None,
                  checkpoint_every_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 clicks_topic: str = T.I_CLICKS, payments_topic: str = T.I_PAYMENTS) -> None:
+                 clicks_topic: str = T.I_CLICKS, payments_topic: str = T.I_PAYMENTS,
+                 after_commit_hook: Callable[[], None] | None = None) -> None:
         self.store = store
+        self._after_commit_hook = after_commit_hook
         self.snapshots = snapshots
         self.checkpoint_every_s = checkpoint_every_s
         self._clock = clock
@@ -167,7 +180,8 @@ class FeaturesStage:
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         self._all_committed = not batch and self._all_committed
-        touched: dict[TopicPartition, TouchedIds] = {}
+        rows: list[LogRow] = []
+        rows_of: dict[TopicPartition, list[LogRow]] = {}  # the rows of each partition's computer
         late, duplicates = self._refused()
         for msg in batch:
             part = self.partitions.get((msg.topic, msg.partition))
@@ -187,23 +201,34 @@ class FeaturesStage:
                 continue
             items = record["items"]
             source = self._sources[msg.topic]
-            marks = None if replay else touched.setdefault((msg.topic, msg.partition), {})
-            for item in items:
-                part.computer.add(source, item, marks)
             if replay:
+                for item in items:
+                    part.computer.add(source, item, values=False)
                 self.replayed += 1
-            elif msg.topic == self.payments_topic:
+                continue
+            payments = msg.topic == self.payments_topic
+            mine = rows_of.setdefault((msg.topic, msg.partition), [])
+            for item in items:
+                got = part.computer.add(source, item)
+                mine.extend(got)
+                rows.extend(got)
+                if payments:  # serving uses the values as of this payment, as the feature log records them
+                    item["served"] = {view_key(view): values for view, _, _, _, values in got} or None
+            if payments:
                 result.produce.append(Produce(T.I_SCORING, None, self._scoring.encode({"items": items}),
                                               partition=msg.partition))
-        values: dict[FeatureView, Touched] = {view: {} for view in VIEWS}
-        for tp, ids in touched.items():
-            for view, rows in self.partitions[tp].computer.collect(ids).items():
-                values[view].update(rows)
-        for view, rows in values.items():
-            self.store.write(view, ((k, ts, v) for k, (ts, _, v) in rows.items()))
+        last: dict[FeatureView, Touched] = {}
+        for tp, part in self.partitions.items():
+            part.computer.latest(rows_of.get(tp, []), last)
+        for view, entities in last.items():
+            self.store.write(view, ((k, ts, v) for k, (ts, _, v) in entities.items()))
         # Redis first, then forward: the scoring records must come after the writes.
-        result.produce[:0] = [self._log_batch(view, chunk) for view, rows in values.items()
-                              for chunk in _chunks(rows, LOG_BATCH_ROWS)]
+        per_view: dict[FeatureView, list[LogRow]] = {}
+        for row in rows:
+            per_view.setdefault(row[0], []).append(row)
+        result.produce[:0] = [self._log_batch(view, view_rows[i:i + LOG_BATCH_ROWS])
+                              for view, view_rows in per_view.items()
+                              for i in range(0, len(view_rows), LOG_BATCH_ROWS)]
         self._report_refused(late, duplicates)
         return result
 
@@ -257,6 +282,8 @@ class FeaturesStage:
         """Every handled message is now at or below its partition's committed offset, so the
         in-memory state of each partition is a valid snapshot: save the changed ones when due."""
         self._all_committed = True
+        if self._after_commit_hook is not None:
+            self._after_commit_hook()
         if self.snapshots is None or self._clock() < self._next_checkpoint:
             return
         self.checkpoint()
@@ -310,11 +337,10 @@ class FeaturesStage:
             return None
         return PartitionState(computer, offset, replay_until=committed, saved=offset)
 
-    def _log_batch(self, view: FeatureView, touched: Touched) -> Produce:
+    def _log_batch(self, view: FeatureView, rows: list[LogRow]) -> Produce:
         record = {
-            "view": f"{view.name}:v{view.version}", "n_features": len(view.features),
-            "entity_ids": list(touched), "event_ids": [eid for _, eid, _ in touched.values()],
-            "ts_ms": [ts for ts, _, _ in touched.values()],
-            "values": [x for _, _, v in touched.values() for x in v],
+            "view": view_key(view), "n_features": len(view.features),
+            "entity_ids": [r[1] for r in rows], "event_ids": [r[2] for r in rows], "ts_ms": [r[3] for r in rows],
+            "values": [x for r in rows for x in r[4]],
         }
         return Produce(T.I_FEATURE_LOG, None, self._log.encode(record))

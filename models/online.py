@@ -97,6 +97,15 @@ class RiverLearner:
         p = float(proba.get(True, 0.0))
         return 0.0 if math.isnan(p) else min(1.0, max(0.0, p))
 
+    def predict_proba_dict(self, x: dict[str, Any]) -> dict[Any, float]:
+        """The pipeline's own class probabilities (``{}`` before it knows a class), as river gives them."""
+        return self._pipeline.predict_proba_one(dict(x))
+
+    def learn_raw(self, x: dict[str, Any], y: Any) -> None:
+        """Learn with ``y`` as given (any class label river accepts), for datasets replayed as river has them."""
+        self._pipeline.learn_one(dict(x), y)
+        self.n_learned += 1
+
     def learn_many(self, xs: Sequence[dict[str, float]], ys: Sequence[bool]) -> None:
         """Learn each ``(x, y)`` pair in order (a loop over :meth:`learn_one`)."""
         if len(xs) != len(ys):

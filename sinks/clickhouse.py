@@ -58,6 +58,10 @@ DDL = [
         event_id String, ts DateTime64(3, 'UTC'), model_name String, version Int32, stage String,
         artifact_uri String, sha256 String, metrics Map(String, Float64)
     ) ENGINE = ReplacingMergeTree ORDER BY event_id""",
+    """CREATE TABLE IF NOT EXISTS model_metrics (
+        metric_id String, ts DateTime64(3, 'UTC'), model_name LowCardinality(String), model_version String,
+        metric LowCardinality(String), value Float64, labels UInt64
+    ) ENGINE = ReplacingMergeTree ORDER BY (model_name, metric_id)""",
     """CREATE TABLE IF NOT EXISTS scored_features (
         event_id String, payment_id String, card_id String, ts DateTime64(3, 'UTC'),
         features Array(Float32), score Float64, model_version LowCardinality(String)

@@ -37,6 +37,7 @@ PRED_COLS = ("event_id", "payment_id", "card_id", "customer_id", "score", "model
 LABEL_COLS = ("event_id", "payment_id", "is_fraud", "payment_ts", "label_ts")
 ALERT_COLS = ("alert_id", "ts", "detector", "metric", "value", "threshold", "model_version", "message")
 RETRAIN_COLS = ("request_id", "ts", "reason", "since_ts")
+METRIC_COLS = ("metric_id", "ts", "model_name", "model_version", "metric", "value", "labels")
 MODEL_COLS = ("event_id", "ts", "model_name", "version", "stage", "artifact_uri", "sha256", "metrics")
 SCORED_COLS = ("event_id", "payment_id", "card_id", "ts", "features", "score", "model_version")
 FLOG_COLS = ("view", "entity_id", "event_id", "ts", "values")
@@ -76,6 +77,7 @@ TABLES: dict[str, tuple[str, tuple[str, ...], Callable[[dict[str, Any]], list[Ro
     T.ALERTS: ("alerts", ALERT_COLS, _fields(*ALERT_COLS)),
     T.RETRAIN: ("retrain_requests", RETRAIN_COLS, _fields(*RETRAIN_COLS)),
     T.MODEL_EVENTS: ("model_events", MODEL_COLS, _fields(*MODEL_COLS)),
+    T.MODEL_METRICS: ("model_metrics", METRIC_COLS, _fields(*METRIC_COLS)),
     T.I_SCORED: ("scored_features", SCORED_COLS, _scored),
     T.I_FEATURE_LOG: ("feature_log", FLOG_COLS, _feature_log),
 }

@@ -14,6 +14,7 @@ PREDICTIONS_ONLINE = "predictions.fraud.online"
 ALERTS = "alerts"
 RETRAIN = "retrain"
 MODEL_EVENTS = "model.events"
+MODEL_METRICS = "model.metrics"
 
 # internal, micro-batched per partition (Weir's own business, see DESIGN.md)
 I_CLICKS = "weir.clicks"
@@ -22,9 +23,10 @@ I_SCORING = "weir.scoring"
 I_SCORED = "weir.scored"
 I_OUTCOMES = "weir.outcomes"
 I_FEATURE_LOG = "weir.feature_log"
+REPLAY = "weir.replay"  # `weir replay`: river datasets, one partition, created on demand
 
 PUBLIC = [CLICKS, *(f"cdc.{t}" for t in CDC_TABLES), LABELS, PREDICTIONS, PREDICTIONS_ONLINE, ALERTS, RETRAIN,
-          MODEL_EVENTS]
+          MODEL_EVENTS, MODEL_METRICS]
 INTERNAL = [I_CLICKS, I_PAYMENTS, I_SCORING, I_SCORED, I_OUTCOMES, I_FEATURE_LOG]
 DLQ = [f"dlq.{t}" for t in PUBLIC + INTERNAL]
 ALL = PUBLIC + INTERNAL + DLQ

@@ -198,6 +198,10 @@ def test_clickhouse_holds_the_rows(demo: Any) -> None:
     assert ch.scalar("SELECT count() FROM scored_features FINAL") == summary["payments"]
     assert ch.scalar("SELECT count() FROM feature_log FINAL") > 0
     assert ch.scalar("SELECT countIf(length(features) != 13) FROM scored_features") == 0
+    # the online learner's progressive metric, published every 500 labels
+    labels, value = ch.rows("SELECT max(labels), argMax(value, labels) FROM model_metrics FINAL "
+                            "WHERE model_name = 'fraud-online' AND metric = 'rocauc'")[0]
+    assert labels >= summary["payments"] - 500 and 0.5 < value <= 1.0
 
 
 def test_retrain_registers_a_model_that_inference_then_uses(demo: Any) -> None:

@@ -1,0 +1,78 @@
+"""The learn stage: delayed labels joined to the served features, and its progressive metric as river computes it."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+
+from models.online import RiverLearner
+from streams import topics as T
+from streams.base import Message
+from streams.codec import AvroCodec
+from streams.features.definitions import FEATURE_NAMES
+from streams.replay import river_metric
+from streams.stages.learn import ONLINE_MODEL, LearnStage
+
+T0 = 1_700_000_000_000
+
+
+def _payments(n: int, seed: int = 5) -> list[tuple[dict[str, Any], bool]]:
+    """Scored items (features as float32, as weir.scored carries them) and their labels."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        features = [float(np.float32(rng.gauss(0, 1))) for _ in FEATURE_NAMES]
+        fraud = features[0] + 0.5 * features[5] + rng.gauss(0, 0.5) > 1.0
+        out.append(({"event_id": f"e{i}", "payment_id": f"p{i}", "card_id": f"c{i % 7}", "ts_ms": T0 + i,
+                     "features": features, "score": 0.1, "model_version": "rules"}, fraud))
+    return out
+
+
+def _messages(payments: list[tuple[dict[str, Any], bool]], label_delay: int) -> list[Message]:
+    """One scored message per payment; each label ``label_delay`` payments later (negative: before it)."""
+    scored, labels = AvroCodec(T.I_SCORED), AvroCodec(T.LABELS)
+    slots: list[tuple[float, Message]] = []
+    for i, (item, fraud) in enumerate(payments):
+        slots.append((i, Message(T.I_SCORED, 0, i, None, scored.encode({"items": [item]}), 0)))
+        label = {"event_id": item["event_id"], "payment_id": item["payment_id"], "is_fraud": fraud,
+                 "payment_ts": item["ts_ms"], "label_ts": item["ts_ms"] + 1}
+        slots.append((i + label_delay + 0.5, Message(T.LABELS, 0, i, None, labels.encode(label), 0)))
+    return [m for _, m in sorted(slots, key=lambda s: s[0])]
+
+
+def test_progressive_metric_with_immediate_labels_is_rivers() -> None:
+    payments = _payments(400)
+    stage = LearnStage(RiverLearner("logreg"), "river-logreg", metric="rocauc", publish_every=100)
+    result = stage.handle(_messages(payments, label_delay=0))
+    rows = [(dict(zip(FEATURE_NAMES, item["features"])), fraud) for item, fraud in payments]
+    assert stage.learned == 400 and stage.evaluator.value == river_metric(rows, "logreg", "rocauc", seed=42)
+    codec = AvroCodec(T.MODEL_METRICS)
+    published = [codec.decode(p.value) for p in result.produce if p.topic == T.MODEL_METRICS]
+    assert [m["labels"] for m in published] == [100, 200, 300, 400]
+    assert published[-1]["value"] == stage.evaluator.value and published[-1]["model_name"] == ONLINE_MODEL
+
+
+def test_delayed_and_early_labels_use_the_prediction_made_when_served() -> None:
+    payments = _payments(300, seed=9)
+    for delay in (25, -3):  # labels 25 payments late, and labels arriving before their scored record
+        stage = LearnStage(RiverLearner("logreg"), "v", metric="accuracy")
+        stage.handle(_messages(payments, label_delay=delay))
+        assert stage.learned == 300 and not stage.pending and not stage.early_labels
+        # the reference: each payment tested when its scored record arrives, trained when both have arrived
+        ev = stage.evaluator.__class__(RiverLearner("logreg"), "accuracy")
+        order = sorted([(i, "scored", i) for i in range(300)] + [(i + delay + 0.5, "label", i) for i in range(300)])
+        preds: dict[int, Any] = {}
+        early: set[int] = set()
+        for _, kind, i in order:
+            x, fraud = dict(zip(FEATURE_NAMES, payments[i][0]["features"])), payments[i][1]
+            if kind == "scored":
+                preds[i] = ev.test(x)
+                if i in early:
+                    ev.train(x, fraud, preds.pop(i))
+            elif i in preds:
+                ev.train(x, fraud, preds.pop(i))
+            else:
+                early.add(i)
+        assert stage.evaluator.value == ev.value and stage.evaluator.n == ev.n

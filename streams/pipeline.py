@@ -36,6 +36,7 @@ from streams.runtime import BatchRunner, Stage
 from streams.stack import Endpoints
 from streams.stages.drift import DriftStage
 from streams.gcpolicy import StateFreezer
+from streams.state import SignedSnapshots
 from streams.stages.features import FeaturesStage
 from streams.stages.inference import InferenceStage, ModelSlot
 from streams.stages.ingest import IngestStage
@@ -73,6 +74,7 @@ class PipelineConfig:
     allowed_lateness_ms: int = 600_000
     pseudonym_key: bytes = field(default=b"weir-dev-pseudonym-key", repr=False)
     features_checkpoint_s: float = 5.0
+    learn_checkpoint_s: float = 30.0
     dlq_max_ratio: float = 0.5
     dlq_window: int = 1000
     dlq_min_events: int = 200
@@ -130,7 +132,9 @@ class Pipeline:
             self.stages["slot"] = slot
         if "learn" in wanted:
             learner = RiverLearner(c.online_model, seed=c.seed)
-            self._run(LearnStage(learner, f"river-{c.online_model}"))
+            snaps = SignedSnapshots.from_url(e.redis_url, c.pseudonym_key)  # the model survives a restart
+            self._run(LearnStage(learner, f"river-{c.online_model}", snapshots=snaps,
+                                 checkpoint_every_s=c.learn_checkpoint_s))
         if "drift" in wanted:
             self._run(DriftStage(c.drift_delta, cooldown=c.drift_cooldown))
         if "retrain" in wanted:

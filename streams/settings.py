@@ -41,6 +41,10 @@ class WeirSettings(BaseSettings):
     features_checkpoint_s: float = Field(
         5.0, gt=0, description="How often the features stage snapshots its window state to Redis (after a commit)."
     )
+    learn_checkpoint_s: float = Field(
+        30.0, gt=0, description="How often the learn stage snapshots its online model, metric and pending label "
+        "joins to Redis (signed; after a commit)."
+    )
     partitions: int = Field(4, ge=1, description="Partitions for topics Weir creates.")
     batch_max_size: int = Field(500, ge=1, description="Max events per micro-batch in the hot path.")
     batch_max_wait_ms: int = Field(5, ge=1, description="Max time a hot-path micro-batch waits to fill.")

@@ -9,10 +9,22 @@ stage. A label may arrive before its scored record: it waits, bounded.
 
 Co-partitioning: both inputs must reach the same worker for a payment; with
 one learn worker (the default) that always holds.
+
+**Recovery.** After a commit, at most every ``checkpoint_every_s``, the stage
+saves its whole state (the river model, the progressive metric, the pending
+joins, and per input partition the offset the state is after) as a signed
+snapshot in Redis (:mod:`streams.state`). On assignment it restores it and
+replays each partition from the snapshot's offset to the committed one without
+producing anything (those messages' outputs exist); a missing, altered or
+too-new snapshot means relearning from the log's beginning. The model after a
+restart is the one before the crash plus the replayed labels; with the
+replay's interleaving of the two topics it can differ from an uninterrupted
+run's by the order of a few joins.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -20,12 +32,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
+
 from models.online import RiverLearner
 from models.progressive import Prediction, ProgressiveEvaluator
 from streams import topics as T
 from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.features.definitions import FEATURE_NAMES
+from streams.state import SignedSnapshots, StateError
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+OFFSET_BEGINNING = -2  # librdkafka's logical offset: the log's first retained record
 
 ONLINE_MODEL = "fraud-online"
 
@@ -33,7 +53,7 @@ ONLINE_MODEL = "fraud-online"
 class BoundedMap(OrderedDict[str, Any]):
     """Insertion-ordered map that forgets its oldest entries past ``limit``."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int = 500_000) -> None:  # a default: unpickling calls it without arguments
         super().__init__()
         self.limit = limit
 
@@ -56,9 +76,20 @@ class LearnStage:
     topics = (T.I_SCORED, T.LABELS)
 
     def __init__(self, learner: RiverLearner, version: str, *, metric: str = "rocauc", publish_every: int = 500,
-                 max_pending: int = 500_000, clock: Callable[[], float] = time.time) -> None:
+                 max_pending: int = 500_000, clock: Callable[[], float] = time.time,
+                 snapshots: SignedSnapshots | None = None, checkpoint_every_s: float = 30.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.learner = learner
         self.evaluator = ProgressiveEvaluator(learner, metric)
+        self.snapshots = snapshots
+        self.checkpoint_every_s = checkpoint_every_s
+        self._monotonic = monotonic
+        self._next_checkpoint = monotonic() + checkpoint_every_s
+        self.positions: dict[TopicPartition, int] = {}  # per input partition: the next offset the state has not seen
+        self.replay_until: dict[TopicPartition, int] = {}  # below: processed and committed before the restart
+        self.replayed = 0
+        self.restored_from: str = "memory"  # "snapshot", "log" (relearned from the beginning) or "memory"
+        self._all_committed = True
         self.publish_every = publish_every
         self.version = version
         self.clock = clock
@@ -72,13 +103,98 @@ class LearnStage:
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
-        for msg, record in decoded(batch, self._codecs, result):
-            if msg.topic == T.I_SCORED:
-                for item in record["items"]:
-                    self._scored(item, result)
-            else:
-                self._label(record, result)
+        scratch = StepResult()  # what replayed messages would produce: they produced it before the restart
+        self._all_committed = not batch and self._all_committed
+        for msg in batch:
+            tp = (msg.topic, msg.partition)
+            if msg.offset < self.positions.get(tp, 0):
+                continue  # already in the restored state
+            self.positions[tp] = msg.offset + 1
+            replay = msg.offset < self.replay_until.get(tp, 0)
+            self.replayed += replay
+            out = scratch if replay else result
+            for _, record in decoded([msg], self._codecs, out):
+                if msg.topic == T.I_SCORED:
+                    for item in record["items"]:
+                        self._scored(item, out)
+                else:
+                    self._label(record, out)
         return result
+
+    # --- recovery: the runner's hooks (see streams.runtime.Recoverable) ---
+
+    @property
+    def snapshot_name(self) -> str:
+        return f"learn:{ONLINE_MODEL}:{self.version}"
+
+    def on_assign(self, assigned: list[TopicPartition],
+                  committed: dict[TopicPartition, int | None]) -> dict[TopicPartition, int]:
+        """Restore the learner, its metric and its pending joins from the snapshot, and start each partition at
+        the snapshot's offset (replaying up to the committed one without producing); without a usable
+        snapshot, relearn from the log's beginning. One learn worker holds every partition (the joins span them).
+        """
+        done = {tp: c for tp in assigned if (c := committed.get(tp)) is not None}
+        if self.snapshots is None or not done:
+            return {}
+        if self.positions and all(self.positions.get(tp) == c for tp, c in done.items()):
+            return {}  # the state in memory is exactly as far as the group
+        state = self._load()
+        if state is not None and all(state["positions"].get(tp, 0) <= c for tp, c in done.items()):
+            self._restore(state)
+            self.restored_from = "snapshot"
+            starts = {tp: self.positions.get(tp, OFFSET_BEGINNING) for tp in done}
+        else:
+            self._restore({"positions": {}, "evaluator": ProgressiveEvaluator(self.learner.clone(),
+                                                                               self.evaluator.metric_name),
+                           "pending": BoundedMap(self.pending.limit), "early": BoundedMap(self.early_labels.limit),
+                           "learned": 0})
+            self.restored_from = "log"
+            starts = dict.fromkeys(done, OFFSET_BEGINNING)
+        self.replay_until = done
+        log.info("learn: state from %s, replaying %s", self.restored_from,
+                 {f"{t}[{p}]": (starts[(t, p)], c) for (t, p), c in done.items()})
+        return starts
+
+    def on_revoke(self, revoked: list[TopicPartition]) -> None:
+        """Leaving the group cleanly (everything handled is committed): save the state now."""
+        if self._all_committed and self.snapshots is not None:
+            self.checkpoint()
+
+    def after_commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self._all_committed = True
+        if self.snapshots is not None and self._monotonic() >= self._next_checkpoint:
+            self.checkpoint()
+
+    def checkpoint(self) -> bool:
+        """Save the state (call only when everything handled is committed); a Redis failure is logged and the
+        older snapshot stays valid."""
+        self._next_checkpoint = self._monotonic() + self.checkpoint_every_s
+        assert self.snapshots is not None
+        state = {"positions": dict(self.positions), "evaluator": self.evaluator, "pending": self.pending,
+                 "early": self.early_labels, "learned": self.learned}
+        try:
+            self.snapshots.save(self.snapshot_name, state)
+        except redis.RedisError as exc:
+            log.warning("learn: snapshot not saved (%s); retried at the next checkpoint", exc)
+            return False
+        return True
+
+    def _load(self) -> dict[str, Any] | None:
+        assert self.snapshots is not None
+        try:
+            state = self.snapshots.load(self.snapshot_name)
+        except (StateError, redis.RedisError) as exc:
+            log.warning("learn: snapshot %s not usable (%s): relearning from the log", self.snapshot_name, exc)
+            return None
+        if not isinstance(state, dict) or not isinstance(state.get("evaluator"), ProgressiveEvaluator):
+            return None
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.positions = dict(state["positions"])
+        self.evaluator = state["evaluator"]
+        self.learner = self.evaluator.learner
+        self.pending, self.early_labels, self.learned = state["pending"], state["early"], state["learned"]
 
     def _scored(self, item: dict[str, Any], result: StepResult) -> None:
         x = dict(zip(FEATURE_NAMES, item["features"]))

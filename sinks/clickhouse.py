@@ -56,8 +56,13 @@ DDL = [
     ) ENGINE = ReplacingMergeTree ORDER BY request_id""",
     """CREATE TABLE IF NOT EXISTS model_events (
         event_id String, ts DateTime64(3, 'UTC'), model_name String, version Int32, stage String,
-        artifact_uri String, sha256 String, metrics Map(String, Float64)
+        artifact_uri String, sha256 String, metrics Map(String, Float64), actor String, reason String,
+        lineage Map(String, String)
     ) ENGINE = ReplacingMergeTree ORDER BY event_id""",
+    # tables created by an older Weir get the columns added since (a data dir survives upgrades)
+    "ALTER TABLE model_events ADD COLUMN IF NOT EXISTS actor String",
+    "ALTER TABLE model_events ADD COLUMN IF NOT EXISTS reason String",
+    "ALTER TABLE model_events ADD COLUMN IF NOT EXISTS lineage Map(String, String)",
     """CREATE TABLE IF NOT EXISTS model_metrics (
         metric_id String, ts DateTime64(3, 'UTC'), model_name LowCardinality(String), model_version String,
         metric LowCardinality(String), value Float64, labels UInt64

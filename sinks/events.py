@@ -38,7 +38,8 @@ LABEL_COLS = ("event_id", "payment_id", "is_fraud", "payment_ts", "label_ts")
 ALERT_COLS = ("alert_id", "ts", "detector", "metric", "value", "threshold", "model_version", "message")
 RETRAIN_COLS = ("request_id", "ts", "reason", "since_ts")
 METRIC_COLS = ("metric_id", "ts", "model_name", "model_version", "metric", "value", "labels")
-MODEL_COLS = ("event_id", "ts", "model_name", "version", "stage", "artifact_uri", "sha256", "metrics")
+MODEL_COLS = ("event_id", "ts", "model_name", "version", "stage", "artifact_uri", "sha256", "metrics", "actor",
+              "reason", "lineage")
 SCORED_COLS = ("event_id", "payment_id", "card_id", "ts", "features", "score", "model_version")
 FLOG_COLS = ("view", "entity_id", "event_id", "ts", "values")
 DLQ_COLS = ("topic", "partition", "offset", "reason", "detail", "stage", "source_topic", "source_partition",

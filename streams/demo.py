@@ -159,8 +159,11 @@ def _drive(pipeline: Pipeline, driver: ShopDriver, opts: DemoOptions) -> dict[st
         "alerts_after_drift": int(ch.scalar("SELECT count() FROM alerts FINAL WHERE toUnixTimestamp64Milli(ts) >= "
                                             "{since:Int64}", after) or 0),
         "retrains": len([r for r in pipeline.stages["retrain"].runs if "version" in r]),
-        "retrains_after_drift": int(ch.scalar("SELECT count() FROM model_events FINAL WHERE "
-                                              "toUnixTimestamp64Milli(ts) >= {since:Int64}", after) or 0),
+        "retrains_after_drift": int(ch.scalar("SELECT count() FROM model_events FINAL WHERE stage = 'candidate' "
+                                              "AND toUnixTimestamp64Milli(ts) >= {since:Int64}", after) or 0),
+        "promotions_after_drift": int(ch.scalar("SELECT count() FROM model_events FINAL WHERE stage = 'production' "
+                                                "AND toUnixTimestamp64Milli(ts) >= {since:Int64}", after) or 0),
+        "blocked_by_gates": [r["blocked"] for r in pipeline.stages["retrain"].runs if "blocked" in r],
         "models_registered": c["models_registered"],
         **S.drift_summary(ch, mark.event_ms, RuleScorer(list(FEATURE_NAMES)).version),
         "latency_ms": S.latency(ch),

@@ -46,7 +46,7 @@ def counts(ch: ClickHouse) -> dict[str, int]:
         "labels": "SELECT count() FROM labels FINAL",
         "dlq": "SELECT count() FROM dlq FINAL",
         "alerts": "SELECT count() FROM alerts FINAL",
-        "models_registered": "SELECT count() FROM model_events FINAL",
+        "models_registered": "SELECT count() FROM model_events FINAL WHERE stage = 'candidate'",
         "bronze_rows": "SELECT count() FROM bronze_events FINAL",
         "silver_clicks": "SELECT count() FROM silver_clicks FINAL",
         "silver_payments": "SELECT count() FROM silver_payments FINAL",

@@ -225,6 +225,25 @@ def test_drift_raises_alerts_and_a_retrain_after_the_drift_point(demo: Any) -> N
     assert summary["auc_champion_before_drift"] is not None
 
 
+def test_every_model_is_registered_gated_and_traceable(demo: Any) -> None:
+    """Each retrain registers a candidate with complete lineage; only candidates whose gates all passed became
+    production, each transition announced with its actor and reason."""
+    summary, ch = demo
+    events = ch.rows("SELECT version, stage, actor, reason, metrics, lineage FROM model_events FINAL "
+                     "WHERE model_name = 'fraud' ORDER BY version, ts")
+    candidates = {v: (m, lin) for v, stage, _, _, m, lin in events if stage == "candidate"}
+    promoted = {v for v, stage, _, _, _, _ in events if stage == "production"}
+    assert candidates and promoted and promoted <= set(candidates)
+    wanted = {"ts_min_ms", "ts_max_ms", "rows", "training_set_sha256", "feature_views", "code_version",
+              "hyperparameters", "seed"}
+    for version, (metrics, lineage) in candidates.items():
+        assert wanted <= set(lineage) and all(lineage[k] for k in wanted - {"champion"}), (version, lineage)
+        assert {"auc_val", "p99_ms", "ece_val", "gates_passed"} <= set(metrics), (version, metrics)
+        assert (metrics["gates_passed"] == 1.0) == (version in promoted), (version, metrics)
+    assert all(actor == "retrain" and reason for _, _, actor, reason, _, _ in events)
+    assert summary["promotions_after_drift"] >= 1 or summary["blocked_by_gates"]
+
+
 def raw_pii(endpoints: Endpoints) -> set[str]:
     """Every raw PII value the shop produced: device ids and IPs of its clicks, emails and payment devices."""
     codec = AvroCodec(T.CLICKS)

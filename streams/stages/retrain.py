@@ -1,16 +1,28 @@
-"""Retrain: train a new champion from ClickHouse, export it to ONNX, register it, announce it.
+"""Retrain: train a challenger from ClickHouse, export it to ONNX, register it, gate it, announce it.
 
 Input: ``retrain`` requests (from the drift stage, the apscheduler cron, the
 bootstrap check, or a person). The training set is the newest
 ``window_rows`` labelled payments with the feature vectors that were served
 when they were scored (``scored_features`` joined with ``labels``), so
 training sees exactly what serving saw. Requests in one batch coalesce into
-one training run. Output: a ``model.events`` record for the registered
-version (stage ``production``); inference swaps to it without a restart.
+one training run, in a child process (seeded, early stopping, class weights:
+:func:`models.train.train_mlp`).
+
+The new version is registered as a ``candidate`` with its lineage (training
+set time range, rows and content hash, feature views and their fingerprints,
+code version, hyperparameters, the champion it was compared with) and the
+metrics the gates need, measured on the newest quarter of its training set
+for it *and* the current champion (:mod:`models.gates`). If every gate passes
+it is promoted to ``production`` (the previous one is archived); if not it
+stays a candidate and the failed gates are logged and announced. Each
+transition is one ``model.events`` record (actor, reason, metrics, lineage),
+which the ClickHouse sink keeps in ``model_events``; inference swaps to a new
+production version without a restart.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import tempfile
@@ -28,47 +40,79 @@ from apscheduler.triggers.cron import CronTrigger
 from confluent_kafka import Producer
 
 from models.export import export_onnx
+from models.gates import GatePolicy, decide, expected_calibration_error
+from models.lineage import code_version
+from models.metrics import roc_auc
 from models.registry import ModelRegistry, ModelVersion
+from models.scorer import OnnxScorer
 from models.train import train_mlp
 from sinks.clickhouse import ClickHouse
 from streams import topics as T
 from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded
-from streams.features.definitions import FEATURE_NAMES
+from streams.features.definitions import FEATURE_NAMES, VIEWS, view_key
+from streams.features.offline import content_hash
 from streams.kafka import producer_config
 from streams.stages.inference import DECISION_THRESHOLD, MODEL_NAME, model_version_name
 
 log = logging.getLogger(__name__)
 
 TRAINING_SET = """
-SELECT s.features, l.is_fraud, toUnixTimestamp64Milli(s.ts) AS ts_ms
+SELECT s.features, l.is_fraud, toUnixTimestamp64Milli(s.ts) AS ts_ms, s.payment_id
 FROM scored_features AS s FINAL
 INNER JOIN (SELECT payment_id, is_fraud FROM labels FINAL) AS l ON s.payment_id = l.payment_id
 WHERE s.ts >= fromUnixTimestamp64Milli({since:Int64})
-ORDER BY s.ts DESC
+ORDER BY s.ts DESC, s.payment_id
 LIMIT {limit:UInt32}
 """
+
+
+HYPERPARAMETERS: dict[str, Any] = {"hidden": [32, 16], "max_epochs": 60, "patience": 6, "batch_size": 256,
+                                   "lr": 3e-3, "val_fraction": 0.25}
 
 
 def _worker_init() -> None:
     torch.set_num_threads(1)  # the machine's other core serves the stream stages
 
 
-def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, path: Path) -> dict[str, float]:
-    """Train the MLP and write its ONNX export to ``path`` (runs in the training process).
+def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, path: Path,
+                     champion: str | None = None) -> dict[str, float]:
+    """Train the MLP, write its ONNX export to ``path`` and measure what the gates need (runs in the training
+    process).
 
-    Besides the trainer's metrics, records ``missed_fraud_val``: the share of validation frauds
-    scored below the decision threshold, the baseline the drift stage holds the model to."""
-    trained = train_mlp(X, y, ts, seed=seed)
+    Besides the trainer's metrics: ``missed_fraud_val`` (the share of validation frauds scored below the
+    decision threshold, the baseline the drift stage holds the model to), ``ece_val``, ``p99_ms`` (the ONNX
+    file scoring batches of 256 on CPU) and, when ``champion`` (its ONNX path) is given, the champion's
+    ``champion_auc_val`` and ``champion_ece_val`` on the same validation window."""
+    trained = train_mlp(X, y, ts, seed=seed, **HYPERPARAMETERS)
     export_onnx(trained.module, X.shape[1], path)
     metrics = {k: float(v) for k, v in trained.metrics.items()}
     n_val = int(metrics["n_val"])  # the split is the newest n_val rows by event time (X is sorted)
+    X_val, y_val = X[-n_val:], y[-n_val:]
     with torch.no_grad():
-        scores = trained.module(torch.from_numpy(X[-n_val:])).numpy()
-    frauds = y[-n_val:] == 1
+        scores = trained.module(torch.from_numpy(X_val)).numpy()
+    frauds = y_val == 1
     metrics["frauds_val"] = float(frauds.sum())
     metrics["missed_fraud_val"] = float((scores[frauds] < DECISION_THRESHOLD).mean()) if frauds.any() else float("nan")
+    metrics["ece_val"] = expected_calibration_error(y_val, scores)
+    metrics["p99_ms"] = p99_latency_ms(OnnxScorer(path, "candidate", prefer_gpu=False), X_val)
+    if champion is not None:
+        champion_scores = OnnxScorer(Path(champion), "champion", prefer_gpu=False).predict(X_val)
+        metrics["champion_auc_val"] = roc_auc(y_val, champion_scores)
+        metrics["champion_ece_val"] = expected_calibration_error(y_val, champion_scores)
     return metrics
+
+
+def p99_latency_ms(scorer: OnnxScorer, X: np.ndarray, batch: int = 256, repeats: int = 100) -> float:
+    """p99 of ``scorer.predict`` on batches of ``batch`` rows of ``X`` (tiled when shorter), after a warm-up."""
+    rows = np.ascontiguousarray(np.resize(X, (batch, X.shape[1])), dtype=np.float32)
+    scorer.predict(rows)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        scorer.predict(rows)
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+    return float(np.percentile(times, 99))
 
 
 class RetrainStage:
@@ -77,8 +121,9 @@ class RetrainStage:
     slow = True  # training takes seconds to minutes: the runner keeps the consumer alive meanwhile
 
     def __init__(self, ch: ClickHouse, registry: ModelRegistry, *, window_rows: int = 4000, min_rows: int = 300,
-                 seed: int = 0, clock: Callable[[], float] = time.time) -> None:
+                 seed: int = 0, clock: Callable[[], float] = time.time, policy: GatePolicy = GatePolicy()) -> None:
         self.ch = ch
+        self.policy = policy
         self.registry = registry
         self.window_rows = window_rows
         self.min_rows = min_rows
@@ -104,57 +149,85 @@ class RetrainStage:
         if reasons:
             self.busy = True
             try:
-                version = self.train(", ".join(r for r, _ in reasons), min(s for _, s in reasons))
+                transitions = self.train(", ".join(r for r, _ in reasons), min(s for _, s in reasons))
             finally:
                 self.busy = False
-            if version is not None:
-                result.produce.append(self._announce(version))
+            result.produce.extend(self._announce(v, why) for v, why in transitions)
         return result
 
-    def training_set(self, since_ms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def training_set(self, since_ms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """(X, y, event times) sorted by time, and the SHA-256 of their content (with the payment ids)."""
         rows = self.ch.rows(TRAINING_SET, {"since": since_ms, "limit": self.window_rows})
         X = np.asarray([r[0] for r in rows], dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))
         y = np.asarray([r[1] for r in rows], dtype=np.float32)
         ts = np.asarray([r[2] for r in rows], dtype=np.int64)
+        ids = [str(r[3]) for r in rows]
         order = np.argsort(ts, kind="stable")
-        return X[order], y[order], ts[order]
+        content = content_hash(X[order], y[order], [ids[i] for i in order], ts[order], FEATURE_NAMES)
+        return X[order], y[order], ts[order], content
 
-    def train(self, reason: str, since_ms: int = 0) -> ModelVersion | None:
-        """One training run; returns the registered version, or None (logged) when the data cannot train one."""
-        X, y, ts = self.training_set(since_ms)
+    def train(self, reason: str, since_ms: int = 0) -> list[tuple[ModelVersion, str]]:
+        """One training run: register the model as a candidate, judge it with the gates, promote it to
+        production if they pass. Returns the transitions to announce (none when the data cannot train one)."""
+        X, y, ts, content = self.training_set(since_ms)
         run: dict[str, Any] = {"reason": reason, "rows": len(y), "positives": int(y.sum())}
         self.runs.append(run)
         if len(y) < self.min_rows or y.min(initial=1) == y.max(initial=0):
             run["skipped"] = f"{len(y)} labelled rows, {int(y.sum())} positive: not enough to train"
             log.warning("retrain skipped: %s", run["skipped"])
-            return None
+            return []
+        champion = self.registry.latest(MODEL_NAME, stage="production")
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
             try:
-                metrics = self._pool.submit(train_and_export, X, y, ts, self.seed, path).result()
+                metrics = self._pool.submit(train_and_export, X, y, ts, self.seed, path,
+                                            champion.artifact_uri if champion else None).result()
             except ValueError as exc:  # e.g. the time-based split left one class in the training part
                 run["skipped"] = str(exc)
                 log.warning("retrain skipped: %s", exc)
-                return None
+                return []
             metrics["train_seconds"] = time.perf_counter() - started
-            lineage = {
-                "reason": reason, "rows": str(len(y)), "features": ",".join(FEATURE_NAMES),
-                "ts_min_ms": str(int(ts.min())), "ts_max_ms": str(int(ts.max())), "seed": str(self.seed),
-            }
-            version = self.registry.register(MODEL_NAME, path, metrics=metrics, lineage=lineage, stage="production")
-        run.update(version=version.version, **metrics)
-        log.warning("retrained %s on %d rows (%s): %s", model_version_name(version.version), len(y), reason, metrics)
-        return version
+            decision = decide(metrics, self.policy)
+            metrics |= decision.as_metrics()
+            lineage = self.lineage(reason, X, y, ts, content, champion)
+            version = self.registry.register(MODEL_NAME, path, metrics=metrics, lineage=lineage, stage="candidate")
+        run.update(version=version.version, gates=decision.summary(), **metrics)
+        transitions = [(version, f"registered after a retrain request ({reason})")]
+        if decision.passed:
+            version = self.registry.set_stage(MODEL_NAME, version.version, "production")
+            transitions.append((version, f"gates passed: {decision.summary()}"))
+            run["promoted"] = True
+            log.warning("retrained %s on %d rows (%s), promoted: %s", model_version_name(version.version), len(y),
+                        reason, decision.summary())
+        else:
+            run["blocked"] = decision.failed()
+            log.warning("retrained %s on %d rows (%s), NOT promoted: %s", model_version_name(version.version),
+                        len(y), reason, decision.failed())
+        return transitions
+
+    def lineage(self, reason: str, X: np.ndarray, y: np.ndarray, ts: np.ndarray, content: str,
+                champion: ModelVersion | None) -> dict[str, str]:
+        """Everything needed to trace the model to its data and code."""
+        return {
+            "reason": reason, "rows": str(len(y)), "positives": str(int(y.sum())), "features": ",".join(FEATURE_NAMES),
+            "ts_min_ms": str(int(ts.min())), "ts_max_ms": str(int(ts.max())), "training_set_sha256": content,
+            "training_set": "scored_features (vectors as served) joined with labels",
+            "feature_views": ",".join(f"{view_key(v)}@{v.fingerprint}" for v in VIEWS),
+            "code_version": code_version(), "seed": str(self.seed),
+            "hyperparameters": json.dumps(HYPERPARAMETERS, sort_keys=True),
+            "champion": "" if champion is None else model_version_name(champion.version),
+        }
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _announce(self, v: ModelVersion) -> Produce:
+    def _announce(self, v: ModelVersion, reason: str) -> Produce:
         event = {
             "event_id": str(uuid.uuid4()), "ts": int(self.clock() * 1000), "model_name": v.name,
             "version": v.version, "stage": v.stage, "artifact_uri": v.artifact_uri, "sha256": v.sha256,
-            "metrics": {k: float(x) for k, x in v.metrics.items()},
+            "metrics": {k: float(x) for k, x in v.metrics.items()}, "actor": self.step_id, "reason": reason,
+            "lineage": dict(v.lineage),
         }
         return Produce(T.MODEL_EVENTS, v.name.encode(), self._out.encode(event))
 

@@ -1,5 +1,5 @@
 """The ``weir`` command: ``weir up`` (stack + every stage until Ctrl-C), ``weir demo``,
-``weir schemas check``, ``weir dlq inspect|replay``, ``weir replay`` and ``weir features list|describe|training-set``."""
+``weir schemas check``, ``weir dlq inspect|replay``, ``weir replay``, ``weir models`` and ``weir features list|describe|training-set``."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--fraud-rate", type=float, default=0.045, help="share of payments that are fraud")
     d.add_argument("--summary-json", type=Path, default=None, help="default: <data dir>/demo-summary.json")
     d.add_argument("--no-progress", action="store_true")
-    from streams import dlq, replay
+    from streams import dlq, models_cli, replay
     from streams.features import cli as features
     from streams.features import offline
     from streams.registry import check
@@ -72,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_parser(sub)
     dlq.add_parser(sub)
     replay.add_parser(sub)
+    models_cli.add_parser(sub)
     offline.add_training_set_parser(features.add_parser(sub))
     return p
 

@@ -15,6 +15,7 @@ ALERTS = "alerts"
 RETRAIN = "retrain"
 MODEL_EVENTS = "model.events"
 MODEL_METRICS = "model.metrics"
+MODEL_COMMANDS = "model.commands"
 
 # internal, micro-batched per partition (Weir's own business, see DESIGN.md)
 I_CLICKS = "weir.clicks"
@@ -26,7 +27,7 @@ I_FEATURE_LOG = "weir.feature_log"
 REPLAY = "weir.replay"  # `weir replay`: river datasets, one partition, created on demand
 
 PUBLIC = [CLICKS, *(f"cdc.{t}" for t in CDC_TABLES), LABELS, PREDICTIONS, PREDICTIONS_ONLINE, ALERTS, RETRAIN,
-          MODEL_EVENTS, MODEL_METRICS]
+          MODEL_EVENTS, MODEL_METRICS, MODEL_COMMANDS]
 INTERNAL = [I_CLICKS, I_PAYMENTS, I_SCORING, I_SCORED, I_OUTCOMES, I_FEATURE_LOG]
 DLQ = [f"dlq.{t}" for t in PUBLIC + INTERNAL]
 ALL = PUBLIC + INTERNAL + DLQ

@@ -39,6 +39,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from confluent_kafka import Producer
 
+from models.base import InvalidModelInput, ModelIntegrityError
 from models.export import export_onnx
 from models.gates import GatePolicy, decide, expected_calibration_error
 from models.lineage import code_version
@@ -46,6 +47,7 @@ from models.metrics import roc_auc
 from models.registry import ModelRegistry, ModelVersion
 from models.scorer import OnnxScorer
 from models.train import train_mlp
+from models.variants import evaluate_variants, report_metrics
 from sinks.clickhouse import ClickHouse
 from streams import topics as T
 from streams.base import Message, Produce, StepResult
@@ -67,6 +69,10 @@ LIMIT {limit:UInt32}
 """
 
 
+class CommandRefused(ValueError):
+    """A model command that cannot be carried out, with the reason a person can act on."""
+
+
 HYPERPARAMETERS: dict[str, Any] = {"hidden": [32, 16], "max_epochs": 60, "patience": 6, "batch_size": 256,
                                    "lr": 3e-3, "val_fraction": 0.25}
 
@@ -76,13 +82,15 @@ def _worker_init() -> None:
 
 
 def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, path: Path,
-                     champion: str | None = None) -> dict[str, float]:
+                     champion: str | None = None) -> tuple[dict[str, float], list[tuple[int, float, float, float]]]:
     """Train the MLP, write its ONNX export to ``path`` and measure what the gates need (runs in the training
-    process).
+    process). Returns the metrics and the learning curve ((epoch, train loss, validation loss, validation AUC)
+    per epoch).
 
     Besides the trainer's metrics: ``missed_fraud_val`` (the share of validation frauds scored below the
-    decision threshold, the baseline the drift stage holds the model to), ``ece_val``, ``p99_ms`` (the ONNX
-    file scoring batches of 256 on CPU) and, when ``champion`` (its ONNX path) is given, the champion's
+    decision threshold, the baseline the drift stage holds the model to), ``ece_val``, the FP32 and INT8
+    variants' parity, latency, accuracy and size (:func:`models.variants.report_metrics`; ``p99_ms`` is the
+    FP32 file's, batches of 256 on CPU) and, when ``champion`` (its ONNX path) is given, the champion's
     ``champion_auc_val`` and ``champion_ece_val`` on the same validation window."""
     trained = train_mlp(X, y, ts, seed=seed, **HYPERPARAMETERS)
     export_onnx(trained.module, X.shape[1], path)
@@ -95,29 +103,19 @@ def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, pa
     metrics["frauds_val"] = float(frauds.sum())
     metrics["missed_fraud_val"] = float((scores[frauds] < DECISION_THRESHOLD).mean()) if frauds.any() else float("nan")
     metrics["ece_val"] = expected_calibration_error(y_val, scores)
-    metrics["p99_ms"] = p99_latency_ms(OnnxScorer(path, "candidate", prefer_gpu=False), X_val)
+    # FP32 (served) and INT8 variants: parity with torch, latency, accuracy and size, recorded at registration
+    metrics |= report_metrics(evaluate_variants(trained.module, path, X_val, y_val, out_dir=path.parent))
+    metrics["p99_ms"] = metrics["fp32_p99_ms"]  # what the latency gate reads: the variant that serves
     if champion is not None:
         champion_scores = OnnxScorer(Path(champion), "champion", prefer_gpu=False).predict(X_val)
         metrics["champion_auc_val"] = roc_auc(y_val, champion_scores)
         metrics["champion_ece_val"] = expected_calibration_error(y_val, champion_scores)
-    return metrics
-
-
-def p99_latency_ms(scorer: OnnxScorer, X: np.ndarray, batch: int = 256, repeats: int = 100) -> float:
-    """p99 of ``scorer.predict`` on batches of ``batch`` rows of ``X`` (tiled when shorter), after a warm-up."""
-    rows = np.ascontiguousarray(np.resize(X, (batch, X.shape[1])), dtype=np.float32)
-    scorer.predict(rows)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter_ns()
-        scorer.predict(rows)
-        times.append((time.perf_counter_ns() - t0) / 1e6)
-    return float(np.percentile(times, 99))
+    return metrics, trained.curve
 
 
 class RetrainStage:
     step_id = "retrain"
-    topics = (T.RETRAIN,)
+    topics = (T.RETRAIN, T.MODEL_COMMANDS)
     slow = True  # training takes seconds to minutes: the runner keeps the consumer alive meanwhile
 
     def __init__(self, ch: ClickHouse, registry: ModelRegistry, *, window_rows: int = 4000, min_rows: int = 300,
@@ -137,13 +135,16 @@ class RetrainStage:
         self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_worker_init)
         self._pool.submit(int)  # the pool starts its worker lazily: start it now
-        self._in = {T.RETRAIN: AvroCodec(T.RETRAIN)}
+        self._in = {T.RETRAIN: AvroCodec(T.RETRAIN), T.MODEL_COMMANDS: AvroCodec(T.MODEL_COMMANDS)}
         self._out = AvroCodec(T.MODEL_EVENTS)
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         reasons = []
-        for _, req in decoded(batch, self._in, result):
+        for msg, req in decoded(batch, self._in, result):
+            if msg.topic == T.MODEL_COMMANDS:
+                result.produce.append(self.command(req))
+                continue
             since = req["since_ts"]
             reasons.append((req["reason"], int(since.timestamp() * 1000) if since else 0))
         if reasons:
@@ -181,8 +182,8 @@ class RetrainStage:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
             try:
-                metrics = self._pool.submit(train_and_export, X, y, ts, self.seed, path,
-                                            champion.artifact_uri if champion else None).result()
+                metrics, curve = self._pool.submit(train_and_export, X, y, ts, self.seed, path,
+                                                   champion.artifact_uri if champion else None).result()
             except ValueError as exc:  # e.g. the time-based split left one class in the training part
                 run["skipped"] = str(exc)
                 log.warning("retrain skipped: %s", exc)
@@ -190,7 +191,8 @@ class RetrainStage:
             metrics["train_seconds"] = time.perf_counter() - started
             decision = decide(metrics, self.policy)
             metrics |= decision.as_metrics()
-            lineage = self.lineage(reason, X, y, ts, content, champion)
+            lineage = self.lineage(reason, X, y, ts, content, champion) | {
+                "gates": decision.summary(), "learning_curve": json.dumps([[round(x, 6) for x in row] for row in curve])}
             version = self.registry.register(MODEL_NAME, path, metrics=metrics, lineage=lineage, stage="candidate")
         run.update(version=version.version, gates=decision.summary(), **metrics)
         transitions = [(version, f"registered after a retrain request ({reason})")]
@@ -219,14 +221,60 @@ class RetrainStage:
             "champion": "" if champion is None else model_version_name(champion.version),
         }
 
+    # --- a person's commands (weir models promote|rollback): this stage is the registry's one writer ---
+
+    def command(self, cmd: dict[str, Any]) -> Produce:
+        """Execute a ``model.commands`` record; the result (the transition, or why it was refused) is one
+        ``model.events`` record whose reason names the command."""
+        asked = f"{cmd['reason']} (command {cmd['command_id']})"
+        try:
+            if cmd["action"] == "promote":
+                v = self.promote(cmd["model_name"], cmd["version"], cmd["stage"], force=cmd["force"])
+                forced = cmd["force"] and v.metrics.get("gates_passed") != 1.0
+                return self._announce(v, ("FORCED past failed gates: " if forced else "") + asked, cmd["actor"])
+            if cmd["action"] == "rollback":
+                return self._announce(self.rollback(cmd["model_name"]), f"rollback: {asked}", cmd["actor"])
+            raise CommandRefused(f"unknown action {cmd['action']!r} (promote or rollback)")
+        except (CommandRefused, KeyError, ModelIntegrityError, InvalidModelInput) as exc:
+            detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError quotes its str
+            log.warning("model command refused: %s", detail)
+            return self._refusal(cmd, f"refused: {detail}; asked: {asked}")
+
+    def promote(self, name: str, version: int, stage: str, *, force: bool = False) -> ModelVersion:
+        """Move a version to ``stage``; to canary or production only if its gates passed (or ``force``)."""
+        mv = self.registry.get(name, version)  # KeyError if unknown; the artifact's checksum is verified
+        if stage in ("canary", "production") and mv.metrics.get("gates_passed") != 1.0 and not force:
+            raise CommandRefused(f"{name} v{version} did not pass its gates ({mv.lineage.get('gates', 'not gated')}); "
+                                 "promote with --force and a reason to override")
+        return self.registry.set_stage(name, version, stage)
+
+    def rollback(self, name: str) -> ModelVersion:
+        """Put back the production version that preceded the current one (from the audit log)."""
+        current = self.registry.latest(name, stage="production")
+        if current is None:
+            raise CommandRefused(f"{name} has no production version to roll back")
+        history = [int(v) for (v,) in self.ch.rows(
+            "SELECT version FROM model_events FINAL WHERE model_name = {n:String} AND stage = 'production' "
+            "ORDER BY ts DESC", {"n": name})]
+        previous = next((v for v in history if v != current.version), None)
+        if previous is None:
+            raise CommandRefused(f"{name} v{current.version} is the only version that was ever in production")
+        return self.registry.set_stage(name, previous, "production")
+
+    def _refusal(self, cmd: dict[str, Any], reason: str) -> Produce:
+        event = {"event_id": str(uuid.uuid4()), "ts": int(self.clock() * 1000), "model_name": cmd["model_name"],
+                 "version": cmd["version"], "stage": "refused", "artifact_uri": "", "sha256": "", "metrics": {},
+                 "actor": cmd["actor"], "reason": reason, "lineage": {}}
+        return Produce(T.MODEL_EVENTS, cmd["model_name"].encode(), self._out.encode(event))
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _announce(self, v: ModelVersion, reason: str) -> Produce:
+    def _announce(self, v: ModelVersion, reason: str, actor: str = "retrain") -> Produce:
         event = {
             "event_id": str(uuid.uuid4()), "ts": int(self.clock() * 1000), "model_name": v.name,
             "version": v.version, "stage": v.stage, "artifact_uri": v.artifact_uri, "sha256": v.sha256,
-            "metrics": {k: float(x) for k, x in v.metrics.items()}, "actor": self.step_id, "reason": reason,
+            "metrics": {k: float(x) for k, x in v.metrics.items()}, "actor": actor, "reason": reason,
             "lineage": dict(v.lineage),
         }
         return Produce(T.MODEL_EVENTS, v.name.encode(), self._out.encode(event))

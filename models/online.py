@@ -1,7 +1,8 @@
 """Online (one-example-at-a-time) learners built on river.
 
 :class:`RiverLearner` wraps one river pipeline chosen by name from
-:data:`SPECS`. It satisfies :class:`models.base.OnlineLearner`.
+:data:`SPECS`, or declared as text (:func:`parse_pipeline`), e.g. in
+``WEIR_ONLINE_MODEL``. It satisfies :class:`models.base.OnlineLearner`.
 
 >>> learner = RiverLearner("logreg")
 >>> learner.predict_proba_one({"amount": 1.0})
@@ -14,9 +15,12 @@ True
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +69,67 @@ SPECS: dict[str, Builder] = {
 """Named river pipelines. A builder takes ``seed`` plus its own keyword hyperparameters."""
 
 
+# river modules a declared pipeline may name (classes are looked up in these modules only)
+PIPELINE_MODULES = ("preprocessing", "linear_model", "tree", "forest", "ensemble", "naive_bayes", "neighbors",
+                    "optim", "feature_extraction", "imblearn", "compose", "drift")
+
+
+def parse_pipeline(spec: str, seed: int) -> _RiverClassifier:
+    """Build a river pipeline declared as text: steps joined by ``|``, each ``module.Class(args)``.
+
+    Arguments are Python literals or nested ``module.Class(...)`` calls; nothing
+    else is evaluated (no names, attributes or expressions), and the modules are
+    limited to :data:`PIPELINE_MODULES`. A class that takes ``seed`` gets the
+    learner's seed unless the spec sets one.
+
+    >>> p = parse_pipeline("preprocessing.StandardScaler() | linear_model.LogisticRegression("
+    ...                    "optimizer=optim.SGD(0.05), l2=0.001)", seed=1)
+    >>> type(p).__name__, [type(s).__name__ for s in p.steps.values()]
+    ('Pipeline', ['StandardScaler', 'LogisticRegression'])
+    """
+    steps = [_build(_parse(part, spec), seed, spec) for part in spec.split("|")]
+    model = steps[0]
+    for step in steps[1:]:
+        model = model | step
+    return cast(_RiverClassifier, model)
+
+
+def _parse(step: str, spec: str) -> ast.expr:
+    try:
+        return ast.parse(step.strip(), mode="eval").body
+    except SyntaxError as exc:
+        raise InvalidModelInput(f"pipeline {spec!r}: step {step.strip()!r} is not valid: {exc.msg}") from None
+
+
+def _build(node: ast.expr, seed: int, spec: str) -> Any:
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name) and node.func.value.id in PIPELINE_MODULES):
+        raise InvalidModelInput(f"pipeline {spec!r}: each step must be module.Class(...) with the module one of "
+                                f"{', '.join(PIPELINE_MODULES)}; got {ast.unparse(node)!r}")
+    module = importlib.import_module(f"river.{node.func.value.id}")
+    cls = getattr(module, node.func.attr, None)
+    if not isinstance(cls, type):
+        raise InvalidModelInput(f"pipeline {spec!r}: river.{node.func.value.id} has no class {node.func.attr!r}")
+    args = [_value(a, seed, spec) for a in node.args]
+    kwargs = {k.arg: _value(k.value, seed, spec) for k in node.keywords if k.arg is not None}
+    if "seed" not in kwargs and "seed" in inspect.signature(cls).parameters:
+        kwargs["seed"] = seed
+    try:
+        return cls(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InvalidModelInput(f"pipeline {spec!r}: {cls.__name__}: {exc}") from exc
+
+
+def _value(node: ast.expr, seed: int, spec: str) -> Any:
+    if isinstance(node, ast.Call):
+        return _build(node, seed, spec)
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        raise InvalidModelInput(f"pipeline {spec!r}: {ast.unparse(node)!r} is neither a literal nor a "
+                                "module.Class(...) call") from None
+
+
 class RiverLearner:
     """A river classifier for binary fraud labels, selected by name from :data:`SPECS`.
 
@@ -75,12 +140,18 @@ class RiverLearner:
     """
 
     def __init__(self, model: str = "logreg", seed: int = 42, **params: Any) -> None:
-        if model not in SPECS:
-            raise InvalidModelInput(f"unknown online model {model!r}; choose one of {sorted(SPECS)}")
         self.model = model
         self.seed = seed
         self.params = dict(params)
-        self._pipeline: _RiverClassifier = SPECS[model](seed, **params)
+        if model in SPECS:
+            self._pipeline: _RiverClassifier = SPECS[model](seed, **params)
+        elif "(" in model:
+            if params:
+                raise InvalidModelInput("a declared pipeline carries its hyperparameters in its text, not in params")
+            self._pipeline = parse_pipeline(model, seed)
+        else:
+            raise InvalidModelInput(f"unknown online model {model!r}; choose one of {sorted(SPECS)} or declare a "
+                                    "pipeline, e.g. 'preprocessing.StandardScaler() | linear_model.LogisticRegression()'")
         self.n_learned = 0
 
     def __repr__(self) -> str:

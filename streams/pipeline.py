@@ -9,6 +9,7 @@ external services every stage can run in a process of its own
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import threading
 import time
@@ -89,6 +90,13 @@ def ingest_stage(c: PipelineConfig, redis_url: str) -> IngestStage:
     return IngestStage(c.partitions, dedup=dedup, pseudonymizer=Pseudonymizer(c.pseudonym_key), event_time=guard)
 
 
+def online_version(model: str) -> str:
+    """The online model's version name: ``river-<name>``, or ``river-<hash>`` for a declared pipeline."""
+    if "(" not in model:
+        return f"river-{model}"
+    return "river-" + hashlib.sha256(" ".join(model.split()).encode()).hexdigest()[:10]
+
+
 @dataclass
 class Pipeline:
     endpoints: Endpoints
@@ -133,7 +141,7 @@ class Pipeline:
         if "learn" in wanted:
             learner = RiverLearner(c.online_model, seed=c.seed)
             snaps = SignedSnapshots.from_url(e.redis_url, c.pseudonym_key)  # the model survives a restart
-            self._run(LearnStage(learner, f"river-{c.online_model}", snapshots=snaps,
+            self._run(LearnStage(learner, online_version(c.online_model), snapshots=snaps,
                                  checkpoint_every_s=c.learn_checkpoint_s))
         if "drift" in wanted:
             self._run(DriftStage(c.drift_delta, cooldown=c.drift_cooldown))

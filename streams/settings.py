@@ -41,6 +41,10 @@ class WeirSettings(BaseSettings):
     features_checkpoint_s: float = Field(
         5.0, gt=0, description="How often the features stage snapshots its window state to Redis (after a commit)."
     )
+    online_model: str = Field(
+        "logreg", description="The learn stage's river model: a name (logreg, hoeffding_adaptive, arf) or a declared "
+        "pipeline, e.g. 'preprocessing.StandardScaler() | linear_model.LogisticRegression(l2=0.001)'."
+    )
     learn_checkpoint_s: float = Field(
         30.0, gt=0, description="How often the learn stage snapshots its online model, metric and pending label "
         "joins to Redis (signed; after a commit)."

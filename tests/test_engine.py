@@ -141,7 +141,8 @@ def test_compiled_view_matches_its_declaration(raw: list[tuple[str, int, str, st
         got = state.values(e["k"], at=e["ts_ms"])
         assert got is not None and got[0] == e["ts_ms"]
         for f, a, b in zip(SINK.specs, got[1], values, strict=True):
-            assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6), (f.name, a, b)
+            # std from exactly rounded sums of x and x²: absolute error below ~1e-7 * max|x| (|x| <= 100 here)
+            assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-5 if f.agg is Agg.STD else 1e-6), (f.name, a, b)
 
 
 def test_the_lanes_share_storage_where_the_fields_allow() -> None:

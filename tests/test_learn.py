@@ -144,3 +144,17 @@ def test_a_restarted_learner_continues_from_its_snapshot(endpoints: Endpoints) -
 def _online_scores_of(msgs: list[Message]) -> list[str]:
     """The payments (scored records) among ``msgs``: one online prediction each."""
     return [m.topic for m in msgs if m.topic == T.I_SCORED]
+
+
+def test_joins_are_given_up_after_the_horizon() -> None:
+    """A payment whose label never comes, and a label whose payment was never scored, do not wait forever."""
+    payments = _payments(50, seed=2)
+    stage = LearnStage(RiverLearner("logreg"), "v", join_horizon_ms=10)  # payments are 1 ms apart
+    scored, labels = AvroCodec(T.I_SCORED), AvroCodec(T.LABELS)
+    msgs = [Message(T.I_SCORED, 0, i, None, scored.encode({"items": [item]}), 0) for i, (item, _) in enumerate(payments)]
+    orphan = {"event_id": "x", "payment_id": "never-scored", "is_fraud": True, "payment_ts": T0, "label_ts": T0}
+    late = {**orphan, "payment_id": "also-never", "label_ts": T0 + 11}
+    msgs += [Message(T.LABELS, 0, i, None, labels.encode(lb), 0) for i, lb in enumerate((orphan, late))]
+    stage.handle(msgs)
+    assert stage.expired == {"unlabelled": 39, "unscored_labels": 1}  # ts 0..38 are > 10 ms behind ts 49
+    assert len(stage.pending) == 11 and list(stage.early_labels) == ["also-never"]

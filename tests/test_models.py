@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.base import BatchScorer, ModelIntegrityError, OnlineLearner
+from models.base import BatchScorer, InvalidModelInput, ModelIntegrityError, OnlineLearner
 from models.export import export_onnx, max_abs_diff_vs_torch, sha256_file
 from models.metrics import log_loss, roc_auc
 from models.online import SPECS, RiverLearner
@@ -129,7 +129,11 @@ def progressive_run(learner: RiverLearner, n: int = 1500) -> tuple[list[bool], l
     return ys, scores
 
 
-@pytest.mark.parametrize("model", sorted(SPECS))
+DECLARED = ["preprocessing.StandardScaler() | linear_model.LogisticRegression(optimizer=optim.SGD(0.05), l2=0.0)",
+            "preprocessing.StandardScaler() | forest.ARFClassifier(n_models=3)"]
+
+
+@pytest.mark.parametrize("model", [*sorted(SPECS), *DECLARED])
 def test_river_learner_conformance(model: str) -> None:
     learner = RiverLearner(model, seed=7)
     assert isinstance(learner, OnlineLearner)
@@ -151,6 +155,19 @@ def test_river_learner_conformance(model: str) -> None:
     progressive_run(twin)
     np.testing.assert_array_equal(twin.predict_many(probe), expected)
     assert learner.clone(seed=8).seed == 8
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("os.system('true')", "module one of"),
+    ("linear_model.LogisticRegression(l2=__import__('os'))", "module one of"),
+    ("linear_model.LogisticRegression(l2=x + 1)", "neither a literal"),
+    ("linear_model.NoSuchModel()", "has no class"),
+    ("linear_model.LogisticRegression(no_such_arg=1)", "LogisticRegression"),
+    ("preprocessing.StandardScaler() | ", "is not valid"),
+])
+def test_a_declared_pipeline_runs_nothing_but_river_classes(spec: str, words: str) -> None:
+    with pytest.raises(InvalidModelInput, match=words):
+        RiverLearner(spec)
 
 
 def test_river_learn_many_equals_learn_one_loop() -> None:

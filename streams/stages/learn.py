@@ -5,7 +5,10 @@ and ``labels.fraud``. For every scored payment it publishes the online
 learner's score (test, then train) to ``predictions.fraud.online``; when the
 label arrives it learns from the served features and emits an outcome
 (label, champion score, online score) to ``weir.outcomes`` for the drift
-stage. A label may arrive before its scored record: it waits, bounded.
+stage. A label may arrive before its scored record: it waits. Both waits are
+bounded: by count (``max_pending``) and by ``join_horizon_ms`` of event time (a
+scored payment still without a label when newer payments are that much later,
+or a label without its scored record, is given up and counted in ``expired``).
 
 Co-partitioning: both inputs must reach the same worker for a payment; with
 one learn worker (the default) that always holds.
@@ -50,12 +53,29 @@ OFFSET_BEGINNING = -2  # librdkafka's logical offset: the log's first retained r
 ONLINE_MODEL = "fraud-online"
 
 
+def _ms(ts: datetime | int) -> int:
+    """Milliseconds since the epoch of a decoded ``timestamp-millis`` (fastavro gives aware datetimes)."""
+    return ts if isinstance(ts, int) else int(ts.timestamp() * 1000)
+
+
 class BoundedMap(OrderedDict[str, Any]):
     """Insertion-ordered map that forgets its oldest entries past ``limit``."""
 
     def __init__(self, limit: int = 500_000) -> None:  # a default: unpickling calls it without arguments
         super().__init__()
         self.limit = limit
+
+    def expire(self, cutoff: int, ts_of: Callable[[Any], int]) -> int:
+        """Drop the oldest entries while their time (``ts_of(value)``, ms) is below ``cutoff``; returns how many.
+        Entries are in arrival order, which is close to time order: the scan stops at the first newer one."""
+        dropped = 0
+        while self:
+            key = next(iter(self))
+            if ts_of(self[key]) >= cutoff:
+                break
+            del self[key]
+            dropped += 1
+        return dropped
 
     def put(self, key: str, value: Any) -> None:
         self[key] = value
@@ -76,7 +96,8 @@ class LearnStage:
     topics = (T.I_SCORED, T.LABELS)
 
     def __init__(self, learner: RiverLearner, version: str, *, metric: str = "rocauc", publish_every: int = 500,
-                 max_pending: int = 500_000, clock: Callable[[], float] = time.time,
+                 max_pending: int = 500_000, join_horizon_ms: int = 24 * 3_600_000,
+                 clock: Callable[[], float] = time.time,
                  snapshots: SignedSnapshots | None = None, checkpoint_every_s: float = 30.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.learner = learner
@@ -95,6 +116,9 @@ class LearnStage:
         self.clock = clock
         self.pending: BoundedMap = BoundedMap(max_pending)  # payment id -> scored record + online score
         self.early_labels: BoundedMap = BoundedMap(max_pending)  # payment id -> label
+        self.join_horizon_ms = join_horizon_ms
+        self.expired = {"unlabelled": 0, "unscored_labels": 0}  # joins given up after the horizon
+        self._newest_scored = self._newest_label = 0
         self.learned = 0
         self._codecs = {T.I_SCORED: AvroCodec(T.I_SCORED), T.LABELS: AvroCodec(T.LABELS)}
         self._pred = AvroCodec(T.PREDICTIONS_ONLINE)
@@ -171,7 +195,8 @@ class LearnStage:
         self._next_checkpoint = self._monotonic() + self.checkpoint_every_s
         assert self.snapshots is not None
         state = {"positions": dict(self.positions), "evaluator": self.evaluator, "pending": self.pending,
-                 "early": self.early_labels, "learned": self.learned}
+                 "early": self.early_labels, "learned": self.learned, "expired": dict(self.expired),
+                 "newest": (self._newest_scored, self._newest_label)}
         try:
             self.snapshots.save(self.snapshot_name, state)
         except redis.RedisError as exc:
@@ -195,6 +220,8 @@ class LearnStage:
         self.evaluator = state["evaluator"]
         self.learner = self.evaluator.learner
         self.pending, self.early_labels, self.learned = state["pending"], state["early"], state["learned"]
+        self.expired = dict(state.get("expired", {"unlabelled": 0, "unscored_labels": 0}))
+        self._newest_scored, self._newest_label = state.get("newest", (0, 0))
 
     def _scored(self, item: dict[str, Any], result: StepResult) -> None:
         x = dict(zip(FEATURE_NAMES, item["features"]))
@@ -212,6 +239,10 @@ class LearnStage:
         label = self.early_labels.pop(item["payment_id"], None)
         if label is None:
             self.pending.put(item["payment_id"], entry)
+            if item["ts_ms"] > self._newest_scored:
+                self._newest_scored = item["ts_ms"]
+                self.expired["unlabelled"] += self.pending.expire(
+                    self._newest_scored - self.join_horizon_ms, lambda e: int(e[1]["ts_ms"]))
         else:
             self._learn(entry, label, result)
 
@@ -219,6 +250,11 @@ class LearnStage:
         entry = self.pending.pop(label["payment_id"], None)
         if entry is None:
             self.early_labels.put(label["payment_id"], label)
+            label_ms = _ms(label["label_ts"])
+            if label_ms > self._newest_label:
+                self._newest_label = label_ms
+                self.expired["unscored_labels"] += self.early_labels.expire(
+                    label_ms - self.join_horizon_ms, lambda lb: _ms(lb["label_ts"]))
         else:
             self._learn(entry, label, result)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from river import metrics
 
 from models.online import RiverLearner
 from streams import topics as T
@@ -30,7 +31,7 @@ def _payments(n: int, seed: int = 5) -> list[tuple[dict[str, Any], bool]]:
         features = [float(np.float32(rng.gauss(0, 1))) for _ in FEATURE_NAMES]
         fraud = features[0] + 0.5 * features[5] + rng.gauss(0, 0.5) > 1.0
         out.append(({"event_id": f"e{i}", "payment_id": f"p{i}", "card_id": f"c{i % 7}", "ts_ms": T0 + i,
-                     "features": features, "score": 0.1, "model_version": "rules"}, fraud))
+                     "features": features, "score": round(rng.random(), 3), "model_version": "rules"}, fraud))
     return out
 
 
@@ -54,8 +55,15 @@ def test_progressive_metric_with_immediate_labels_is_rivers() -> None:
     assert stage.learned == 400 and stage.evaluator.value == river_metric(rows, "logreg", "rocauc", seed=42)
     codec = AvroCodec(T.MODEL_METRICS)
     published = [codec.decode(p.value) for p in result.produce if p.topic == T.MODEL_METRICS]
-    assert [m["labels"] for m in published] == [100, 200, 300, 400]
-    assert published[-1]["value"] == stage.evaluator.value and published[-1]["model_name"] == ONLINE_MODEL
+    online = [m for m in published if m["model_name"] == ONLINE_MODEL]
+    assert [m["labels"] for m in online] == [100, 200, 300, 400] and online[-1]["value"] == stage.evaluator.value
+    # beside it, the ROC AUC of the champion's served scores on the same labels (river's metric, fed directly)
+    champion = [m for m in published if m["model_name"] == "fraud"]
+    reference = metrics.ROCAUC()
+    for item, fraud in payments:
+        reference.update(fraud, {True: item["score"], False: 1.0 - item["score"]})
+    assert [m["labels"] for m in champion] == [100, 200, 300, 400] and champion[-1]["model_version"] == "rules"
+    assert champion[-1]["value"] == reference.get()
 
 
 def test_delayed_and_early_labels_use_the_prediction_made_when_served() -> None:

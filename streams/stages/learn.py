@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
+from river import metrics
 
 from models.online import RiverLearner
 from models.progressive import Prediction, ProgressiveEvaluator
@@ -51,6 +52,7 @@ TopicPartition = tuple[str, int]
 OFFSET_BEGINNING = -2  # librdkafka's logical offset: the log's first retained record
 
 ONLINE_MODEL = "fraud-online"
+CHAMPION_MODEL = "fraud"  # the batch model inference serves (streams.stages.inference.MODEL_NAME)
 
 
 def _ms(ts: datetime | int) -> int:
@@ -89,7 +91,8 @@ class LearnStage:
     The metric (``metric``, river's definition) is updated at each label with
     the prediction made when the payment was scored: river's delayed
     progressive validation. Every ``publish_every`` labels it is published to
-    ``model.metrics`` (and from there to the ClickHouse table ``model_metrics``).
+    ``model.metrics`` (and from there to the ClickHouse table ``model_metrics``),
+    with the ROC AUC of each champion version's served scores on the same labels.
     """
 
     step_id = "learn"
@@ -117,6 +120,7 @@ class LearnStage:
         self.pending: BoundedMap = BoundedMap(max_pending)  # payment id -> scored record + online score
         self.early_labels: BoundedMap = BoundedMap(max_pending)  # payment id -> label
         self.join_horizon_ms = join_horizon_ms
+        self.champions: dict[str, list[Any]] = {}  # champion version -> [ROC AUC of its served scores, labels]
         self.expired = {"unlabelled": 0, "unscored_labels": 0}  # joins given up after the horizon
         self._newest_scored = self._newest_label = 0
         self.learned = 0
@@ -196,6 +200,7 @@ class LearnStage:
         assert self.snapshots is not None
         state = {"positions": dict(self.positions), "evaluator": self.evaluator, "pending": self.pending,
                  "early": self.early_labels, "learned": self.learned, "expired": dict(self.expired),
+                 "champions": self.champions,
                  "newest": (self._newest_scored, self._newest_label)}
         try:
             self.snapshots.save(self.snapshot_name, state)
@@ -221,6 +226,7 @@ class LearnStage:
         self.learner = self.evaluator.learner
         self.pending, self.early_labels, self.learned = state["pending"], state["early"], state["learned"]
         self.expired = dict(state.get("expired", {"unlabelled": 0, "unscored_labels": 0}))
+        self.champions = state.get("champions", {})
         self._newest_scored, self._newest_label = state.get("newest", (0, 0))
 
     def _scored(self, item: dict[str, Any], result: StepResult) -> None:
@@ -261,10 +267,16 @@ class LearnStage:
     def _learn(self, entry: tuple[dict[str, float], dict[str, Any], float, Prediction], label: dict[str, Any],
                result: StepResult) -> None:
         x, item, online, prediction = entry
-        self.evaluator.train(x, bool(label["is_fraud"]), prediction)  # the metric, then learn_one
+        fraud = bool(label["is_fraud"])
+        self.evaluator.train(x, fraud, prediction)  # the metric, then learn_one
         self.learned += 1
+        champion = self.champions.setdefault(item["model_version"], [metrics.ROCAUC(), 0])  # type: ignore[no-untyped-call]
+        champion[0].update(fraud, {True: item["score"], False: 1.0 - item["score"]})  # the served score
+        champion[1] += 1
         if self.learned % self.publish_every == 0:
             result.produce.append(self.metric_record())
+            result.produce += [self._record(CHAMPION_MODEL, v, "rocauc", float(m.get()), n)
+                               for v, (m, n) in self.champions.items()]
         outcome = {
             "payment_id": item["payment_id"], "is_fraud": bool(label["is_fraud"]), "ts_ms": item["ts_ms"],
             "champion_score": item["score"], "champion_version": item["model_version"], "online_score": online,
@@ -272,11 +284,13 @@ class LearnStage:
         result.produce.append(Produce(T.I_OUTCOMES, item["payment_id"].encode(), self._outcome.encode(outcome)))
 
     def metric_record(self) -> Produce:
-        """The progressive metric now, as a ``model.metrics`` record."""
+        """The online model's progressive metric now, as a ``model.metrics`` record."""
         ev = self.evaluator
+        return self._record(ONLINE_MODEL, self.version, ev.metric_name, ev.value, ev.n)
+
+    def _record(self, model: str, version: str, metric: str, value: float, labels: int) -> Produce:
         record = {
-            "metric_id": f"{ONLINE_MODEL}:{self.version}:{ev.metric_name}:{self.learned}",
-            "ts": datetime.fromtimestamp(self.clock(), UTC), "model_name": ONLINE_MODEL,
-            "model_version": self.version, "metric": ev.metric_name, "value": ev.value, "labels": ev.n,
+            "metric_id": f"{model}:{version}:{metric}:{labels}", "ts": datetime.fromtimestamp(self.clock(), UTC),
+            "model_name": model, "model_version": version, "metric": metric, "value": value, "labels": labels,
         }
-        return Produce(T.MODEL_METRICS, ONLINE_MODEL.encode(), self._metric.encode(record))
+        return Produce(T.MODEL_METRICS, model.encode(), self._metric.encode(record))

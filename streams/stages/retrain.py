@@ -1,12 +1,13 @@
 """Retrain: train a challenger from ClickHouse, export it to ONNX, register it, gate it, announce it.
 
 Input: ``retrain`` requests (from the drift stage, the apscheduler cron, the
-bootstrap check, or a person). The training set is the newest
-``window_rows`` labelled payments with the feature vectors that were served
-when they were scored (``scored_features`` joined with ``labels``), so
-training sees exactly what serving saw. Requests in one batch coalesce into
-one training run, in a child process (seeded, early stopping, class weights:
-:func:`models.train.train_mlp`).
+bootstrap check, or a person). The training set is the feature platform's
+point-in-time set of the newest ``window_rows`` labelled payments: each
+payment's feature values as of its event time from ``feature_log``
+(:func:`streams.features.offline.training_set`; the card view is exactly what
+inference scored the payment with). Requests in one batch coalesce into one
+training run, in a child process (seeded, early stopping, class weights,
+progress logged every 5 epochs: :func:`models.train.train_mlp`).
 
 The new version is registered as a ``candidate`` with its lineage (training
 set time range, rows and content hash, feature views and their fingerprints,
@@ -53,21 +54,11 @@ from streams import topics as T
 from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.features.definitions import FEATURE_NAMES, VIEWS, view_key
-from streams.features.offline import content_hash
+from streams.features import offline
 from streams.kafka import producer_config
 from streams.stages.inference import DECISION_THRESHOLD, MODEL_NAME, model_version_name
 
 log = logging.getLogger(__name__)
-
-TRAINING_SET = """
-SELECT s.features, l.is_fraud, toUnixTimestamp64Milli(s.ts) AS ts_ms, s.payment_id
-FROM scored_features AS s FINAL
-INNER JOIN (SELECT payment_id, is_fraud FROM labels FINAL) AS l ON s.payment_id = l.payment_id
-WHERE s.ts >= fromUnixTimestamp64Milli({since:Int64})
-ORDER BY s.ts DESC, s.payment_id
-LIMIT {limit:UInt32}
-"""
-
 
 class CommandRefused(ValueError):
     """A model command that cannot be carried out, with the reason a person can act on."""
@@ -79,6 +70,13 @@ HYPERPARAMETERS: dict[str, Any] = {"hidden": [32, 16], "max_epochs": 60, "patien
 
 def _worker_init() -> None:
     torch.set_num_threads(1)  # the machine's other core serves the stream stages
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s retrain-worker: %(message)s")
+
+
+def _progress(epoch: int, loss_train: float, loss_val: float) -> None:
+    """Training progress, one line every 5 epochs (the worker process logs to stderr)."""
+    if epoch == 1 or epoch % 5 == 0:
+        log.info("epoch %d: train loss %.4f, validation loss %.4f", epoch, loss_train, loss_val)
 
 
 def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, path: Path,
@@ -92,7 +90,10 @@ def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, pa
     variants' parity, latency, accuracy and size (:func:`models.variants.report_metrics`; ``p99_ms`` is the
     FP32 file's, batches of 256 on CPU) and, when ``champion`` (its ONNX path) is given, the champion's
     ``champion_auc_val`` and ``champion_ece_val`` on the same validation window."""
-    trained = train_mlp(X, y, ts, seed=seed, **HYPERPARAMETERS)
+    log.info("training on %d rows (%d positive), %d features", len(y), int(y.sum()), X.shape[1])
+    trained = train_mlp(X, y, ts, seed=seed, progress=_progress, **HYPERPARAMETERS)
+    log.info("trained: best epoch %d of %d, validation AUC %.4f", trained.metrics["best_epoch"],
+             trained.metrics["epochs_run"], trained.metrics["auc_val"])
     export_onnx(trained.module, X.shape[1], path)
     metrics = {k: float(v) for k, v in trained.metrics.items()}
     n_val = int(metrics["n_val"])  # the split is the newest n_val rows by event time (X is sorted)
@@ -157,15 +158,11 @@ class RetrainStage:
         return result
 
     def training_set(self, since_ms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-        """(X, y, event times) sorted by time, and the SHA-256 of their content (with the payment ids)."""
-        rows = self.ch.rows(TRAINING_SET, {"since": since_ms, "limit": self.window_rows})
-        X = np.asarray([r[0] for r in rows], dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))
-        y = np.asarray([r[1] for r in rows], dtype=np.float32)
-        ts = np.asarray([r[2] for r in rows], dtype=np.int64)
-        ids = [str(r[3]) for r in rows]
-        order = np.argsort(ts, kind="stable")
-        content = content_hash(X[order], y[order], [ids[i] for i in order], ts[order], FEATURE_NAMES)
-        return X[order], y[order], ts[order], content
+        """The feature platform's point-in-time training set of the newest ``window_rows`` labelled payments
+        (:func:`streams.features.offline.training_set`): (X, y, event times) sorted by time, and its SHA-256."""
+        ts_set = offline.training_set(self.ch, since_ms=since_ms or None, limit=self.window_rows)
+        order = np.argsort(ts_set.event_ts, kind="stable")
+        return (ts_set.X[order], ts_set.y[order].astype(np.float32), ts_set.event_ts[order], ts_set.sha256)
 
     def train(self, reason: str, since_ms: int = 0) -> list[tuple[ModelVersion, str]]:
         """One training run: register the model as a candidate, judge it with the gates, promote it to
@@ -214,7 +211,7 @@ class RetrainStage:
         return {
             "reason": reason, "rows": str(len(y)), "positives": str(int(y.sum())), "features": ",".join(FEATURE_NAMES),
             "ts_min_ms": str(int(ts.min())), "ts_max_ms": str(int(ts.max())), "training_set_sha256": content,
-            "training_set": "scored_features (vectors as served) joined with labels",
+            "training_set": "point-in-time: feature_log as of each labelled payment (weir features training-set)",
             "feature_views": ",".join(f"{view_key(v)}@{v.fingerprint}" for v in VIEWS),
             "code_version": code_version(), "seed": str(self.seed),
             "hyperparameters": json.dumps(HYPERPARAMETERS, sort_keys=True),

@@ -179,6 +179,20 @@ def _evaluate(module: FraudMLP, loss_fn: nn.Module, x: torch.Tensor, y: torch.Te
     return loss, auc
 
 
+def calibrate_for_class_weight(module: FraudMLP, pos_weight: float) -> None:
+    """Undo the class weighting's shift of the odds, so ``forward`` gives calibrated probabilities.
+
+    Weighting each positive by ``w`` in the loss makes the model learn odds
+    ``w`` times the true ones (its logits are ``log w`` too high); subtracting
+    ``log w`` from the output bias removes exactly that, leaving the ranking
+    (and the AUC) unchanged.
+    """
+    last = module.net[-1]
+    assert isinstance(last, nn.Linear) and last.bias is not None
+    with torch.no_grad():
+        last.bias.sub_(math.log(pos_weight))
+
+
 def train_mlp(
     X: npt.NDArray[np.floating],
     y: npt.NDArray[np.generic],
@@ -200,7 +214,8 @@ def train_mlp(
       validation, so the model is judged on data later than it learnt from.
     * Standardization uses the TRAIN split's mean/std only (no leakage).
     * Imbalance: ``BCEWithLogitsLoss(pos_weight=n_neg/n_pos)`` on the train split;
-      validation loss uses the same weighting.
+      validation loss uses the same weighting. The returned model is then calibrated
+      back (:func:`calibrate_for_class_weight`): its probabilities are not inflated by the weights.
     * Adam, shuffled minibatches; early stopping when validation loss has not
       improved for ``patience`` epochs; the best epoch's weights are restored.
     * Reproducible: same inputs and ``seed`` on CPU give identical weights
@@ -240,6 +255,7 @@ def train_mlp(
             break
 
     module.load_state_dict(best_state)
+    calibrate_for_class_weight(module, float(pos_weight))
     module = module.to("cpu").eval()
     metrics = {
         "auc_val": best[1],

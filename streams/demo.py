@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from tqdm import tqdm
 
 from models.scorer import RuleScorer
@@ -71,11 +73,47 @@ def shop_start(events: int, events_per_hour: float) -> datetime:
     return (datetime.now(UTC) - span).replace(microsecond=0)
 
 
+SHOP_TABLES = ("payment_labels", "payments", "orders", "merchants", "customers", "weir_cdc_state")
+
+
+def forget_previous_run(settings: WeirSettings) -> list[str]:
+    """Remove the previous demo's ClickHouse data and model artifacts when Kafka is the embedded, in-memory one.
+
+    Each run starts with an empty Kafka, so what the last run left in the stores that mirror it would be
+    read as this run's (the summary counts rows) and would shadow it (a registry whose production model's
+    events are gone). Returns what it removed. With an external Kafka nothing is removed."""
+    if settings.kafka_bootstrap or settings.clickhouse_url:
+        return []
+    removed = []
+    for name in ("clickhouse", "models"):
+        path = settings.data_dir / name
+        if path.exists():
+            shutil.rmtree(path)
+            removed.append(str(path))
+    return removed
+
+
+def reset_shop(dsn: str) -> None:
+    """Drop the shop's tables, its CDC slot, publication and snapshot record, so the seed's rows are new again
+    (the shop's ids are deterministic: kept rows would make every insert a no-op, and no change would flow)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'weir_cdc'")
+        conn.execute("DROP PUBLICATION IF EXISTS weir_cdc")
+        conn.execute(f"DROP TABLE IF EXISTS {', '.join(SHOP_TABLES)} CASCADE")
+
+
 def run_demo(settings: WeirSettings, opts: DemoOptions, config: PipelineConfig | None = None) -> dict[str, Any]:
-    """Run the demo end to end and return (and write) its summary; raises if a stage fails."""
+    """Run the demo end to end and return (and write) its summary; raises if a stage fails.
+
+    The demo is a fresh run: with the embedded Kafka (in memory), the previous run's ClickHouse data, model
+    artifacts, shop tables and CDC slot are removed first."""
     started = time.time()
+    for removed in forget_previous_run(settings):
+        log.warning("demo: removed the previous run's %s (Kafka starts empty)", removed)
     with Stack(settings) as endpoints:
         endpoints.write(settings.data_dir / "endpoints.json")
+        if not settings.kafka_bootstrap and endpoints.postgres_dsn:
+            reset_shop(endpoints.postgres_dsn)
         driver = ShopDriver(endpoints.postgres_dsn, endpoints.kafka_bootstrap, rate=opts.rate,
                             partitions=settings.partitions)
         driver.prepare()

@@ -142,7 +142,7 @@ def pipeline_config(settings: WeirSettings) -> PipelineConfig:
         max_age_ms=settings.event_max_age_s * 1000, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
         pseudonym_key=settings.pseudonym_key.get_secret_value().encode(),
         features_checkpoint_s=settings.features_checkpoint_s, learn_checkpoint_s=settings.learn_checkpoint_s,
-        online_model=settings.online_model,
+        online_model=settings.online_model, label_maturity_ms=int(settings.label_maturity_s * 1000), online_challengers=tuple(sorted(settings.online_challengers.items())),
         dlq_max_ratio=settings.dlq_max_ratio, dlq_window=settings.dlq_window, dlq_min_events=settings.dlq_min_events,
     )
 

@@ -64,6 +64,7 @@ class PipelineConfig:
     drift_cooldown: int = 1000
     retrain_cron: str = "*/30 * * * *"
     retrain_window_rows: int = 4000
+    label_maturity_ms: int = 600_000
     bootstrap_rows: int = 600
     online_model: str = "logreg"
     seed: int = 0
@@ -76,6 +77,7 @@ class PipelineConfig:
     pseudonym_key: bytes = field(default=b"weir-dev-pseudonym-key", repr=False)
     features_checkpoint_s: float = 5.0
     learn_checkpoint_s: float = 30.0
+    online_challengers: tuple[tuple[str, str], ...] = ()  # (name, model) pairs, see WeirSettings
     dlq_max_ratio: float = 0.5
     dlq_window: int = 1000
     dlq_min_events: int = 200
@@ -141,7 +143,9 @@ class Pipeline:
         if "learn" in wanted:
             learner = RiverLearner(c.online_model, seed=c.seed)
             snaps = SignedSnapshots.from_url(e.redis_url, c.pseudonym_key)  # the model survives a restart
-            self._run(LearnStage(learner, online_version(c.online_model), snapshots=snaps,
+            challengers = {name: (RiverLearner(model, seed=c.seed), online_version(model))
+                           for name, model in c.online_challengers}
+            self._run(LearnStage(learner, online_version(c.online_model), snapshots=snaps, challengers=challengers,
                                  checkpoint_every_s=c.learn_checkpoint_s))
         if "drift" in wanted:
             self._run(DriftStage(c.drift_delta, cooldown=c.drift_cooldown))
@@ -149,11 +153,13 @@ class Pipeline:
             assert self.ch is not None
             registry = ModelRegistry(self.ch.client, c.data_dir / "models")
             registry.ensure_schema()
-            self._run(RetrainStage(self.ch, registry, window_rows=c.retrain_window_rows, seed=c.seed),
+            self._run(RetrainStage(self.ch, registry, window_rows=c.retrain_window_rows, seed=c.seed,
+                                   label_maturity_ms=c.label_maturity_ms),
                       max_wait_ms=200)
             self.stages["registry"] = registry
             self._scheduler = RetrainScheduler(e.kafka_bootstrap, self.ch, registry, c.retrain_cron,
-                                               bootstrap_rows=c.bootstrap_rows)
+                                               bootstrap_rows=c.bootstrap_rows,
+                                               label_maturity_ms=c.label_maturity_ms)
             self._scheduler.start()
         if "sinks" in wanted:
             assert self.ch is not None

@@ -41,9 +41,18 @@ class WeirSettings(BaseSettings):
     features_checkpoint_s: float = Field(
         5.0, gt=0, description="How often the features stage snapshots its window state to Redis (after a commit)."
     )
+    label_maturity_s: float = Field(
+        600.0, ge=0, description="Retraining leaves out payments younger than this before the newest label: "
+        "their frauds may not be labelled yet (the simulated shop labels frauds up to 600 s after payment)."
+    )
     online_model: str = Field(
         "logreg", description="The learn stage's river model: a name (logreg, hoeffding_adaptive, arf) or a declared "
         "pipeline, e.g. 'preprocessing.StandardScaler() | linear_model.LogisticRegression(l2=0.001)'."
+    )
+    online_challengers: dict[str, str] = Field(
+        default_factory=dict, description="More online models beside WEIR_ONLINE_MODEL, as JSON: "
+        "{\"name\": \"<a named model or a declared pipeline>\"}; each scores and learns every payment and publishes "
+        "its predictions (model fraud-online-<name>) and progressive metric."
     )
     learn_checkpoint_s: float = Field(
         30.0, gt=0, description="How often the learn stage snapshots its online model, metric and pending label "

@@ -9,8 +9,8 @@ import pytest
 
 from models.gates import GatePolicy, decide, expected_calibration_error
 
-GOOD = {"auc_val": 0.91, "champion_auc_val": 0.92, "p99_ms": 0.8, "ece_val": 0.06, "champion_ece_val": 0.05}
-POLICY = GatePolicy(auc_margin=0.02, max_p99_ms=5.0, ece_margin=0.05, max_ece=0.3)
+GOOD = {"auc_val": 0.91, "champion_auc_val": 0.92, "p50_ms": 0.8, "ece_val": 0.06, "champion_ece_val": 0.05}
+POLICY = GatePolicy(auc_margin=0.02, max_p50_ms=5.0, ece_margin=0.05, max_ece=0.3)
 
 
 def test_a_candidate_within_every_margin_passes() -> None:
@@ -21,11 +21,11 @@ def test_a_candidate_within_every_margin_passes() -> None:
 
 @pytest.mark.parametrize(("change", "gate", "words"), [
     ({"auc_val": 0.89}, "quality", "0.0300 below the champion's 0.9200"),
-    ({"p99_ms": 5.5}, "latency", "over the 5.00 ms budget"),
+    ({"p50_ms": 5.5}, "latency", "over the 5.00 ms budget"),
     ({"ece_val": 0.11}, "calibration", "worse than the champion's"),
     ({"ece_val": 0.31, "champion_ece_val": 0.30}, "calibration", "over the 0.3000 limit"),
     ({"auc_val": math.nan}, "quality", "not measured"),
-    ({"p99_ms": None}, "latency", "not measured"),
+    ({"p50_ms": None}, "latency", "not measured"),
 ])
 def test_a_failed_gate_blocks_and_says_why(change: dict[str, float | None], gate: str, words: str) -> None:
     metrics = {k: v for k, v in (GOOD | change).items() if v is not None}

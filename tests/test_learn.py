@@ -66,6 +66,25 @@ def test_progressive_metric_with_immediate_labels_is_rivers() -> None:
     assert champion[-1]["value"] == reference.get()
 
 
+def test_challengers_score_learn_and_publish_beside_the_primary() -> None:
+    payments = _payments(300, seed=4)
+    stage = LearnStage(RiverLearner("logreg"), "v", publish_every=100,
+                       challengers={"hat": (RiverLearner("hoeffding_adaptive"), "river-hat")})
+    result = stage.handle(_messages(payments, label_delay=0))
+    preds = AvroCodec(T.PREDICTIONS_ONLINE)
+    names = [preds.decode(p.value)["model_name"] for p in result.produce if p.topic == T.PREDICTIONS_ONLINE]
+    assert names.count(ONLINE_MODEL) == names.count(f"{ONLINE_MODEL}-hat") == 300
+    rows = [(dict(zip(FEATURE_NAMES, item["features"])), fraud) for item, fraud in payments]
+    version, hat = stage.challengers[f"{ONLINE_MODEL}-hat"]
+    assert version == "river-hat" and hat.value == river_metric(rows, "hoeffding_adaptive", "rocauc", seed=42)
+    assert stage.evaluator.value == river_metric(rows, "logreg", "rocauc", seed=42)  # the primary is unaffected
+    codec = AvroCodec(T.MODEL_METRICS)
+    published = [codec.decode(p.value) for p in result.produce if p.topic == T.MODEL_METRICS]
+    theirs = [m for m in published if m["model_name"] == f"{ONLINE_MODEL}-hat"]
+    # every 100 labels; "labels" counts metric updates (an untrained tree's empty prediction updates none)
+    assert len(theirs) == 3 and (theirs[-1]["labels"], theirs[-1]["value"]) == (hat.n, hat.value)
+
+
 def test_delayed_and_early_labels_use_the_prediction_made_when_served() -> None:
     payments = _payments(300, seed=9)
     for delay in (25, -3):  # labels 25 payments late, and labels arriving before their scored record
@@ -94,8 +113,10 @@ def test_delayed_and_early_labels_use_the_prediction_made_when_served() -> None:
 
 
 def _online_scores(result: StepResult) -> list[float]:
+    """The primary online model's scores, in order."""
     codec = AvroCodec(T.PREDICTIONS_ONLINE)
-    return [codec.decode(p.value)["score"] for p in result.produce if p.topic == T.PREDICTIONS_ONLINE]
+    preds = [codec.decode(p.value) for p in result.produce if p.topic == T.PREDICTIONS_ONLINE]
+    return [p["score"] for p in preds if p["model_name"] == ONLINE_MODEL]
 
 
 def _feed(stage: LearnStage, msgs: list[Message], size: int = 50) -> list[float]:
@@ -111,14 +132,14 @@ def _committed(msgs: list[Message]) -> dict[tuple[str, int], int]:
 
 def test_a_restarted_learner_continues_from_its_snapshot(endpoints: Endpoints) -> None:
     msgs = _messages(_payments(400, seed=11), label_delay=10)
-    reference = LearnStage(RiverLearner("logreg"), "v")
+    reference = LearnStage(RiverLearner("logreg"), "v", challengers={"hat": (RiverLearner("hoeffding_adaptive"), "h")})
     expected = _feed(reference, msgs)
     snaps = SignedSnapshots.from_url(endpoints.redis_url, b"secret", prefix=f"test-{uuid.uuid4().hex}")
     now = [0.0]
 
     def stage() -> LearnStage:
         return LearnStage(RiverLearner("logreg"), "v", snapshots=snaps, checkpoint_every_s=10,
-                          monotonic=lambda: now[0])
+                          monotonic=lambda: now[0], challengers={"hat": (RiverLearner("hoeffding_adaptive"), "h")})
 
     first = stage()
     _feed(first, msgs[:300])
@@ -134,6 +155,8 @@ def test_a_restarted_learner_continues_from_its_snapshot(endpoints: Endpoints) -
     assert second.replayed == 200  # 300..499: state only, nothing produced again
     assert scores == expected[len(_online_scores_of(msgs[:500])):]
     assert second.evaluator.value == reference.evaluator.value and second.learned == reference.learned
+    hat = f"{ONLINE_MODEL}-hat"
+    assert second.challengers[hat][1].value == reference.challengers[hat][1].value  # restored with the primary
     x = dict.fromkeys(FEATURE_NAMES, 0.3)
     assert second.learner.predict_proba_one(x) == reference.learner.predict_proba_one(x)
 

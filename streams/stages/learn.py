@@ -55,6 +55,12 @@ ONLINE_MODEL = "fraud-online"
 CHAMPION_MODEL = "fraud"  # the batch model inference serves (streams.stages.inference.MODEL_NAME)
 
 
+def _clip(p: float) -> float:
+    """A probability for a prediction record: NaN as 0, clipped to [0, 1]."""
+    p = float(p)
+    return 0.0 if math.isnan(p) else min(1.0, max(0.0, p))
+
+
 def _ms(ts: datetime | int) -> int:
     """Milliseconds since the epoch of a decoded ``timestamp-millis`` (fastavro gives aware datetimes)."""
     return ts if isinstance(ts, int) else int(ts.timestamp() * 1000)
@@ -99,12 +105,18 @@ class LearnStage:
     topics = (T.I_SCORED, T.LABELS)
 
     def __init__(self, learner: RiverLearner, version: str, *, metric: str = "rocauc", publish_every: int = 500,
+                 challengers: dict[str, tuple[RiverLearner, str]] | None = None,
                  max_pending: int = 500_000, join_horizon_ms: int = 24 * 3_600_000,
                  clock: Callable[[], float] = time.time,
                  snapshots: SignedSnapshots | None = None, checkpoint_every_s: float = 30.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.learner = learner
         self.evaluator = ProgressiveEvaluator(learner, metric)
+        # more online models beside the primary: model name -> (version, their evaluator); they score and learn
+        # the same payments, publish their own predictions and metrics, and feed nothing downstream
+        self.challengers: dict[str, tuple[str, ProgressiveEvaluator]] = {
+            f"{ONLINE_MODEL}-{name}": (v, ProgressiveEvaluator(lr, metric))
+            for name, (lr, v) in (challengers or {}).items()}
         self.snapshots = snapshots
         self.checkpoint_every_s = checkpoint_every_s
         self._monotonic = monotonic
@@ -172,10 +184,12 @@ class LearnStage:
             self.restored_from = "snapshot"
             starts = {tp: self.positions.get(tp, OFFSET_BEGINNING) for tp in done}
         else:
+            self.challengers = {name: (v, ProgressiveEvaluator(ev.learner.clone(), ev.metric_name))
+                                for name, (v, ev) in self.challengers.items()}
             self._restore({"positions": {}, "evaluator": ProgressiveEvaluator(self.learner.clone(),
                                                                                self.evaluator.metric_name),
                            "pending": BoundedMap(self.pending.limit), "early": BoundedMap(self.early_labels.limit),
-                           "learned": 0})
+                           "learned": 0, "challengers": self.challengers})
             self.restored_from = "log"
             starts = dict.fromkeys(done, OFFSET_BEGINNING)
         self.replay_until = done
@@ -200,7 +214,7 @@ class LearnStage:
         assert self.snapshots is not None
         state = {"positions": dict(self.positions), "evaluator": self.evaluator, "pending": self.pending,
                  "early": self.early_labels, "learned": self.learned, "expired": dict(self.expired),
-                 "champions": self.champions,
+                 "champions": self.champions, "challengers": self.challengers,
                  "newest": (self._newest_scored, self._newest_label)}
         try:
             self.snapshots.save(self.snapshot_name, state)
@@ -227,13 +241,18 @@ class LearnStage:
         self.pending, self.early_labels, self.learned = state["pending"], state["early"], state["learned"]
         self.expired = dict(state.get("expired", {"unlabelled": 0, "unscored_labels": 0}))
         self.champions = state.get("champions", {})
+        kept = state.get("challengers", {})
+        for name in self.challengers:  # the configured ones: restored if the snapshot has them, else fresh
+            if name in kept:
+                self.challengers[name] = kept[name]
+            else:
+                log.warning("learn: challenger %s is not in the snapshot: it starts untrained", name)
         self._newest_scored, self._newest_label = state.get("newest", (0, 0))
 
     def _scored(self, item: dict[str, Any], result: StepResult) -> None:
         x = dict(zip(FEATURE_NAMES, item["features"]))
         proba = self.learner.predict_proba_dict(x)
-        p = float(proba.get(True, 0.0))
-        online = 0.0 if math.isnan(p) else min(1.0, max(0.0, p))
+        online = _clip(proba.get(True, 0.0))
         now_ms = int(self.clock() * 1000)
         pred = {
             "event_id": item["event_id"], "payment_id": item["payment_id"], "card_id": item["card_id"],
@@ -241,7 +260,13 @@ class LearnStage:
             "latency_ms": 0.0, "event_ts": item["ts_ms"], "predicted_ts": now_ms,
         }
         result.produce.append(Produce(T.PREDICTIONS_ONLINE, item["card_id"].encode(), self._pred.encode(pred)))
-        entry = (x, item, online, self.evaluator.prediction(proba))
+        others: dict[str, Prediction] = {}
+        for name, (version, ev) in self.challengers.items():
+            their = ev.learner.predict_proba_dict(x)
+            others[name] = ev.prediction(their)
+            record = pred | {"score": _clip(their.get(True, 0.0)), "model_name": name, "model_version": version}
+            result.produce.append(Produce(T.PREDICTIONS_ONLINE, item["card_id"].encode(), self._pred.encode(record)))
+        entry = (x, item, online, self.evaluator.prediction(proba), others)
         label = self.early_labels.pop(item["payment_id"], None)
         if label is None:
             self.pending.put(item["payment_id"], entry)
@@ -264,17 +289,21 @@ class LearnStage:
         else:
             self._learn(entry, label, result)
 
-    def _learn(self, entry: tuple[dict[str, float], dict[str, Any], float, Prediction], label: dict[str, Any],
-               result: StepResult) -> None:
-        x, item, online, prediction = entry
+    def _learn(self, entry: tuple[dict[str, float], dict[str, Any], float, Prediction, dict[str, Prediction]],
+               label: dict[str, Any], result: StepResult) -> None:
+        x, item, online, prediction, others = entry
         fraud = bool(label["is_fraud"])
         self.evaluator.train(x, fraud, prediction)  # the metric, then learn_one
+        for name, (_, ev) in self.challengers.items():
+            ev.train(x, fraud, others.get(name))  # none: added after this payment was scored, learn only
         self.learned += 1
         champion = self.champions.setdefault(item["model_version"], [metrics.ROCAUC(), 0])  # type: ignore[no-untyped-call]
         champion[0].update(fraud, {True: item["score"], False: 1.0 - item["score"]})  # the served score
         champion[1] += 1
         if self.learned % self.publish_every == 0:
             result.produce.append(self.metric_record())
+            result.produce += [self._record(name, v, ev.metric_name, ev.value, ev.n)
+                               for name, (v, ev) in self.challengers.items()]
             result.produce += [self._record(CHAMPION_MODEL, v, "rocauc", float(m.get()), n)
                                for v, (m, n) in self.champions.items()]
         outcome = {

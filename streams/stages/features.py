@@ -74,10 +74,12 @@ class FeatureComputer:
     events, never on how they were batched.
     """
 
-    def __init__(self, views: Sequence[FeatureView] = VIEWS) -> None:
-        self.states = {view.name: ViewState(view) for view in views}
+    def __init__(self, views: Sequence[FeatureView] = VIEWS, states: Sequence[ViewState] | None = None) -> None:
+        """Empty states for ``views``, or the given ``states`` (restored ones)."""
+        built = states if states is not None else [ViewState(view) for view in views]
+        self.states = {state.view.name: state for state in built}
         self._by_source: dict[str, list[ViewState]] = {}
-        for state in self.states.values():
+        for state in built:
             self._by_source.setdefault(state.view.source, []).append(state)
 
     def add(self, source: str, item: Mapping[str, Any], *, values: bool = True) -> list[LogRow]:
@@ -99,7 +101,8 @@ class FeatureComputer:
                ) -> dict[FeatureView, Touched]:
         """Each entity of ``rows`` → (newest event time, last event id in ``rows``, values as of it), per view."""
         out: dict[FeatureView, Touched] = {} if into is None else into
-        for view, key, event_id, _, _ in rows:
+        last_ids = {(view, key): event_id for view, key, event_id, _, _ in rows}  # one query per entity
+        for (view, key), event_id in last_ids.items():
             got = self.current(view, key)
             if got is not None:
                 out.setdefault(view, {})[key] = (got[0], event_id, got[1])
@@ -119,13 +122,7 @@ class FeatureComputer:
         """The inverse of :meth:`state`; raises :class:`SnapshotError` on anything else."""
         if not (isinstance(state, list) and [n for n, _ in state] == [v.name for v in views]):
             raise SnapshotError("snapshot does not hold these feature views")
-        computer = cls(views)
-        for view, (_, blob) in zip(views, state, strict=True):
-            computer.states[view.name] = ViewState.restore(view, blob)
-        computer._by_source = {}
-        for s in computer.states.values():
-            computer._by_source.setdefault(s.view.source, []).append(s)
-        return computer
+        return cls(views, [ViewState.restore(view, blob) for view, (_, blob) in zip(views, state, strict=True)])
 
 
 @dataclass(slots=True)
@@ -180,7 +177,6 @@ class FeaturesStage:
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         self._all_committed = not batch and self._all_committed
-        rows: list[LogRow] = []
         rows_of: dict[TopicPartition, list[LogRow]] = {}  # the rows of each partition's computer
         late, duplicates = self._refused()
         for msg in batch:
@@ -207,10 +203,9 @@ class FeaturesStage:
                 self.replayed += 1
                 continue
             payments = msg.topic == self.payments_topic
-            mine = rows_of.setdefault((msg.topic, msg.partition), [])
+            rows = rows_of.setdefault((msg.topic, msg.partition), [])
             for item in items:
                 got = part.computer.add(source, item)
-                mine.extend(got)
                 rows.extend(got)
                 if payments:  # serving uses the values as of this payment, as the feature log records them
                     item["served"] = {view_key(view): values for view, _, _, _, values in got} or None
@@ -218,14 +213,15 @@ class FeaturesStage:
                 result.produce.append(Produce(T.I_SCORING, None, self._scoring.encode({"items": items}),
                                               partition=msg.partition))
         last: dict[FeatureView, Touched] = {}
-        for tp, part in self.partitions.items():
-            part.computer.latest(rows_of.get(tp, []), last)
+        for tp, rows in rows_of.items():
+            self.partitions[tp].computer.latest(rows, last)
         for view, entities in last.items():
             self.store.write(view, ((k, ts, v) for k, (ts, _, v) in entities.items()))
         # Redis first, then forward: the scoring records must come after the writes.
         per_view: dict[FeatureView, list[LogRow]] = {}
-        for row in rows:
-            per_view.setdefault(row[0], []).append(row)
+        for rows in rows_of.values():
+            for row in rows:
+                per_view.setdefault(row[0], []).append(row)
         result.produce[:0] = [self._log_batch(view, view_rows[i:i + LOG_BATCH_ROWS])
                               for view, view_rows in per_view.items()
                               for i in range(0, len(view_rows), LOG_BATCH_ROWS)]

@@ -110,7 +110,6 @@ class LearnStage:
                  clock: Callable[[], float] = time.time,
                  snapshots: SignedSnapshots | None = None, checkpoint_every_s: float = 30.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.learner = learner
         self.evaluator = ProgressiveEvaluator(learner, metric)
         # more online models beside the primary: model name -> (version, their evaluator); they score and learn
         # the same payments, publish their own predictions and metrics, and feed nothing downstream
@@ -160,6 +159,11 @@ class LearnStage:
                 else:
                     self._label(record, out)
         return result
+
+    @property
+    def learner(self) -> RiverLearner:
+        """The primary online model (the evaluator's: restoring a snapshot replaces both at once)."""
+        return self.evaluator.learner
 
     # --- recovery: the runner's hooks (see streams.runtime.Recoverable) ---
 
@@ -237,7 +241,6 @@ class LearnStage:
     def _restore(self, state: dict[str, Any]) -> None:
         self.positions = dict(state["positions"])
         self.evaluator = state["evaluator"]
-        self.learner = self.evaluator.learner
         self.pending, self.early_labels, self.learned = state["pending"], state["early"], state["learned"]
         self.expired = dict(state.get("expired", {"unlabelled": 0, "unscored_labels": 0}))
         self.champions = state.get("champions", {})

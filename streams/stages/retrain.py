@@ -270,22 +270,25 @@ class RetrainStage:
         return self.registry.set_stage(name, previous, "production")
 
     def _refusal(self, cmd: dict[str, Any], reason: str) -> Produce:
-        event = {"event_id": str(uuid.uuid4()), "ts": int(self.clock() * 1000), "model_name": cmd["model_name"],
-                 "version": cmd["version"], "stage": "refused", "artifact_uri": "", "sha256": "", "metrics": {},
-                 "actor": cmd["actor"], "reason": reason, "lineage": {}}
-        return Produce(T.MODEL_EVENTS, cmd["model_name"].encode(), self._out.encode(event))
+        return self._event(cmd["model_name"], cmd["version"], "refused", cmd["actor"], reason)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _announce(self, v: ModelVersion, reason: str, actor: str = "retrain") -> Produce:
+        return self._event(v.name, v.version, v.stage, actor, reason, artifact_uri=v.artifact_uri, sha256=v.sha256,
+                           metrics={k: float(x) for k, x in v.metrics.items()}, lineage=dict(v.lineage))
+
+    def _event(self, name: str, version: int, stage: str, actor: str, reason: str, *, artifact_uri: str = "",
+               sha256: str = "", metrics: dict[str, float] | None = None, lineage: dict[str, str] | None = None
+               ) -> Produce:
+        """One ``model.events`` record (a transition, or a refused command with empty artifact fields)."""
         event = {
-            "event_id": str(uuid.uuid4()), "ts": int(self.clock() * 1000), "model_name": v.name,
-            "version": v.version, "stage": v.stage, "artifact_uri": v.artifact_uri, "sha256": v.sha256,
-            "metrics": {k: float(x) for k, x in v.metrics.items()}, "actor": actor, "reason": reason,
-            "lineage": dict(v.lineage),
+            "event_id": str(uuid.uuid4()), "ts": int(self.clock() * 1000), "model_name": name, "version": version,
+            "stage": stage, "artifact_uri": artifact_uri, "sha256": sha256, "metrics": metrics or {},
+            "actor": actor, "reason": reason, "lineage": lineage or {},
         }
-        return Produce(T.MODEL_EVENTS, v.name.encode(), self._out.encode(event))
+        return Produce(T.MODEL_EVENTS, name.encode(), self._out.encode(event))
 
 
 class RetrainScheduler:

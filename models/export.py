@@ -3,12 +3,17 @@
 The graph contract (what :class:`models.scorer.OnnxScorer` relies on):
 input ``"features"`` float32 ``(n, F)`` with a dynamic batch axis, output
 ``"score"`` float32 ``(n,)`` = P(fraud), opset :data:`OPSET`.
+
+The same module is also saved as TorchScript (:func:`export_torchscript`), the
+companion file :class:`models.torch_scorer.TorchScorer` serves: same input and
+output, its feature width in the saved metadata :data:`TORCHSCRIPT_META`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
@@ -21,11 +26,16 @@ from torch import nn
 
 from models.base import InvalidModelInput
 
-__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "export_onnx", "max_abs_diff_vs_torch", "sha256_file"]
+__all__ = [
+    "INPUT_NAME", "OPSET", "OUTPUT_NAME", "TORCHSCRIPT_META", "export_onnx", "export_torchscript",
+    "max_abs_diff_vs_torch", "sha256_file",
+]
 
 INPUT_NAME = "features"
 OUTPUT_NAME = "score"
 OPSET = 17
+TORCHSCRIPT_META = "weir.json"
+"""Name of the extra file in a TorchScript export holding ``{"n_features": F}``."""
 
 
 def sha256_file(path: Path) -> str:
@@ -70,6 +80,25 @@ def export_onnx(module: nn.Module, n_features: int, path: Path) -> str:
             dynamo=False,
         )
     onnx.checker.check_model(onnx.load(str(path)))
+    return sha256_file(path)
+
+
+def export_torchscript(module: nn.Module, n_features: int, path: Path) -> str:
+    """Write ``module`` (raw features -> P(fraud)) to ``path`` as TorchScript; return the file's sha256.
+
+    Like :func:`export_onnx`, a CPU eval copy is traced (``torch.jit.trace``:
+    the graph must not branch on its input, which an MLP does not) and the
+    module is left as it is. ``n_features`` is saved with it (the extra file
+    :data:`TORCHSCRIPT_META`) so the loader knows the input width.
+    """
+    if n_features < 1:
+        raise InvalidModelInput(f"n_features must be >= 1, got {n_features}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.zeros(2, n_features, dtype=torch.float32)
+    with torch.no_grad():
+        traced = torch.jit.trace(_cpu_eval_copy(module), (dummy,))  # type: ignore[no-untyped-call]
+    torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META: json.dumps({"n_features": n_features})})
     return sha256_file(path)
 
 

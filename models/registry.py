@@ -4,7 +4,8 @@ One table row per ``(name, version)``, in a ``ReplacingMergeTree`` keyed on
 ``(name, version)`` with a ``revision`` counter: a stage change inserts the
 row again with ``revision + 1`` and reads use ``FINAL``, so the newest revision
 wins without ``ALTER ... UPDATE`` mutations. Artifacts are copied to
-``artifact_dir/<name>/v<N>.onnx`` and checked against their sha256 on load.
+``artifact_dir/<name>/v<N>.onnx`` and checked against their sha256 on load;
+companion files (the TorchScript export, ``v<N>.pt``) are copied next to it.
 
 Concurrency: version numbers are allocated as ``max + 1`` by a read then an
 insert, so there must be ONE writer per model name (the retrain stage).
@@ -18,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ Stage = Literal["candidate", "shadow", "canary", "production", "archived"]
 STAGES: Final[tuple[str, ...]] = get_args(Stage)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SUFFIX_RE = re.compile(r"^\.[A-Za-z0-9_-]{1,16}$")
 _TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 _COLUMNS: Final[list[str]] = [
     "name", "version", "revision", "stage", "artifact_uri", "sha256", "created_at", "metrics", "lineage",
@@ -130,22 +132,31 @@ class ModelRegistry:
         metrics: Mapping[str, float],
         lineage: Mapping[str, str],
         stage: Stage | str = "candidate",
+        companions: Sequence[Path] = (),
     ) -> ModelVersion:
         """Copy ``artifact`` in as the next version of ``name`` and record it.
 
         The file is copied atomically (temp file + rename) to
         ``artifact_dir/<name>/v<N>.onnx`` with ``N = max existing + 1`` before
-        the row is written, so a recorded row always has its file. Registering
-        straight into ``"production"`` archives the previous production
-        version in the same insert.
+        the row is written, so a recorded row always has its file. Each of
+        ``companions`` (other forms of the same model, e.g. its TorchScript
+        export) is copied the same way, first, to ``v<N>`` with its own suffix
+        (``model.pt`` -> ``v<N>.pt``); suffixes must differ from each other and
+        from ``.onnx``. The registry records no checksum for a companion: the
+        caller puts it in ``lineage``. Registering straight into
+        ``"production"`` archives the previous production version in the
+        same insert.
         """
         _check_name(name)
         _check_stage(stage)
         src = Path(artifact)
         if not src.is_file():
             raise InvalidModelInput(f"artifact {src} does not exist or is not a file")
+        extra = _check_companions(companions)
         version = self._max_version(name) + 1
-        dest = self._copy_in(src, name, version)
+        for companion in extra:
+            self._copy_in(companion, name, version, companion.suffix)
+        dest = self._copy_in(src, name, version, ".onnx")
         mv = ModelVersion(
             name=name,
             version=version,
@@ -236,10 +247,10 @@ class ModelRegistry:
             if mv.stage == "production" and mv.version != promoted.version
         ]
 
-    def _copy_in(self, src: Path, name: str, version: int) -> Path:
+    def _copy_in(self, src: Path, name: str, version: int, suffix: str) -> Path:
         folder = self.artifact_dir / name
         folder.mkdir(parents=True, exist_ok=True)
-        dest = folder / f"v{version}.onnx"
+        dest = folder / f"v{version}{suffix}"
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".v{version}.", suffix=".tmp")
         os.close(fd)
         try:
@@ -257,6 +268,19 @@ class ModelRegistry:
             for mv in versions
         ]
         self.client.insert(self.table, rows, column_names=_COLUMNS)
+
+
+def _check_companions(companions: Sequence[Path]) -> builtins.list[Path]:
+    paths = [Path(c) for c in companions]
+    for path in paths:
+        if not path.is_file():
+            raise InvalidModelInput(f"companion {path} does not exist or is not a file")
+        if not _SUFFIX_RE.match(path.suffix) or path.suffix == ".onnx":
+            raise InvalidModelInput(f"companion {path} needs a suffix other than .onnx (like .pt)")
+    suffixes = [p.suffix for p in paths]
+    if len(set(suffixes)) != len(suffixes):
+        raise InvalidModelInput(f"companions need distinct suffixes, got {suffixes}")
+    return paths
 
 
 def _with(mv: ModelVersion, **changes: Any) -> ModelVersion:

@@ -1,27 +1,43 @@
 """Batch scorers for the inference stage (implementations of :class:`models.base.BatchScorer`).
 
-* :class:`OnnxScorer` — a registered model, run by ONNX Runtime (CUDA EP when
-  a GPU is present, else one CPU thread).
+* :class:`OnnxScorer` — a registered model, run by ONNX Runtime (CUDA EP with
+  I/O binding when a GPU is present, else one CPU thread).
+* :class:`models.torch_scorer.TorchScorer` — the same model's TorchScript
+  companion, run by torch (the alternative backend).
 * :class:`RuleScorer` — a fixed, hand-weighted fallback used before any model
   has been trained.
+
+:func:`load_scorer` picks the backend for a registered model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort  # ships no stubs: ignore_missing_imports in pyproject.toml
 
-from models.base import InvalidModelInput, ModelIntegrityError
+from models.base import BatchScorer, InvalidModelInput, ModelIntegrityError
 from models.export import INPUT_NAME, OUTPUT_NAME, sha256_file
 
-__all__ = ["DEFAULT_RULE_BIAS", "DEFAULT_RULE_WEIGHTS", "OnnxScorer", "RuleScorer", "select_providers"]
+__all__ = [
+    "BACKENDS", "DEFAULT_RULE_BIAS", "DEFAULT_RULE_WEIGHTS", "OnnxScorer", "RuleScorer", "load_scorer",
+    "select_providers",
+]
 
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
+
+CUDA_OPTIONS: Final[dict[str, str]] = {"use_tf32": "0"}
+"""CUDA EP options: full float32 matmuls. TF32 (on by default from Ampere) rounds inputs to 10 mantissa
+bits, which would move scores by ~1e-4, past the 1e-5 parity with torch on CPU; a micro-batch MLP gains
+nothing from it."""
+
+BACKENDS: Final[tuple[str, ...]] = ("onnx", "torch")
+"""What :func:`load_scorer` can serve a registered model with."""
 
 
 def select_providers(prefer_gpu: bool = True) -> list[str]:
@@ -38,6 +54,18 @@ def _check_matrix(X: npt.ArrayLike, n_features: int) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _check_artifact(path: Path, expected_sha256: str | None, kind: str) -> None:
+    """Raise :class:`ModelIntegrityError` if ``path`` is missing or (with ``expected_sha256``) differs."""
+    if not path.is_file():
+        raise ModelIntegrityError(f"{kind} model not found: {path}")
+    if expected_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expected_sha256:
+            raise ModelIntegrityError(
+                f"{path}: sha256 {actual} does not match the expected {expected_sha256}; refusing to load"
+            )
+
+
 class OnnxScorer:
     """Scores feature matrices with an ONNX model exported by :func:`models.export.export_onnx`.
 
@@ -47,9 +75,14 @@ class OnnxScorer:
     onnxruntime at load time if the CUDA libraries are missing). On CPU the
     session uses ``intra_op_num_threads`` threads (default 1: the stages share
     a small machine, and micro-batches of an MLP gain little from more).
-    ``predict`` is thread-safe (``InferenceSession.run`` is). With
-    ``expected_sha256`` the file is checked before loading and a mismatch
-    raises :class:`~models.base.ModelIntegrityError`; a missing file raises it too.
+    When CUDA serves (full float32: :data:`CUDA_OPTIONS`), ``predict`` uses
+    I/O binding: the batch is copied to the GPU once, the output is bound on
+    the GPU (onnxruntime allocates it: the batch size is known only at run
+    time) and copied back once, instead of leaving both copies to ``run``.
+    ``predict`` is thread-safe (``InferenceSession.run`` is, and each call
+    binds its own ``IOBinding``). With ``expected_sha256`` the file is checked
+    before loading and a mismatch raises
+    :class:`~models.base.ModelIntegrityError`; a missing file raises it too.
     """
 
     def __init__(
@@ -63,21 +96,21 @@ class OnnxScorer:
     ) -> None:
         self.path = Path(path)
         self.version = version
-        if not self.path.is_file():
-            raise ModelIntegrityError(f"ONNX model not found: {self.path}")
-        if expected_sha256 is not None:
-            actual = sha256_file(self.path)
-            if actual != expected_sha256:
-                raise ModelIntegrityError(
-                    f"{self.path}: sha256 {actual} does not match the expected {expected_sha256}; refusing to load"
-                )
+        _check_artifact(self.path, expected_sha256, "ONNX")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_num_threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=select_providers(prefer_gpu))
+        providers = [(p, CUDA_OPTIONS) if p == CUDA_EP else p for p in select_providers(prefer_gpu)]
+        self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         self.provider: str = self._session.get_providers()[0]
         self.n_features = self._input_width()
+        self._cuda_device_id: int | None = self._cuda_device() if self.provider == CUDA_EP else None
+
+    def _cuda_device(self) -> int:
+        """The GPU the CUDA EP runs on (its ``device_id`` option; 0 unless configured)."""
+        options: dict[str, Any] = self._session.get_provider_options().get(CUDA_EP, {})
+        return int(options.get("device_id", 0))
 
     def _input_width(self) -> int:
         inputs = {i.name: i for i in self._session.get_inputs()}
@@ -100,12 +133,67 @@ class OnnxScorer:
         x = _check_matrix(X, self.n_features)
         if x.shape[0] == 0:
             return np.empty(0, dtype=np.float64)
-        (scores,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        if self._cuda_device_id is not None:
+            scores = self._run_bound(x, "cuda", self._cuda_device_id)
+        else:
+            (scores,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: x})
         return np.asarray(scores, dtype=np.float64).reshape(x.shape[0])
+
+    def _run_bound(
+        self, x: npt.NDArray[np.float32], device_type: str, device_id: int
+    ) -> npt.NDArray[np.float32]:
+        """One run with I/O binding on ``device_type``/``device_id`` (``"cuda"`` when serving on a GPU;
+        ``"cpu"`` works too, which is how CI without a GPU exercises this path)."""
+        binding = self._session.io_binding()  # one per call: an IOBinding holds per-run state
+        features = ort.OrtValue.ortvalue_from_numpy(x, device_type, device_id)  # the one host -> device copy
+        binding.bind_ortvalue_input(INPUT_NAME, features)
+        binding.bind_output(OUTPUT_NAME, device_type, device_id)  # allocated on the device by onnxruntime
+        self._session.run_with_iobinding(binding)
+        (scores,) = binding.copy_outputs_to_cpu()  # the one device -> host copy
+        return np.asarray(scores, dtype=np.float32)
 
     def warmup(self, batch_size: int = 64) -> None:
         """Run one dummy batch so the first real batch does not pay session/kernel set-up."""
         self.predict(np.zeros((batch_size, self.n_features), dtype=np.float32))
+
+
+def load_scorer(
+    path: Path,
+    version: str,
+    *,
+    backend: str = "onnx",
+    expected_sha256: str | None = None,
+    torch_sha256: str | None = None,
+    prefer_gpu: bool = True,
+) -> BatchScorer:
+    """The scorer for a registered model: its ONNX artifact ``path`` run by ``backend``.
+
+    ``"onnx"``: an :class:`OnnxScorer` on ``path``. ``"torch"``: a
+    :class:`~models.torch_scorer.TorchScorer` on the TorchScript companion
+    registered next to it, ``path.with_suffix(".pt")``. ``expected_sha256`` is
+    the ONNX artifact's recorded checksum (the registry's ``sha256``), checked
+    for both backends; ``torch_sha256`` is the companion's (the lineage's
+    ``torchscript_sha256``), checked when given. A missing file or a mismatch
+    raises :class:`~models.base.ModelIntegrityError`; an unknown ``backend``
+    raises ``ValueError``. Both scorers use the GPU when ``prefer_gpu`` and one
+    is usable, else the CPU.
+    """
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown scoring backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "onnx":
+        return OnnxScorer(path, version, prefer_gpu=prefer_gpu, expected_sha256=expected_sha256)
+    # Imported here: models.torch_scorer imports this module (the shared input and artifact checks).
+    from models.torch_scorer import TorchScorer
+
+    _check_artifact(path, expected_sha256, "ONNX")
+    companion = path.with_suffix(".pt")
+    if not companion.is_file():
+        raise ModelIntegrityError(
+            f"{version}: {path} was registered without a TorchScript companion ({companion} is missing); "
+            "retrain to produce one, or serve with backend 'onnx'"
+        )
+    return TorchScorer(companion, version, prefer_gpu=prefer_gpu, expected_sha256=torch_sha256)
 
 
 DEFAULT_RULE_WEIGHTS: Mapping[str, float] = {

@@ -43,6 +43,19 @@ DDL = [
         model_name LowCardinality(String), model_version LowCardinality(String), latency_ms Float64,
         event_ts DateTime64(3, 'UTC'), predicted_ts DateTime64(3, 'UTC')
     ) ENGINE = ReplacingMergeTree ORDER BY (model_name, event_id)""",
+    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS decision Nullable(UInt8)",
+    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS route LowCardinality(String) DEFAULT 'champion'",
+    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS served_by LowCardinality(String) DEFAULT 'model'",
+    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS degraded UInt8",
+    # one row per answer (the served route's and each shadow's) with what it was computed from and how long
+    # each step took; feature_vector is empty when the deployment audits hashes only (WEIR_AUDIT_FEATURES)
+    """CREATE TABLE IF NOT EXISTS prediction_audit (
+        event_id String, entity_id String, payment_id String, ts DateTime64(3, 'UTC'),
+        predicted_ts DateTime64(3, 'UTC'), score Float64, decision UInt8, threshold Float64,
+        model_version LowCardinality(String), route LowCardinality(String), served_by LowCardinality(String),
+        degraded UInt8, feature_vector Array(Float32), feature_hash String, queue_ms Float64, fetch_ms Float64,
+        inference_ms Float64, publish_ms Float64
+    ) ENGINE = ReplacingMergeTree ORDER BY (event_id, route, model_version)""",
     """CREATE TABLE IF NOT EXISTS labels (
         event_id String, payment_id String, is_fraud UInt8, payment_ts DateTime64(3, 'UTC'),
         label_ts DateTime64(3, 'UTC')

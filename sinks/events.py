@@ -33,13 +33,16 @@ SILVER_CLICK_COLS = ("event_id", "event_type", "user_id", "session_id", "device_
 SILVER_PAYMENT_COLS = ("event_id", "payment_id", "card_id", "customer_id", "merchant_id", "merchant_category",
                        "amount", "device_id", "ts", "source_ts")
 PRED_COLS = ("event_id", "payment_id", "card_id", "customer_id", "score", "model_name", "model_version",
-             "latency_ms", "event_ts", "predicted_ts")
+             "latency_ms", "event_ts", "predicted_ts", "decision", "route", "served_by", "degraded")
 LABEL_COLS = ("event_id", "payment_id", "is_fraud", "payment_ts", "label_ts")
 ALERT_COLS = ("alert_id", "ts", "detector", "metric", "value", "threshold", "model_version", "message")
 RETRAIN_COLS = ("request_id", "ts", "reason", "since_ts")
 METRIC_COLS = ("metric_id", "ts", "model_name", "model_version", "metric", "value", "labels")
 MODEL_COLS = ("event_id", "ts", "model_name", "version", "stage", "artifact_uri", "sha256", "metrics", "actor",
               "reason", "lineage")
+AUDIT_COLS = ("event_id", "entity_id", "payment_id", "ts", "predicted_ts", "score", "decision", "threshold",
+              "model_version", "route", "served_by", "degraded", "feature_vector", "feature_hash", "queue_ms",
+              "fetch_ms", "inference_ms", "publish_ms")
 SCORED_COLS = ("event_id", "payment_id", "card_id", "ts", "features", "score", "model_version")
 FLOG_COLS = ("view", "entity_id", "event_id", "ts", "values")
 DLQ_COLS = ("topic", "partition", "offset", "reason", "detail", "stage", "source_topic", "source_partition",
@@ -49,6 +52,22 @@ DLQ_COLS = ("topic", "partition", "offset", "reason", "detail", "stage", "source
 def _scored(r: dict[str, Any]) -> list[Row]:
     return [[i["event_id"], i["payment_id"], i["card_id"], _dt(i["ts_ms"]), i["features"], i["score"],
              i["model_version"]] for i in r["items"]]
+
+
+def _prediction(r: dict[str, Any]) -> list[Row]:
+    """A prediction; the online learner's topic (schema v1) has no route, path or decision: its defaults."""
+    decision = r.get("decision")
+    return [[r["event_id"], r["payment_id"], r["card_id"], r["customer_id"], r["score"], r["model_name"],
+             r["model_version"], r["latency_ms"], r["event_ts"], r["predicted_ts"],
+             None if decision is None else int(decision), r.get("route", "champion"), r.get("served_by", "model"),
+             int(r.get("degraded", False))]]
+
+
+def _audit(r: dict[str, Any]) -> list[Row]:
+    return [[i["event_id"], i["entity_id"], i["payment_id"], _dt(i["ts_ms"]), _dt(i["predicted_ms"]), i["score"],
+             int(i["decision"]), i["threshold"], i["model_version"], i["route"], i["served_by"], int(i["degraded"]),
+             i["features"] or [], i["feature_hash"], i["queue_ms"], i["fetch_ms"], i["inference_ms"],
+             i["publish_ms"]] for i in r["items"]]
 
 
 def _silver_clicks(r: dict[str, Any]) -> list[Row]:
@@ -71,8 +90,9 @@ def _feature_log(r: dict[str, Any]) -> list[Row]:
 TABLES: dict[str, tuple[str, tuple[str, ...], Callable[[dict[str, Any]], list[Row]]]] = {
     T.I_CLICKS: ("silver_clicks", SILVER_CLICK_COLS, _silver_clicks),
     T.I_PAYMENTS: ("silver_payments", SILVER_PAYMENT_COLS, _silver_payments),
-    T.PREDICTIONS: ("predictions", PRED_COLS, _fields(*PRED_COLS)),
-    T.PREDICTIONS_ONLINE: ("predictions", PRED_COLS, _fields(*PRED_COLS)),
+    T.PREDICTIONS: ("predictions", PRED_COLS, _prediction),
+    T.PREDICTIONS_ONLINE: ("predictions", PRED_COLS, _prediction),
+    T.I_AUDIT: ("prediction_audit", AUDIT_COLS, _audit),
     T.LABELS: ("labels", LABEL_COLS, lambda r: [[r["event_id"], r["payment_id"], int(r["is_fraud"]),
                                                  r["payment_ts"], r["label_ts"]]]),
     T.ALERTS: ("alerts", ALERT_COLS, _fields(*ALERT_COLS)),

@@ -74,8 +74,9 @@ def unpack(view: FeatureView, raw: bytes | None, as_of: int | None = None) -> St
 class OnlineStore:
     """Batched writer and reader of feature views."""
 
-    def __init__(self, url: str) -> None:
-        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
+        # inference passes a short timeout: a hung Redis must degrade its answers, not stall them
+        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._set_all = self._redis.register_script(SET_ALL)
 
     def ping(self) -> bool:

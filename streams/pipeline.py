@@ -39,9 +39,12 @@ from streams.stages.drift import DriftStage
 from streams.gcpolicy import StateFreezer
 from streams.state import SignedSnapshots
 from streams.stages.features import FeaturesStage
-from streams.stages.inference import InferenceStage, ModelSlot
+from streams.serving.cache import ResponseCache
+from streams.serving.resilience import OnlineFallback, ScoringChain
+from streams.serving.routing import ModelSlot
+from streams.stages.inference import InferenceStage
 from streams.stages.ingest import IngestStage
-from streams.stages.learn import LearnStage
+from streams.stages.learn import SERVING_SNAPSHOT, LearnStage
 from streams.stages.model_watch import ModelWatchStage
 from streams.stages.retrain import RetrainScheduler, RetrainStage
 
@@ -60,6 +63,15 @@ class PipelineConfig:
     batch_max_wait_ms: int = 5
     fetch_wait_ms: int = 10
     inference_max_batch: int = 256
+    inference_max_wait_ms: int = 5
+    inference_backend: str = "onnx"
+    inference_model_timeout_ms: int = 500
+    inference_model_cooldown_s: float = 5.0
+    inference_redis_timeout_ms: int = 250
+    inference_cache_ttl_s: int = 0
+    canary_fraction: float = 0.1
+    decision_threshold: float = 0.5
+    audit_vectors: bool = True
     drift_delta: float = 0.002
     drift_cooldown: int = 1000
     retrain_cron: str = "*/30 * * * *"
@@ -121,7 +133,7 @@ class Pipeline:
         if wanted & {"sinks", "retrain"}:
             self.ch = ClickHouse(e.clickhouse_dsn)
             self.ch.ensure_schema()
-        store = OnlineStore(e.redis_url) if wanted & {"features", "inference"} else None
+        store = OnlineStore(e.redis_url) if "features" in wanted else None
         if "cdc" in wanted and e.postgres_dsn:
             self._start_cdc()
         if "ingest" in wanted:
@@ -133,13 +145,7 @@ class Pipeline:
                                   after_commit_hook=StateFreezer())  # the windows: out of full GC scans
             self._run(stage, hot=True, max_batch=16)  # micro-batches of up to 500 events each
         if "inference" in wanted:
-            assert store is not None
-            slot = ModelSlot(RuleScorer(list(FEATURE_NAMES)))
-            # a weir.scoring message carries up to batch_max_size payments: consume a few at a time
-            self._run(InferenceStage(store, slot, max_batch=c.inference_max_batch), hot=True, max_batch=8)
-            watch = ModelWatchStage(slot)
-            self._run(watch, group_id=f"{c.group_prefix}-model-watch-{time.time_ns()}", max_wait_ms=200)
-            self.stages["slot"] = slot
+            self._start_inference()
         if "learn" in wanted:
             learner = RiverLearner(c.online_model, seed=c.seed)
             snaps = SignedSnapshots.from_url(e.redis_url, c.pseudonym_key)  # the model survives a restart
@@ -166,16 +172,33 @@ class Pipeline:
             self._run(ClickHouseSink(self.ch), max_batch=5000)
             self._run(BronzeSink(self.ch, Pseudonymizer(c.pseudonym_key)), max_batch=5000)
 
+    def _start_inference(self) -> None:
+        c, e = self.config, self.endpoints
+        slot = ModelSlot(RuleScorer(list(FEATURE_NAMES)))  # until model.events names a production version
+        online = OnlineFallback(SignedSnapshots.from_url(e.redis_url, c.pseudonym_key), SERVING_SNAPSHOT)
+        chain = ScoringChain(online=online, timeout_s=c.inference_model_timeout_ms / 1000,
+                             cooldown_s=c.inference_model_cooldown_s)
+        cache = ResponseCache.from_url(e.redis_url, c.inference_cache_ttl_s) if c.inference_cache_ttl_s else None
+        store = OnlineStore(e.redis_url, timeout_s=c.inference_redis_timeout_ms / 1000)
+        stage = InferenceStage(store, slot, max_batch=c.inference_max_batch, threshold=c.decision_threshold,
+                               chain=chain, cache=cache, audit_vectors=c.audit_vectors)
+        # a weir.scoring message carries up to batch_max_size payments: consume a few at a time, waiting at most
+        # the inference max wait for them
+        self._run(stage, hot=True, max_batch=8, max_wait_ms=c.inference_max_wait_ms)
+        watch = ModelWatchStage(slot, canary_fraction=c.canary_fraction, backend=c.inference_backend)
+        self._run(watch, group_id=f"{c.group_prefix}-model-watch-{time.time_ns()}", max_wait_ms=200)
+        self.stages["slot"] = slot
+
     def _run(self, stage: Stage, *, hot: bool = False, group_id: str | None = None, max_batch: int | None = None,
-             max_wait_ms: int = 100) -> None:
+             max_wait_ms: int | None = None) -> None:
         """Start ``stage`` on a runner. Hot-path stages (ingest, features, inference) use the
-        configured batch wait and fetch wait; the others fetch lazily (100 ms), sparing the broker."""
+        configured batch wait (unless given) and fetch wait; the others fetch lazily (100 ms), sparing the broker."""
         c = self.config
         runner = BatchRunner(
             stage, self.endpoints.kafka_bootstrap,
             group_id=group_id or f"{c.group_prefix}-{stage.step_id}",
             max_batch=max_batch or c.batch_max_size,
-            max_wait_ms=c.batch_max_wait_ms if hot else max_wait_ms,
+            max_wait_ms=(max_wait_ms or c.batch_max_wait_ms) if hot else (max_wait_ms or 100),
             fetch_wait_ms=c.fetch_wait_ms if hot else 100,
             dlq_guard=DlqGuard(c.dlq_max_ratio, c.dlq_window, c.dlq_min_events),  # one per runner: it has state
         )

@@ -7,6 +7,7 @@ object: the CLI reads it and hands plain values to what it builds.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,7 +63,29 @@ class WeirSettings(BaseSettings):
     batch_max_size: int = Field(500, ge=1, description="Max events per micro-batch in the hot path.")
     batch_max_wait_ms: int = Field(5, ge=1, description="Max time a hot-path micro-batch waits to fill.")
     fetch_wait_ms: int = Field(10, ge=1, description="Hot-path consumers' fetch.wait.max.ms (latency vs broker CPU).")
-    inference_max_batch: int = Field(256, ge=1, description="Max payments per inference batch.")
+    inference_max_batch: int = Field(256, ge=1, description="Max payments per inference batch (one model run). "
+                                     "An inference stage serves one model: these are that model's settings.")
+    inference_max_wait_ms: int = Field(5, ge=1, description="Max time a payment waits for its inference batch to "
+                                                            "fill (the inference consumer's batch wait).")
+    inference_backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="onnx: ONNX Runtime (CUDA EP with I/O binding when a GPU is present, else CPU); torch: "
+        "the version's TorchScript companion (CUDA when present).")
+    inference_model_timeout_ms: int = Field(
+        500, ge=1, description="A model run that takes longer is given up on: the batch is served by the online "
+        "learner (else the rule score), and the model is retried after inference_model_cooldown_s.")
+    inference_model_cooldown_s: float = Field(5.0, gt=0, description="How long a failed model version is skipped.")
+    inference_redis_timeout_ms: int = Field(
+        250, ge=1, description="Inference's Redis socket timeout: past it a batch is served with last-known or "
+        "default features, flagged degraded, and Redis is retried after a second.")
+    inference_cache_ttl_s: int = Field(
+        0, ge=0, description="Response cache TTL in Redis (keyed by model version and feature-vector hash); 0 "
+        "disables it. It costs two Redis round trips per batch: enable it for models slower than that.")
+    canary_fraction: float = Field(
+        0.1, ge=0, le=1, description="Share of entities (by stable hash) a model version in stage canary serves.")
+    decision_threshold: float = Field(0.5, ge=0, le=1, description="A score at or above it flags the payment.")
+    audit_features: Literal["vector", "hash"] = Field(
+        "vector", description="What the prediction audit table keeps of each feature vector: the vector, or only "
+        "its BLAKE2b hash (always kept).")
     drift_delta: float = Field(0.002, gt=0, description="ADWIN confidence parameter for error drift.")
     retrain_cron: str = Field("*/30 * * * *", description="apscheduler cron for scheduled retrains.")
     log_level: str = Field("WARNING", description="Python log level.")

@@ -39,6 +39,21 @@ def latency(ch: ClickHouse) -> dict[str, float]:
     return {"p50": round(float(p50), 1), "p99": round(float(p99), 1)}
 
 
+def serving(ch: ClickHouse) -> dict[str, Any]:
+    """How the champion's predictions were served (path, route, degraded) and the audit's latency breakdown."""
+    paths = dict(ch.rows("SELECT served_by, count() FROM predictions FINAL WHERE model_name = {m:String} "
+                         "GROUP BY served_by", {"m": MODEL_NAME}))
+    routes = dict(ch.rows("SELECT route, count() FROM prediction_audit FINAL GROUP BY route"))
+    degraded = ch.scalar("SELECT countIf(degraded = 1) FROM predictions FINAL WHERE model_name = {m:String}",
+                         {"m": MODEL_NAME})
+    parts = ch.rows("SELECT quantile(0.5)(queue_ms), quantile(0.5)(fetch_ms), quantile(0.5)(inference_ms), "
+                    "quantile(0.5)(publish_ms) FROM prediction_audit FINAL WHERE route != 'shadow'")
+    breakdown = {f"{k}_p50_ms": round(float(v), 2) for k, v in zip(("queue", "fetch", "inference", "publish"),
+                                                                  parts[0] if parts else ()) if v == v}
+    return {"served_by": {str(k): int(v) for k, v in paths.items()},
+            "routes": {str(k): int(v) for k, v in routes.items()}, "degraded": int(degraded or 0), **breakdown}
+
+
 def counts(ch: ClickHouse) -> dict[str, int]:
     q = {
         "predictions": f"SELECT count() FROM predictions FINAL WHERE model_name = '{MODEL_NAME}'",

@@ -17,7 +17,7 @@ from streams.codec import AvroCodec
 from streams.features.definitions import FEATURE_NAMES
 from streams.replay import river_metric
 from streams.stack import Endpoints
-from streams.stages.learn import ONLINE_MODEL, LearnStage
+from streams.stages.learn import ONLINE_MODEL, SERVING_SNAPSHOT, LearnStage
 from streams.state import SignedSnapshots
 
 T0 = 1_700_000_000_000
@@ -145,6 +145,9 @@ def test_a_restarted_learner_continues_from_its_snapshot(endpoints: Endpoints) -
     _feed(first, msgs[:300])
     now[0] += 10
     first.after_commit({})  # a checkpoint after 300 messages
+    serving = snaps.load(SERVING_SNAPSHOT)  # and the learner alone, for inference's fallback
+    assert serving["version"] == "v" and serving["learner"].predict_proba_one(dict.fromkeys(FEATURE_NAMES, 0.3)) == \
+        first.learner.predict_proba_one(dict.fromkeys(FEATURE_NAMES, 0.3))
     _feed(first, msgs[300:500])  # committed, but not checkpointed: then a crash
     committed = _committed(msgs[:500])
 

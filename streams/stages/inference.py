@@ -1,37 +1,59 @@
-"""Inference: score every payment with the champion model, micro-batched.
+"""Inference: score every payment, micro-batched, routed, and answered even when a dependency fails.
 
-Input: ``weir.scoring`` micro-batches. The payments one consume call returns,
-across partitions, are scored in inference batches of at most ``max_batch``
-payments (the consume call's wait is the batch's max wait). Features for the whole batch come from Redis in one
-pipelined round trip; the champion runs once per batch. Outputs: one
-``predictions.fraud`` record per payment (key card id) and a ``weir.scored``
-batch per input partition carrying the served feature vectors, which the
-learner and the training sets use, so training never sees other values than
-serving did.
+Input: ``weir.scoring`` micro-batches. The runner's consume call gathers
+messages across every assigned partition until it has its max message count
+or its max wait (``WEIR_INFERENCE_MAX_WAIT_MS``: the longest a payment waits
+for its batch to fill); the stage pools their payments and scores them in
+batches of at most ``max_batch`` (``WEIR_INFERENCE_MAX_BATCH``). Per batch:
 
-The champion is swapped by :class:`ModelSlot` between batches: a batch is
-scored entirely by one model version.
+1. features: one Redis round trip (:class:`~streams.serving.resilience.ServedFeatures`);
+   Redis down gives last-known values or defaults, flagged ``degraded``;
+2. routing: the :class:`~streams.serving.routing.ModelSet` read once (one
+   version per route for the whole batch); each entity goes to the canary or
+   the champion by a stable hash; one model run per route;
+3. scoring through the response cache (when enabled) and the
+   :class:`~streams.serving.resilience.ScoringChain` (model, else online learner, else rules);
+4. shadows score the same batch and publish only to ``predictions.shadow.fraud``.
+
+Outputs, in input order per partition: one ``predictions.fraud`` record per
+payment (key card id) naming its route, model version, serving path,
+decision and degraded flag; a ``weir.scored`` batch per input partition with
+the served feature vectors (the learner's and the training sets' input); a
+``weir.audit`` batch per input partition (ClickHouse ``prediction_audit``)
+with the latency breakdown; every ``metrics_every_s`` the serving counters
+to ``model.metrics``. The runner commits the input offsets only after all of
+it is acknowledged.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from models.base import BatchScorer
+from models.scorer import RuleScorer
 from sinks.redis_store import OnlineStore
 from streams import topics as T
 from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded
-from streams.features.definitions import CARD, FEATURE_NAMES, USER, FeatureView, request_features, view_key
+from streams.features.definitions import CARD, USER
+from streams.serving.cache import ResponseCache, feature_hash
+from streams.serving.resilience import SERVED_BY_CACHE, SERVED_BY_MODEL, ScoringChain, ServedFeatures
+from streams.serving.routing import CANARY, CHAMPION, SHADOW, ModelSet, ModelSlot
+
+__all__ = ["DECISION_THRESHOLD", "MODEL_NAME", "SERVING_VIEWS", "InferenceStage", "ModelSet", "ModelSlot",
+           "model_version_name"]
 
 MODEL_NAME = "fraud"
-DECISION_THRESHOLD = 0.5  # a champion score at or above it flags the payment as fraud
+DECISION_THRESHOLD = 0.5  # a score at or above it flags the payment as fraud (WEIR_DECISION_THRESHOLD)
+SERVING_VIEWS = ((CARD, "card_id"), (USER, "customer_id"))  # the model's views, in order, and the payment's key
+SERVED_PATHS = ("model", "cache", "online", "rules")
 
 
 def model_version_name(version: int) -> str:
@@ -39,25 +61,26 @@ def model_version_name(version: int) -> str:
     return f"{MODEL_NAME}-v{version}"
 
 
-class ModelSlot:
-    """Holds the current champion; ``swap`` replaces it atomically (a reference assignment)."""
+class Pending(NamedTuple):
+    """A payment waiting in an inference batch: its input partition and arrival time on ``weir.scoring``."""
 
-    def __init__(self, initial: BatchScorer) -> None:
-        self._model = initial
-        self._lock = threading.Lock()
-        self.swaps = 0
-
-    @property
-    def current(self) -> BatchScorer:
-        return self._model
-
-    def swap(self, model: BatchScorer) -> None:
-        with self._lock:
-            self._model = model
-            self.swaps += 1
+    partition: int
+    arrived_ms: int
+    payment: dict[str, Any]
 
 
-SERVING_VIEWS = ((CARD, "card_id"), (USER, "customer_id"))  # the model's views, in order, and the payment's key
+@dataclass
+class Served:
+    """A batch's answers, row by row: score, serving path and version; plus the shadows' scores."""
+
+    scores: npt.NDArray[np.float64]
+    served_by: list[str]
+    versions: list[str]
+    routes: list[str]
+    shadows: list[tuple[str, npt.NDArray[np.float64]]]
+
+    def put(self, row: int, score: float, served_by: str, version: str) -> None:
+        self.scores[row], self.served_by[row], self.versions[row] = score, served_by, version
 
 
 class InferenceStage:
@@ -65,74 +88,166 @@ class InferenceStage:
     topics = (T.I_SCORING,)
 
     def __init__(self, store: OnlineStore, slot: ModelSlot, *, max_batch: int = 1024,
+                 threshold: float = DECISION_THRESHOLD, chain: ScoringChain | None = None,
+                 cache: ResponseCache | None = None, audit_vectors: bool = True, metrics_every_s: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:
-        self.store = store
-        self.max_batch = max_batch
+        self.served = ServedFeatures(store, SERVING_VIEWS)
         self.slot = slot
+        self.max_batch = max_batch
+        self.threshold = threshold
+        self.chain = chain or ScoringChain()
+        self.cache = cache
+        self.audit_vectors = audit_vectors
+        self.metrics_every_s = metrics_every_s
         self.clock = clock
-        self.latencies_ms: deque[float] = deque(maxlen=200_000)
         self.scored = 0
+        self.counts: Counter[str] = Counter()  # served_by paths, routes, degraded rows, failed shadows
+        self._next_metrics = clock() + metrics_every_s
         self._in = {T.I_SCORING: AvroCodec(T.I_SCORING)}
         self._pred = AvroCodec(T.PREDICTIONS)
+        self._shadow = AvroCodec(T.PREDICTIONS_SHADOW)
         self._scored = AvroCodec(T.I_SCORED)
+        self._audit = AvroCodec(T.I_AUDIT)
+        self._metric = AvroCodec(T.MODEL_METRICS)
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
-        payments: list[tuple[int, dict[str, Any]]] = []
+        pending: list[Pending] = []
         for msg, record in decoded(batch, self._in, result):
-            payments.extend((msg.partition, p) for p in record["items"])
-        for start in range(0, len(payments), self.max_batch):
-            self._score(payments[start:start + self.max_batch], result)
+            pending.extend(Pending(msg.partition, msg.timestamp_ms, p) for p in record["items"])
+        for start in range(0, len(pending), self.max_batch):
+            self._score(pending[start:start + self.max_batch], result)
+        if self.clock() >= self._next_metrics:
+            self._next_metrics = self.clock() + self.metrics_every_s
+            result.produce.extend(self.metric_records())
         return result
 
-    def features(self, payments: list[dict[str, Any]]) -> np.ndarray:
-        """The served feature matrix (n, len(FEATURE_NAMES)), float32, in at most one Redis round trip.
+    # --- one inference batch ---
 
-        A view whose values the features stage attached to the payment (``served``: the card view, as of
-        this very payment, as the feature log records it for training) is taken from there; the others
-        are read from the online store as of the payment's event time."""
-        parts: list[list[list[float] | None]] = []
-        requests: list[tuple[FeatureView, str]] = []
-        slots: list[tuple[int, int]] = []
-        as_of: list[int] = []
-        for i, p in enumerate(payments):
-            served = p.get("served") or {}
-            row: list[list[float] | None] = []
-            for j, (view, field) in enumerate(SERVING_VIEWS):
-                values = served.get(view_key(view))
-                if values is None or len(values) != len(view.features):
-                    requests.append((view, p[field]))
-                    slots.append((i, j))
-                    as_of.append(p["ts_ms"])
-                row.append(values)
-            parts.append(row)
-        for (i, j), got in zip(slots, self.store.read(requests, as_of=as_of) if requests else [], strict=True):
-            parts[i][j] = got.values
-        rows = [[x for values in row for x in values or ()] + request_features(p["amount"], p["merchant_category"])
-                for row, p in zip(parts, payments, strict=True)]
-        return np.asarray(rows, dtype=np.float32).reshape(len(payments), len(FEATURE_NAMES))
-
-    def _score(self, payments: list[tuple[int, dict[str, Any]]], result: StepResult) -> None:
-        items = [p for _, p in payments]
-        X = self.features(items)
-        model = self.slot.current  # one version for the whole batch
-        scores = model.predict(X)
+    def _score(self, batch: list[Pending], result: StepResult) -> None:
+        started_ms = self.clock() * 1000
+        t0 = time.perf_counter()
+        items = [p.payment for p in batch]
+        X, degraded = self.served.fetch(items)
+        t1 = time.perf_counter()
+        hashes = [feature_hash(row) for row in X]
+        served = self._serve(self.slot.models, X, hashes, [p["card_id"] for p in items])
+        t2 = time.perf_counter()
         now_ms = int(self.clock() * 1000)
+        outputs = self._outputs(batch, X, degraded, served, now_ms)
+        t3 = time.perf_counter()
+        timings = {"fetch_ms": (t1 - t0) * 1000, "inference_ms": (t2 - t1) * 1000, "publish_ms": (t3 - t2) * 1000}
+        result.produce.extend(outputs)
+        result.produce.extend(self._audit_batches(batch, X, degraded, hashes, served, now_ms, started_ms, timings))
+        self.scored += len(batch)
+        self.counts.update(served.served_by)
+        self.counts.update(served.routes)
+        self.counts["degraded"] += int(degraded.sum())
+
+    def _serve(self, models: ModelSet, X: npt.NDArray[np.float32], hashes: list[str], entities: list[str]) -> Served:
+        n = X.shape[0]
+        routes = [models.route(e) for e in entities]
+        out = Served(np.empty(n), [""] * n, [""] * n, routes, [])
+        for route in (CHAMPION, CANARY):
+            rows = [i for i, r in enumerate(routes) if r == route]
+            if rows:
+                self._run(models.serving(route), X if len(rows) == n else X[rows], [hashes[i] for i in rows],
+                          rows, out)
+        for shadow in models.shadows:
+            scores = self.chain.shadow(shadow, X)
+            if scores is None:
+                self.counts["shadow_failed"] += n
+            else:
+                out.shadows.append((shadow.version, scores))
+        return out
+
+    def _run(self, model: BatchScorer, X: npt.NDArray[np.float32], hashes: list[str], rows: list[int],
+             out: Served) -> None:
+        """Score ``X`` (the batch's ``rows`` of one route) with ``model``, through the cache when enabled."""
+        todo = list(range(len(rows)))
+        keys: list[str] = []
+        if self.cache is not None and not isinstance(model, RuleScorer):
+            keys = self.cache.keys(model.version, hashes)
+            todo = []
+            for j, hit in enumerate(self.cache.get(keys)):
+                if hit is None:
+                    todo.append(j)
+                else:
+                    out.put(rows[j], hit, SERVED_BY_CACHE, model.version)
+        if not todo:
+            return
+        scored = self.chain.score(model, X if len(todo) == len(rows) else X[todo])
+        for k, j in enumerate(todo):
+            out.put(rows[j], float(scored.scores[k]), scored.served_by, scored.version)
+        if self.cache is not None and keys and scored.served_by == SERVED_BY_MODEL:
+            self.cache.put([keys[j] for j in todo], scored.scores.tolist())
+
+    # --- what a batch publishes ---
+
+    def _prediction(self, p: dict[str, Any], score: float, version: str, route: str, served_by: str,
+                    degraded: bool, now_ms: int) -> dict[str, Any]:
+        return {
+            "event_id": p["event_id"], "payment_id": p["payment_id"], "card_id": p["card_id"],
+            "customer_id": p["customer_id"], "score": score, "model_name": MODEL_NAME, "model_version": version,
+            "latency_ms": float(now_ms - p["source_ms"]), "event_ts": p["ts_ms"], "predicted_ts": now_ms,
+            "decision": score >= self.threshold, "threshold": self.threshold, "route": route,
+            "served_by": served_by, "degraded": degraded,
+        }
+
+    def _outputs(self, batch: list[Pending], X: npt.NDArray[np.float32], degraded: npt.NDArray[np.bool_],
+                 served: Served, now_ms: int) -> list[Produce]:
+        produce: list[Produce] = []
         scored: dict[int, list[dict[str, Any]]] = {}
-        for (part, p), x, s in zip(payments, X, scores):
-            latency = float(now_ms - p["source_ms"])
-            self.latencies_ms.append(latency)
-            pred = {
-                "event_id": p["event_id"], "payment_id": p["payment_id"], "card_id": p["card_id"],
-                "customer_id": p["customer_id"], "score": float(s), "model_name": MODEL_NAME,
-                "model_version": model.version, "latency_ms": latency, "event_ts": p["ts_ms"],
-                "predicted_ts": now_ms,
-            }
-            result.produce.append(Produce(T.PREDICTIONS, p["card_id"].encode(), self._pred.encode(pred)))
+        for i, (part, _, p) in enumerate(batch):
+            score = float(served.scores[i])
+            pred = self._prediction(p, score, served.versions[i], served.routes[i], served.served_by[i],
+                                    bool(degraded[i]), now_ms)
+            key = p["card_id"].encode()
+            produce.append(Produce(T.PREDICTIONS, key, self._pred.encode(pred)))
+            for version, scores in served.shadows:
+                shadow = self._prediction(p, float(scores[i]), version, SHADOW, SERVED_BY_MODEL, bool(degraded[i]),
+                                          now_ms)
+                produce.append(Produce(T.PREDICTIONS_SHADOW, key, self._shadow.encode(shadow)))
             scored.setdefault(part, []).append({
                 "event_id": p["event_id"], "payment_id": p["payment_id"], "card_id": p["card_id"],
-                "ts_ms": p["ts_ms"], "features": x.tolist(), "score": float(s), "model_version": model.version,
+                "ts_ms": p["ts_ms"], "features": X[i].tolist(), "score": score, "model_version": served.versions[i],
             })
-        self.scored += len(payments)
         for part, rows in scored.items():
-            result.produce.append(Produce(T.I_SCORED, None, self._scored.encode({"items": rows}), partition=part))
+            produce.append(Produce(T.I_SCORED, None, self._scored.encode({"items": rows}), partition=part))
+        return produce
+
+    def _audit_batches(self, batch: list[Pending], X: npt.NDArray[np.float32], degraded: npt.NDArray[np.bool_],
+                       hashes: list[str], served: Served, now_ms: int, started_ms: float,
+                       timings: dict[str, float]) -> list[Produce]:
+        per_part: dict[int, list[dict[str, Any]]] = {}
+        for i, (part, arrived_ms, p) in enumerate(batch):
+            common = {
+                "event_id": p["event_id"], "entity_id": p["card_id"], "payment_id": p["payment_id"],
+                "ts_ms": p["ts_ms"], "predicted_ms": now_ms, "threshold": self.threshold,
+                "degraded": bool(degraded[i]), "features": X[i].tolist() if self.audit_vectors else None,
+                "feature_hash": hashes[i], "queue_ms": max(0.0, started_ms - arrived_ms), **timings,
+            }
+            answers = [(float(served.scores[i]), served.versions[i], served.routes[i], served.served_by[i])]
+            answers += [(float(s[i]), v, SHADOW, SERVED_BY_MODEL) for v, s in served.shadows]
+            per_part.setdefault(part, []).extend(
+                common | {"score": score, "decision": score >= self.threshold, "model_version": version,
+                          "route": route, "served_by": by}
+                for score, version, route, by in answers)
+        return [Produce(T.I_AUDIT, None, self._audit.encode({"items": rows}), partition=part)
+                for part, rows in per_part.items()]
+
+    def metric_records(self) -> list[Produce]:
+        """The serving counters as ``model.metrics`` records: the share of predictions per serving path and
+        degraded, and the response cache's hit rate (``labels`` holds the count each share is over)."""
+        now_ms = int(self.clock() * 1000)
+        version = self.slot.current.version
+        values: list[tuple[str, float, int]] = [
+            (f"served_by_{path}", self.counts[path] / self.scored if self.scored else 0.0, self.scored)
+            for path in SERVED_PATHS]
+        values.append(("degraded", self.counts["degraded"] / self.scored if self.scored else 0.0, self.scored))
+        if self.cache is not None:
+            values.append(("cache_hit_rate", self.cache.hit_rate, self.cache.lookups))
+        return [Produce(T.MODEL_METRICS, MODEL_NAME.encode(), self._metric.encode({
+            "metric_id": f"inference:{metric}:{now_ms}", "ts": now_ms, "model_name": MODEL_NAME,
+            "model_version": version, "metric": metric, "value": value, "labels": count}))
+            for metric, value, count in values]

@@ -52,6 +52,7 @@ TopicPartition = tuple[str, int]
 OFFSET_BEGINNING = -2  # librdkafka's logical offset: the log's first retained record
 
 ONLINE_MODEL = "fraud-online"
+SERVING_SNAPSHOT = f"serving:{ONLINE_MODEL}"  # the primary learner alone, for inference's fallback
 CHAMPION_MODEL = "fraud"  # the batch model inference serves (streams.stages.inference.MODEL_NAME)
 
 
@@ -222,6 +223,8 @@ class LearnStage:
                  "newest": (self._newest_scored, self._newest_label)}
         try:
             self.snapshots.save(self.snapshot_name, state)
+            # inference's fallback when its model fails: the primary learner alone (streams.serving.resilience)
+            self.snapshots.save(SERVING_SNAPSHOT, {"version": self.version, "learner": self.learner})
         except redis.RedisError as exc:
             log.warning("learn: snapshot not saved (%s); retried at the next checkpoint", exc)
             return False

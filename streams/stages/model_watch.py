@@ -1,45 +1,105 @@
-"""Hot swap: follows ``model.events`` and switches inference to each new production version.
+"""Hot swap and routing: follows ``model.events`` and keeps inference's :class:`ModelSet` current.
 
 Runs in every inference process with a group id of its own, so it reads the
-whole topic from the start and ends on the newest production version. The
-new ONNX session is loaded and warmed before the swap; the swap happens
-between inference batches (see :class:`streams.stages.inference.ModelSlot`).
+whole topic from the start and folds it into each version's latest stage
+(a promotion to production archives the previous production version, as the
+registry does). From that fold: the production version is the champion, the
+newest canary version takes ``canary_fraction`` of the entities, and every
+shadow version scores in shadow. A version is loaded (checksum verified) and
+warmed on this stage's own thread, in the background of inference; only when
+every scorer of the new set is ready is the set swapped in, atomically,
+between two inference batches. A version that does not load is logged and
+left out; the set keeps serving what it served.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from models.scorer import OnnxScorer
+from models.base import BatchScorer
+from models.scorer import load_scorer
 from streams import topics as T
 from streams.base import Message, StepResult
 from streams.codec import AvroCodec, decoded
-from streams.stages.inference import MODEL_NAME, ModelSlot, model_version_name
+from streams.serving.routing import ModelSet, ModelSlot
+from streams.stages.inference import MODEL_NAME, model_version_name
 
 log = logging.getLogger(__name__)
+
+SERVING_STAGES = ("production", "canary", "shadow")
+Loader = Callable[[dict[str, Any]], BatchScorer]
+
+
+def load_event_artifact(event: dict[str, Any], backend: str = "onnx") -> BatchScorer:
+    """The scorer of a ``model.events`` record's artifact, loaded, checksum verified and warmed."""
+    scorer = load_scorer(Path(event["artifact_uri"]), model_version_name(event["version"]), backend=backend,
+                         expected_sha256=event["sha256"],
+                         torch_sha256=(event.get("lineage") or {}).get("torchscript_sha256"))
+    warmup = getattr(scorer, "warmup", None)
+    if warmup is not None:
+        warmup()
+    return scorer
 
 
 class ModelWatchStage:
     step_id = "model-watch"
     topics = (T.MODEL_EVENTS,)
 
-    def __init__(self, slot: ModelSlot) -> None:
+    def __init__(self, slot: ModelSlot, *, canary_fraction: float = 0.1, backend: str = "onnx",
+                 loader: Loader | None = None) -> None:
         self.slot = slot
+        self.canary_fraction = canary_fraction
+        self.backend = backend
+        self._load = loader or (lambda event: load_event_artifact(event, backend))
         self._in = {T.MODEL_EVENTS: AvroCodec(T.MODEL_EVENTS)}
-        self._version = 0
+        self.stages: dict[int, dict[str, Any]] = {}  # version -> its latest model.events record
+        self._loaded: dict[tuple[int, str], BatchScorer] = {}  # (version, sha256) -> scorer
+        self._broken: set[tuple[int, str]] = set()
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
-        newest = None
+        changed = False
         for _, event in decoded(batch, self._in, result):
-            if event["model_name"] == MODEL_NAME and event["stage"] == "production" and event["version"] > self._version:
-                newest = event
-        if newest is not None:
-            scorer = OnnxScorer(Path(newest["artifact_uri"]), model_version_name(newest["version"]),
-                                expected_sha256=newest["sha256"])
-            scorer.warmup()
-            self.slot.swap(scorer)
-            self._version = newest["version"]
-            log.warning("inference now serves %s (%s)", scorer.version, scorer.provider)
+            if event["model_name"] != MODEL_NAME or event["stage"] not in (*SERVING_STAGES, "candidate", "archived"):
+                continue  # another model, or a refused command (it changed nothing)
+            if event["stage"] == "production":
+                for other in self.stages.values():
+                    if other["stage"] == "production" and other["version"] != event["version"]:
+                        other["stage"] = "archived"
+            self.stages[event["version"]] = dict(event)
+            changed = True
+        if changed:
+            self.apply()
         return result
+
+    def apply(self) -> None:
+        """Build the set the fold asks for (loading what is new) and swap it in if it differs."""
+        by_stage: dict[str, list[dict[str, Any]]] = {s: [] for s in SERVING_STAGES}
+        for event in sorted(self.stages.values(), key=lambda e: e["version"]):
+            if event["stage"] in by_stage:
+                by_stage[event["stage"]].append(event)
+        current = self.slot.models
+        champion = self._scorer(by_stage["production"][-1]) if by_stage["production"] else None
+        canary = self._scorer(by_stage["canary"][-1]) if by_stage["canary"] else None
+        shadows = tuple(s for s in map(self._scorer, by_stage["shadow"]) if s is not None)
+        new = ModelSet(champion or current.champion, canary, self.canary_fraction if canary else 0.0, shadows)
+        if new.versions() != current.versions() or new.canary_fraction != current.canary_fraction:
+            self.slot.swap(new)
+            log.warning("inference now serves %s", new.versions())
+        for key in [k for k in self._loaded if k[0] not in self.stages or
+                    self.stages[k[0]]["stage"] not in SERVING_STAGES]:
+            del self._loaded[key]  # no longer serving: let its session go
+
+    def _scorer(self, event: dict[str, Any]) -> BatchScorer | None:
+        key = (event["version"], event["sha256"])
+        if key not in self._loaded and key not in self._broken:
+            try:
+                self._loaded[key] = self._load(event)
+            except Exception as exc:  # a bad artifact must not stop serving what already serves
+                self._broken.add(key)
+                log.error("%s v%d (%s) not loaded, left out of serving: %s", MODEL_NAME, event["version"],
+                          event["stage"], exc)
+        return self._loaded.get(key)

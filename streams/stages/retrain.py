@@ -41,7 +41,7 @@ from apscheduler.triggers.cron import CronTrigger
 from confluent_kafka import Producer
 
 from models.base import InvalidModelInput, ModelIntegrityError
-from models.export import export_onnx
+from models.export import export_onnx, export_torchscript, sha256_file
 from models.gates import GatePolicy, decide, expected_calibration_error
 from models.lineage import code_version
 from models.metrics import roc_auc
@@ -81,9 +81,9 @@ def _progress(epoch: int, loss_train: float, loss_val: float) -> None:
 
 def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, path: Path,
                      champion: str | None = None) -> tuple[dict[str, float], list[tuple[int, float, float, float]]]:
-    """Train the MLP, write its ONNX export to ``path`` and measure what the gates need (runs in the training
-    process). Returns the metrics and the learning curve ((epoch, train loss, validation loss, validation AUC)
-    per epoch).
+    """Train the MLP, write its ONNX export to ``path`` (and its TorchScript companion, for the torch serving
+    backend, to ``path.with_suffix(".pt")``) and measure what the gates need (runs in the training process).
+    Returns the metrics and the learning curve ((epoch, train loss, validation loss, validation AUC) per epoch).
 
     Besides the trainer's metrics: ``missed_fraud_val`` (the share of validation frauds scored below the
     decision threshold, the baseline the drift stage holds the model to), ``ece_val``, the FP32 and INT8
@@ -95,6 +95,7 @@ def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, pa
     log.info("trained: best epoch %d of %d, validation AUC %.4f", trained.metrics["best_epoch"],
              trained.metrics["epochs_run"], trained.metrics["auc_val"])
     export_onnx(trained.module, X.shape[1], path)
+    export_torchscript(trained.module, X.shape[1], path.with_suffix(".pt"))
     metrics = {k: float(v) for k, v in trained.metrics.items()}
     n_val = int(metrics["n_val"])  # the split is the newest n_val rows by event time (X is sorted)
     X_val, y_val = X[-n_val:], y[-n_val:]
@@ -198,9 +199,12 @@ class RetrainStage:
             metrics["train_seconds"] = time.perf_counter() - started
             decision = decide(metrics, self.policy)
             metrics |= decision.as_metrics()
+            torchscript = path.with_suffix(".pt")
             lineage = self.lineage(reason, X, y, ts, content, champion) | {
-                "gates": decision.summary(), "learning_curve": json.dumps([[round(x, 6) for x in row] for row in curve])}
-            version = self.registry.register(MODEL_NAME, path, metrics=metrics, lineage=lineage, stage="candidate")
+                "gates": decision.summary(), "learning_curve": json.dumps([[round(x, 6) for x in row] for row in curve]),
+                "torchscript_sha256": sha256_file(torchscript)}
+            version = self.registry.register(MODEL_NAME, path, metrics=metrics, lineage=lineage, stage="candidate",
+                                             companions=[torchscript])
         run.update(version=version.version, gates=decision.summary(), **metrics)
         transitions = [(version, f"registered after a retrain request ({reason})")]
         if decision.passed:

@@ -1,0 +1,294 @@
+"""Inference keeps answering when a dependency fails.
+
+* :class:`Breaker`: after a failure, a dependency is skipped for a cool-down,
+  then tried again (one probe); the first success closes it. Recovery is
+  automatic and logged once per outage.
+* :class:`ServedFeatures`: the batch's feature matrix in one Redis round trip;
+  when Redis fails or its breaker is open, each missing view comes from the
+  entity's last-known values (kept in a bounded map) or the view's defaults,
+  and the row is flagged ``degraded``. Never a stall: the store's socket
+  timeout bounds a hung Redis, and the breaker stops paying it per batch.
+* :class:`ScoringChain`: the routed model, run with a timeout; when it raises,
+  times out or returns non-finite scores, the online learner's score (its
+  newest signed snapshot, :class:`OnlineFallback`); without one, the rule
+  score. Every prediction names the path that served it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import redis
+
+from models.base import BatchScorer, InvalidModelInput
+from models.scorer import RuleScorer
+from sinks.redis_store import OnlineStore
+from streams.features.definitions import FEATURE_NAMES, FeatureView, request_features, view_key
+from streams.state import SignedSnapshots, StateError
+
+__all__ = ["Breaker", "OnlineFallback", "OnlineScorer", "Scored", "ScoringChain", "ServedFeatures",
+           "SERVED_BY_MODEL", "SERVED_BY_CACHE", "SERVED_BY_ONLINE", "SERVED_BY_RULES"]
+
+log = logging.getLogger(__name__)
+
+SERVED_BY_MODEL = "model"
+SERVED_BY_CACHE = "cache"
+SERVED_BY_ONLINE = "online"
+SERVED_BY_RULES = "rules"
+
+
+class Breaker:
+    """A circuit breaker: ``allow()`` is False for ``cooldown_s`` after a failure, then lets one probe through."""
+
+    def __init__(self, name: str, cooldown_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self.failures = 0
+        self.outages = 0
+        self._open_until: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._open_until is not None
+
+    def allow(self) -> bool:
+        return self._open_until is None or self.clock() >= self._open_until
+
+    def failed(self, why: object) -> None:
+        self.failures += 1
+        if self._open_until is None:
+            self.outages += 1
+            log.warning("%s failed (%s): falling back; retried every %.1f s", self.name, why, self.cooldown_s)
+        self._open_until = self.clock() + self.cooldown_s
+
+    def succeeded(self) -> None:
+        if self._open_until is not None:
+            log.warning("%s recovered", self.name)
+            self._open_until = None
+
+
+class ServedFeatures:
+    """The served feature matrix of a batch of payments, degraded rather than stalled when Redis fails.
+
+    A view whose values the features stage attached to the payment (``served``)
+    is taken from there; the others are read from the online store as of the
+    payment's event time, in one ``MGET`` for the whole batch.
+    """
+
+    def __init__(self, store: OnlineStore, views: Sequence[tuple[FeatureView, str]], *,
+                 breaker: Breaker | None = None, last_known_limit: int = 200_000) -> None:
+        self.store = store
+        self.views = tuple(views)
+        self.breaker = breaker or Breaker("online feature store (Redis)")
+        self.last_known: dict[tuple[str, str], list[float]] = {}
+        self.last_known_limit = last_known_limit
+        self.degraded_rows = 0
+
+    def fetch(self, payments: Sequence[dict[str, Any]]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """``(X, degraded)``: X is ``(n, len(FEATURE_NAMES))`` float32, ``degraded[i]`` marks row i served
+        without the online store."""
+        parts: list[list[list[float] | None]] = []
+        requests: list[tuple[FeatureView, str]] = []
+        slots: list[tuple[int, int]] = []
+        as_of: list[int] = []
+        for i, p in enumerate(payments):
+            served = p.get("served") or {}
+            row: list[list[float] | None] = []
+            for j, (view, field) in enumerate(self.views):
+                values = served.get(view_key(view))
+                if values is None or len(values) != len(view.features):
+                    requests.append((view, p[field]))
+                    slots.append((i, j))
+                    as_of.append(p["ts_ms"])
+                row.append(values)
+            parts.append(row)
+        degraded = np.zeros(len(payments), dtype=np.bool_)
+        got = self._read(requests, as_of)
+        if got is None:
+            for (i, j), (view, entity) in zip(slots, requests, strict=True):
+                parts[i][j] = self.last_known.get((view_key(view), entity), view.defaults)
+                degraded[i] = True
+            self.degraded_rows += int(degraded.sum())
+        else:
+            for (i, j), (view, entity), values in zip(slots, requests, got, strict=True):
+                parts[i][j] = values
+                self._remember(view_key(view), entity, values)
+        rows = [[x for values in row for x in values or ()] + request_features(p["amount"], p["merchant_category"])
+                for row, p in zip(parts, payments, strict=True)]
+        return np.asarray(rows, dtype=np.float32).reshape(len(payments), len(FEATURE_NAMES)), degraded
+
+    def _read(self, requests: list[tuple[FeatureView, str]], as_of: list[int]) -> list[list[float]] | None:
+        if not requests:
+            return []
+        if not self.breaker.allow():
+            return None
+        try:
+            stored = self.store.read(requests, as_of=as_of)
+        except redis.RedisError as exc:
+            self.breaker.failed(type(exc).__name__)
+            return None
+        self.breaker.succeeded()
+        return [s.values for s in stored]
+
+    def _remember(self, view: str, entity: str, values: list[float]) -> None:
+        if len(self.last_known) >= self.last_known_limit:
+            del self.last_known[next(iter(self.last_known))]  # the oldest entry (insertion order)
+        self.last_known[(view, entity)] = values
+
+
+class OnlineScorer:
+    """A river learner as a :class:`BatchScorer` (a frozen copy: it does not learn here)."""
+
+    def __init__(self, learner: Any, version: str) -> None:
+        self.learner = learner
+        self.version = version
+
+    def predict(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        names = FEATURE_NAMES
+        return np.asarray(self.learner.predict_many(dict(zip(names, map(float, row))) for row in X),
+                          dtype=np.float64)
+
+
+class OnlineFallback:
+    """The learn stage's newest online model, read from its signed serving snapshot when needed.
+
+    Loaded lazily (the first time the chain falls back) and refreshed at most every
+    ``refresh_s``; a Redis or signature failure keeps the copy already held (or none)."""
+
+    def __init__(self, snapshots: SignedSnapshots, name: str, *, refresh_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.snapshots = snapshots
+        self.name = name
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self._scorer: OnlineScorer | None = None
+        self._next_refresh = 0.0
+
+    def scorer(self) -> OnlineScorer | None:
+        if self.clock() >= self._next_refresh:
+            self._next_refresh = self.clock() + self.refresh_s
+            try:
+                state = self.snapshots.load(self.name)
+            except (redis.RedisError, StateError) as exc:
+                log.warning("online fallback: snapshot %s not loaded (%s)", self.name, type(exc).__name__)
+            else:
+                if isinstance(state, dict) and "learner" in state:
+                    self._scorer = OnlineScorer(state["learner"], str(state["version"]))
+        return self._scorer
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    scores: npt.NDArray[np.float64]
+    served_by: str
+    version: str
+
+
+class _Worker:
+    """One daemon thread running model calls, so a call can be given up on after a timeout (a hung call
+    leaves its thread behind and a new worker takes over; daemon threads never block exit)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="inference-model", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, fut = self._jobs.get()
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    def call(self, fn: Callable[[], Any], timeout_s: float) -> Any:
+        fut: Future[Any] = Future()
+        self._jobs.put((fn, fut))
+        return fut.result(timeout_s)  # TimeoutError when the model took too long
+
+
+class ScoringChain:
+    """Scores a batch with the routed model; on failure or timeout, the online learner; else the rules.
+
+    One :class:`Breaker` per model version: a failed version is skipped for ``cooldown_s``, then probed.
+    """
+
+    def __init__(self, rules: BatchScorer | None = None, online: OnlineFallback | None = None, *,
+                 timeout_s: float = 0.5, cooldown_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rules = rules or RuleScorer(list(FEATURE_NAMES))
+        self.online = online
+        self.timeout_s = timeout_s
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self.breakers: dict[str, Breaker] = {}
+        self._worker = _Worker()
+
+    def score(self, model: BatchScorer, X: npt.NDArray[np.float32]) -> Scored:
+        if isinstance(model, RuleScorer):
+            return Scored(model.predict(X), SERVED_BY_RULES, model.version)
+        breaker = self._breaker(model.version)
+        if breaker.allow():
+            try:
+                scores = self.run(model, X)
+            except Exception as exc:  # any model failure: the request is still answered
+                breaker.failed(_why(exc))
+            else:
+                breaker.succeeded()
+                return Scored(scores, SERVED_BY_MODEL, model.version)
+        return self.fallback(X)
+
+    def shadow(self, model: BatchScorer, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64] | None:
+        """A shadow's scores, or None when it fails (a shadow serves nobody: no fallback)."""
+        breaker = self._breaker(model.version)
+        if not breaker.allow():
+            return None
+        try:
+            scores = self.run(model, X)
+        except Exception as exc:
+            breaker.failed(_why(exc))
+            return None
+        breaker.succeeded()
+        return scores
+
+    def _breaker(self, version: str) -> Breaker:
+        if version not in self.breakers:
+            self.breakers[version] = Breaker(f"model {version}", self.cooldown_s, self.clock)
+        return self.breakers[version]
+
+    def run(self, model: BatchScorer, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        """``model.predict(X)`` within the timeout, checked: one finite probability per row."""
+        try:
+            scores = np.asarray(self._worker.call(lambda: model.predict(X), self.timeout_s), dtype=np.float64)
+        except TimeoutError:
+            self._worker = _Worker()  # the hung call keeps the old thread; later calls get a fresh one
+            raise TimeoutError(f"no answer within {self.timeout_s * 1000:.0f} ms") from None
+        if scores.shape != (X.shape[0],) or not np.all(np.isfinite(scores)):
+            raise InvalidModelInput(f"model returned shape {scores.shape} or non-finite scores for {X.shape[0]} rows")
+        return scores
+
+    def fallback(self, X: npt.NDArray[np.float32]) -> Scored:
+        online = self.online.scorer() if self.online is not None else None
+        if online is not None:
+            try:
+                scores = online.predict(X)
+                if np.all(np.isfinite(scores)):
+                    return Scored(np.clip(scores, 0.0, 1.0), SERVED_BY_ONLINE, online.version)
+            except Exception as exc:  # a broken snapshot must not take the last resort with it
+                log.warning("online fallback failed (%s): rule score", _why(exc))
+        return Scored(self.rules.predict(X), SERVED_BY_RULES, self.rules.version)
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+

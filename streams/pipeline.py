@@ -182,8 +182,8 @@ class Pipeline:
         store = OnlineStore(e.redis_url, timeout_s=c.inference_redis_timeout_ms / 1000)
         stage = InferenceStage(store, slot, max_batch=c.inference_max_batch, threshold=c.decision_threshold,
                                chain=chain, cache=cache, audit_vectors=c.audit_vectors)
-        # a weir.scoring message carries up to batch_max_size payments: consume a few at a time, waiting at most
-        # the inference max wait for them
+        # a weir.scoring message carries up to batch_max_size payments: the runner gathers messages (8 per consume
+        # call) until they hold one inference batch or the inference max wait passed
         self._run(stage, hot=True, max_batch=8, max_wait_ms=c.inference_max_wait_ms)
         watch = ModelWatchStage(slot, canary_fraction=c.canary_fraction, backend=c.inference_backend)
         self._run(watch, group_id=f"{c.group_prefix}-model-watch-{time.time_ns()}", max_wait_ms=200)

@@ -86,6 +86,18 @@ class Recoverable(Protocol):
     def after_commit(self, offsets: dict[tuple[str, int], int]) -> None: ...
 
 
+class Batching(Protocol):
+    """Optional: a stage whose messages carry several units of work (payments in a micro-batch record).
+
+    The runner then keeps consuming, for at most its ``max_wait_ms`` from the first consume call, until the
+    messages hold ``max_units`` units (``units(message)`` each) or the wait is over; so a batch is full by
+    units, not by messages, and no unit waits longer than ``max_wait_ms`` for it to fill."""
+
+    max_units: int
+
+    def units(self, message: Message) -> int: ...
+
+
 # Commit errors that mean "the group moved on": the batches are re-delivered to whoever owns the
 # partitions now, which at-least-once allows; the stage goes on.
 REBALANCE_ERRORS = {
@@ -251,8 +263,7 @@ class BatchRunner:
     def run_once(self) -> int:
         """Consume, process and produce one batch, committing when the cadence is due; returns its size."""
         self.subscribe()
-        raw = self._consumer.consume(self.max_batch, self.max_wait_s)
-        batch = self._messages(raw)
+        batch = self._gather()
         if batch:
             started = time.perf_counter()
             result = self._handle_slow(batch) if getattr(self.stage, "slow", False) else self.stage.handle(batch)
@@ -266,6 +277,21 @@ class BatchRunner:
         if time.monotonic() - self._last_commit >= self.commit_every_s:
             self.commit()
         return len(batch)
+
+    def _gather(self) -> list[Message]:
+        """One consume call; for a stage that counts units per message (:class:`Batching`), more calls until
+        it has ``max_units`` or ``max_wait_ms`` passed since the first (a micro-batch of micro-batches)."""
+        started = time.monotonic()
+        batch = self._messages(self._consumer.consume(self.max_batch, self.max_wait_s))
+        units = getattr(self.stage, "units", None)
+        if units is None or not batch:
+            return batch
+        have, want = sum(map(units, batch)), self.stage.max_units  # type: ignore[attr-defined]
+        while have < want and (left := self.max_wait_s - (time.monotonic() - started)) > 0:
+            more = self._messages(self._consumer.consume(self.max_batch, left))
+            batch += more
+            have += sum(map(units, more))
+        return batch
 
     def commit(self) -> None:
         """Flush the producer (every record acknowledged, or raise), then commit what was processed."""

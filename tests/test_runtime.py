@@ -50,3 +50,47 @@ def test_a_pause_across_the_group_join_loses_nothing(endpoints: Endpoints) -> No
         runner.stop()
     assert runner.error is None
     assert len(stage.seen) == len(set(stage.seen)) == 80
+
+
+class Units(Collect):
+    """A stage whose messages each carry ``int(value)`` units of work (see streams.runtime.Batching)."""
+
+    max_units = 50
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(topic)
+        self.batches: list[int] = []
+
+    def units(self, message: Message) -> int:
+        return int(message.value or b"0")
+
+    def handle(self, batch: list[Message]) -> StepResult:
+        self.batches.append(sum(map(self.units, batch)))
+        return super().handle(batch)
+
+
+def test_a_batching_stage_gets_batches_full_by_units_or_after_the_max_wait(endpoints: Endpoints) -> None:
+    topic = f"test.runtime.{uuid.uuid4().hex[:8]}"
+    ensure_topics(endpoints.kafka_bootstrap, [topic], 1)
+    producer = Producer(producer_config(endpoints.kafka_bootstrap))
+    for _ in range(20):  # 100 units waiting: two full batches, although each consume call takes 2 messages
+        producer.produce(topic, b"5", partition=0)
+    assert producer.flush(10) == 0
+    stage = Units(topic)
+    runner = BatchRunner(stage, endpoints.kafka_bootstrap, group_id=f"g-{topic}", max_batch=2, max_wait_ms=3000)
+    runner.start()
+    try:
+        assert runner.ready.wait(60)
+        deadline = time.time() + 30
+        while len(stage.seen) < 20 and time.time() < deadline:
+            time.sleep(0.05)
+        assert stage.batches == [50, 50]
+        for _ in range(3):  # 15 units: the batch goes when the max wait is over, not full
+            producer.produce(topic, b"5", partition=0)
+        assert producer.flush(10) == 0
+        while len(stage.seen) < 23 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        runner.stop()
+    assert runner.error is None
+    assert stage.batches == [50, 50, 15] and len(stage.seen) == len(set(stage.seen)) == 23

@@ -1,10 +1,11 @@
 """Inference: score every payment, micro-batched, routed, and answered even when a dependency fails.
 
-Input: ``weir.scoring`` micro-batches. The runner's consume call gathers
-messages across every assigned partition until it has its max message count
-or its max wait (``WEIR_INFERENCE_MAX_WAIT_MS``: the longest a payment waits
-for its batch to fill); the stage pools their payments and scores them in
-batches of at most ``max_batch`` (``WEIR_INFERENCE_MAX_BATCH``). Per batch:
+Input: ``weir.scoring`` micro-batches. The runner gathers messages across
+every assigned partition until they hold ``max_batch`` payments
+(``WEIR_INFERENCE_MAX_BATCH``; :class:`streams.runtime.Batching`) or its max
+wait passed (``WEIR_INFERENCE_MAX_WAIT_MS``: the longest a payment waits for
+its batch to fill); the stage pools their payments and scores them in batches
+of at most ``max_batch``. Per batch:
 
 1. features: one Redis round trip (:class:`~streams.serving.resilience.ServedFeatures`);
    Redis down gives last-known values or defaults, flagged ``degraded``;
@@ -41,7 +42,7 @@ from models.scorer import RuleScorer
 from sinks.redis_store import OnlineStore
 from streams import topics as T
 from streams.base import Message, Produce, StepResult
-from streams.codec import AvroCodec, decoded
+from streams.codec import AvroCodec, decoded, leading_array_length
 from streams.features.definitions import CARD, USER
 from streams.serving.cache import ResponseCache, feature_hash
 from streams.serving.resilience import SERVED_BY_CACHE, SERVED_BY_MODEL, ScoringChain, ServedFeatures
@@ -109,6 +110,14 @@ class InferenceStage:
         self._scored = AvroCodec(T.I_SCORED)
         self._audit = AvroCodec(T.I_AUDIT)
         self._metric = AvroCodec(T.MODEL_METRICS)
+
+    @property
+    def max_units(self) -> int:
+        """The runner gathers messages until they hold one inference batch (see :class:`streams.runtime.Batching`)."""
+        return self.max_batch
+
+    def units(self, message: Message) -> int:
+        return leading_array_length(message.value)
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from streams.features.aggregations import Agg, Hopping, Sliding, Tumbling, WindowSpec
 
@@ -105,9 +106,9 @@ class FeatureView:
         if not names or len(set(names)) != len(names):
             raise ValueError(f"view {self.name}: feature names must be present and unique, got {names}")
 
-    @property
+    @cached_property
     def features(self) -> tuple[str, ...]:
-        """The feature names, in the order values are stored and served."""
+        """The feature names, in the order values are stored and served (computed once: serving asks per row)."""
         return tuple(f.name for f in self.specs)
 
     @property

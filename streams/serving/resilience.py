@@ -35,7 +35,7 @@ from sinks.redis_store import OnlineStore
 from streams.features.definitions import FEATURE_NAMES, FeatureView, request_features, view_key
 from streams.state import SignedSnapshots, StateError
 
-__all__ = ["Breaker", "OnlineFallback", "OnlineScorer", "Scored", "ScoringChain", "ServedFeatures",
+__all__ = ["Breaker", "OnlineFallback", "OnlineScorer", "Scored", "ScoringChain", "ServedFeatures", "Submitted",
            "SERVED_BY_MODEL", "SERVED_BY_CACHE", "SERVED_BY_ONLINE", "SERVED_BY_RULES"]
 
 log = logging.getLogger(__name__)
@@ -192,11 +192,13 @@ class Scored:
     scores: npt.NDArray[np.float64]
     served_by: str
     version: str
+    model_s: float = 0.0  # the model run's own time, as the model thread measured it
 
 
 class _Worker:
-    """One daemon thread running model calls, so a call can be given up on after a timeout (a hung call
-    leaves its thread behind and a new worker takes over; daemon threads never block exit)."""
+    """One daemon thread running model calls in order, so the stage's thread can prepare and encode other
+    batches meanwhile (onnxruntime and torch release the GIL) and can give up on a call after a timeout (a
+    hung call keeps its thread; a new worker takes over; daemon threads never block exit)."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
@@ -205,21 +207,37 @@ class _Worker:
     def _loop(self) -> None:
         while True:
             fn, fut = self._jobs.get()
+            started = time.perf_counter()
             try:
-                fut.set_result(fn())
+                value = fn()
             except BaseException as exc:
                 fut.set_exception(exc)
+            else:
+                fut.set_result((value, time.perf_counter() - started))
 
-    def call(self, fn: Callable[[], Any], timeout_s: float) -> Any:
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        """The future of ``(fn(), seconds it took)``."""
         fut: Future[Any] = Future()
         self._jobs.put((fn, fut))
-        return fut.result(timeout_s)  # TimeoutError when the model took too long
+        return fut
+
+
+@dataclass
+class Submitted:
+    """A model run handed to the model thread (``future`` None: the model is skipped, see :class:`Breaker`)."""
+
+    model: BatchScorer
+    X: npt.NDArray[np.float32]
+    future: Future[Any] | None
+    done: Scored | None = None
 
 
 class ScoringChain:
     """Scores a batch with the routed model; on failure or timeout, the online learner; else the rules.
 
-    One :class:`Breaker` per model version: a failed version is skipped for ``cooldown_s``, then probed.
+    ``submit`` hands the run to the model thread and returns at once; ``result`` waits for it (at most
+    ``timeout_s``) and falls back when it failed. One :class:`Breaker` per model version: a failed version
+    is skipped for ``cooldown_s``, then probed.
     """
 
     def __init__(self, rules: BatchScorer | None = None, online: OnlineFallback | None = None, *,
@@ -234,47 +252,49 @@ class ScoringChain:
         self._worker = _Worker()
 
     def score(self, model: BatchScorer, X: npt.NDArray[np.float32]) -> Scored:
-        if isinstance(model, RuleScorer):
-            return Scored(model.predict(X), SERVED_BY_RULES, model.version)
-        breaker = self._breaker(model.version)
-        if breaker.allow():
-            try:
-                scores = self.run(model, X)
-            except Exception as exc:  # any model failure: the request is still answered
-                breaker.failed(_why(exc))
-            else:
-                breaker.succeeded()
-                return Scored(scores, SERVED_BY_MODEL, model.version)
-        return self.fallback(X)
+        return self.result(self.submit(model, X))
 
-    def shadow(self, model: BatchScorer, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64] | None:
-        """A shadow's scores, or None when it fails (a shadow serves nobody: no fallback)."""
-        breaker = self._breaker(model.version)
-        if not breaker.allow():
+    def submit(self, model: BatchScorer, X: npt.NDArray[np.float32]) -> Submitted:
+        if isinstance(model, RuleScorer):
+            return Submitted(model, X, None, Scored(model.predict(X), SERVED_BY_RULES, model.version))
+        if not self._breaker(model.version).allow():
+            return Submitted(model, X, None)
+        return Submitted(model, X, self._worker.submit(lambda: model.predict(X)))
+
+    def result(self, run: Submitted) -> Scored:
+        if run.done is not None:
+            return run.done
+        scored = self._wait(run)
+        return scored if scored is not None else self.fallback(run.X)
+
+    def shadow(self, run: Submitted) -> Scored | None:
+        """A shadow's scores, or None when it failed (a shadow serves nobody: no fallback)."""
+        return self._wait(run)
+
+    def _wait(self, run: Submitted) -> Scored | None:
+        if run.future is None:
             return None
+        breaker = self._breaker(run.model.version)
         try:
-            scores = self.run(model, X)
-        except Exception as exc:
+            value, seconds = run.future.result(self.timeout_s)
+            scores = np.asarray(value, dtype=np.float64)
+            if scores.shape != (run.X.shape[0],) or not np.all(np.isfinite(scores)):
+                raise InvalidModelInput(f"model returned shape {scores.shape} or non-finite scores for "
+                                        f"{run.X.shape[0]} rows")
+        except TimeoutError:
+            self._worker = _Worker()  # the hung call keeps the old thread; later calls get a fresh one
+            breaker.failed(f"no answer within {self.timeout_s * 1000:.0f} ms")
+            return None
+        except Exception as exc:  # any model failure: the request is still answered
             breaker.failed(_why(exc))
             return None
         breaker.succeeded()
-        return scores
+        return Scored(scores, SERVED_BY_MODEL, run.model.version, seconds)
 
     def _breaker(self, version: str) -> Breaker:
         if version not in self.breakers:
             self.breakers[version] = Breaker(f"model {version}", self.cooldown_s, self.clock)
         return self.breakers[version]
-
-    def run(self, model: BatchScorer, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        """``model.predict(X)`` within the timeout, checked: one finite probability per row."""
-        try:
-            scores = np.asarray(self._worker.call(lambda: model.predict(X), self.timeout_s), dtype=np.float64)
-        except TimeoutError:
-            self._worker = _Worker()  # the hung call keeps the old thread; later calls get a fresh one
-            raise TimeoutError(f"no answer within {self.timeout_s * 1000:.0f} ms") from None
-        if scores.shape != (X.shape[0],) or not np.all(np.isfinite(scores)):
-            raise InvalidModelInput(f"model returned shape {scores.shape} or non-finite scores for {X.shape[0]} rows")
-        return scores
 
     def fallback(self, X: npt.NDArray[np.float32]) -> Scored:
         online = self.online.scorer() if self.online is not None else None

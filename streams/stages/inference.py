@@ -16,6 +16,9 @@ of at most ``max_batch``. Per batch:
    :class:`~streams.serving.resilience.ScoringChain` (model, else online learner, else rules);
 4. shadows score the same batch and publish only to ``predictions.shadow.fraud``.
 
+Model runs go to the chain's model thread; batches are pipelined (batch k's
+model run overlaps batch k-1's encoding and batch k+1's feature read).
+
 Outputs, in input order per partition: one ``predictions.fraud`` record per
 payment (key card id) naming its route, model version, serving path,
 decision and degraded flag; a ``weir.scored`` batch per input partition with
@@ -45,7 +48,7 @@ from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded, leading_array_length
 from streams.features.definitions import CARD, USER
 from streams.serving.cache import ResponseCache, feature_hash
-from streams.serving.resilience import SERVED_BY_CACHE, SERVED_BY_MODEL, ScoringChain, ServedFeatures
+from streams.serving.resilience import SERVED_BY_CACHE, SERVED_BY_MODEL, ScoringChain, ServedFeatures, Submitted
 from streams.serving.routing import CANARY, CHAMPION, SHADOW, ModelSet, ModelSlot
 
 __all__ = ["DECISION_THRESHOLD", "MODEL_NAME", "SERVING_VIEWS", "InferenceStage", "ModelSet", "ModelSlot",
@@ -82,6 +85,32 @@ class Served:
 
     def put(self, row: int, score: float, served_by: str, version: str) -> None:
         self.scores[row], self.served_by[row], self.versions[row] = score, served_by, version
+
+
+@dataclass
+class RouteRun:
+    """One route's model run in a batch: its rows, those the cache did not answer (``todo``), their keys."""
+
+    rows: list[int]
+    todo: list[int]
+    keys: list[str]
+    run: Submitted | None
+
+
+@dataclass
+class Job:
+    """An inference batch between its start (features read, runs submitted) and its finish (outputs)."""
+
+    batch: list[Pending]
+    X: npt.NDArray[np.float32]
+    degraded: npt.NDArray[np.bool_]
+    hashes: list[str]
+    served: Served
+    routes: list[RouteRun]
+    shadows: list[Submitted]
+    started_ms: float
+    fetch_ms: float
+    lookup_s: float
 
 
 class InferenceStage:
@@ -124,8 +153,16 @@ class InferenceStage:
         pending: list[Pending] = []
         for msg, record in decoded(batch, self._in, result):
             pending.extend(Pending(msg.partition, msg.timestamp_ms, p) for p in record["items"])
+        # pipelined: while the model thread runs batch k, this thread encodes batch k-1's outputs and reads
+        # batch k+1's features (the model runtimes release the GIL); outputs stay in input order
+        inflight: Job | None = None
         for start in range(0, len(pending), self.max_batch):
-            self._score(pending[start:start + self.max_batch], result)
+            job = self._start(pending[start:start + self.max_batch])
+            if inflight is not None:
+                self._finish(inflight, result)
+            inflight = job
+        if inflight is not None:
+            self._finish(inflight, result)
         if self.clock() >= self._next_metrics:
             self._next_metrics = self.clock() + self.metrics_every_s
             result.produce.extend(self.metric_records())
@@ -133,46 +170,30 @@ class InferenceStage:
 
     # --- one inference batch ---
 
-    def _score(self, batch: list[Pending], result: StepResult) -> None:
+    def _start(self, batch: list[Pending]) -> Job:
+        """Read the batch's features, route it (one model set for the whole batch), answer what the cache
+        can, and hand the model runs to the model thread."""
         started_ms = self.clock() * 1000
         t0 = time.perf_counter()
-        items = [p.payment for p in batch]
-        X, degraded = self.served.fetch(items)
+        X, degraded = self.served.fetch([p.payment for p in batch])
         t1 = time.perf_counter()
         hashes = [feature_hash(row) for row in X]
-        served = self._serve(self.slot.models, X, hashes, [p["card_id"] for p in items])
-        t2 = time.perf_counter()
-        now_ms = int(self.clock() * 1000)
-        outputs = self._outputs(batch, X, degraded, served, now_ms)
-        t3 = time.perf_counter()
-        timings = {"fetch_ms": (t1 - t0) * 1000, "inference_ms": (t2 - t1) * 1000, "publish_ms": (t3 - t2) * 1000}
-        result.produce.extend(outputs)
-        result.produce.extend(self._audit_batches(batch, X, degraded, hashes, served, now_ms, started_ms, timings))
-        self.scored += len(batch)
-        self.counts.update(served.served_by)
-        self.counts.update(served.routes)
-        self.counts["degraded"] += int(degraded.sum())
-
-    def _serve(self, models: ModelSet, X: npt.NDArray[np.float32], hashes: list[str], entities: list[str]) -> Served:
+        models = self.slot.models
         n = X.shape[0]
-        routes = [models.route(e) for e in entities]
-        out = Served(np.empty(n), [""] * n, [""] * n, routes, [])
+        served = Served(np.empty(n), [""] * n, [""] * n, [models.route(p.payment["card_id"]) for p in batch], [])
+        runs = []
         for route in (CHAMPION, CANARY):
-            rows = [i for i, r in enumerate(routes) if r == route]
+            rows = [i for i, r in enumerate(served.routes) if r == route]
             if rows:
-                self._run(models.serving(route), X if len(rows) == n else X[rows], [hashes[i] for i in rows],
-                          rows, out)
-        for shadow in models.shadows:
-            scores = self.chain.shadow(shadow, X)
-            if scores is None:
-                self.counts["shadow_failed"] += n
-            else:
-                out.shadows.append((shadow.version, scores))
-        return out
+                runs.append(self._submit(models.serving(route), X if len(rows) == n else X[rows],
+                                         [hashes[i] for i in rows], rows, served))
+        shadows = [self.chain.submit(shadow, X) for shadow in models.shadows]
+        return Job(batch, X, degraded, hashes, served, runs, shadows, started_ms, (t1 - t0) * 1000,
+                   time.perf_counter() - t1)
 
-    def _run(self, model: BatchScorer, X: npt.NDArray[np.float32], hashes: list[str], rows: list[int],
-             out: Served) -> None:
-        """Score ``X`` (the batch's ``rows`` of one route) with ``model``, through the cache when enabled."""
+    def _submit(self, model: BatchScorer, X: npt.NDArray[np.float32], hashes: list[str], rows: list[int],
+                out: Served) -> RouteRun:
+        """One route's run: the cache's answers go straight into ``out``; the rest is submitted."""
         todo = list(range(len(rows)))
         keys: list[str] = []
         if self.cache is not None and not isinstance(model, RuleScorer):
@@ -184,12 +205,39 @@ class InferenceStage:
                 else:
                     out.put(rows[j], hit, SERVED_BY_CACHE, model.version)
         if not todo:
-            return
-        scored = self.chain.score(model, X if len(todo) == len(rows) else X[todo])
-        for k, j in enumerate(todo):
-            out.put(rows[j], float(scored.scores[k]), scored.served_by, scored.version)
-        if self.cache is not None and keys and scored.served_by == SERVED_BY_MODEL:
-            self.cache.put([keys[j] for j in todo], scored.scores.tolist())
+            return RouteRun(rows, todo, keys, None)
+        return RouteRun(rows, todo, keys, self.chain.submit(model, X if len(todo) == len(rows) else X[todo]))
+
+    def _finish(self, job: Job, result: StepResult) -> None:
+        """Wait for the batch's runs (falling back where they failed), then produce its outputs."""
+        served, model_s = job.served, job.lookup_s
+        for route in job.routes:
+            if route.run is None:
+                continue
+            scored = self.chain.result(route.run)
+            model_s += scored.model_s
+            for k, j in enumerate(route.todo):
+                served.put(route.rows[j], float(scored.scores[k]), scored.served_by, scored.version)
+            if self.cache is not None and route.keys and scored.served_by == SERVED_BY_MODEL:
+                self.cache.put([route.keys[j] for j in route.todo], scored.scores.tolist())
+        for run in job.shadows:
+            shadow = self.chain.shadow(run)
+            if shadow is None:
+                self.counts["shadow_failed"] += len(job.batch)
+            else:
+                served.shadows.append((shadow.version, shadow.scores))
+                model_s += shadow.model_s
+        t0 = time.perf_counter()
+        now_ms = int(self.clock() * 1000)
+        result.produce.extend(self._outputs(job.batch, job.X, job.degraded, served, now_ms))
+        timings = {"fetch_ms": job.fetch_ms, "inference_ms": model_s * 1000,
+                   "publish_ms": (time.perf_counter() - t0) * 1000}
+        result.produce.extend(self._audit_batches(job.batch, job.X, job.degraded, job.hashes, served, now_ms,
+                                                  job.started_ms, timings))
+        self.scored += len(job.batch)
+        self.counts.update(served.served_by)
+        self.counts.update(served.routes)
+        self.counts["degraded"] += int(job.degraded.sum())
 
     # --- what a batch publishes ---
 

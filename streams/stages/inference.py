@@ -1,9 +1,9 @@
 """Inference: score every payment, micro-batched, routed, and answered even when a dependency fails.
 
 Input: ``weir.scoring`` micro-batches. The runner gathers messages across
-every assigned partition until they hold ``max_batch`` payments
-(``WEIR_INFERENCE_MAX_BATCH``; :class:`streams.runtime.Batching`) or its max
-wait passed (``WEIR_INFERENCE_MAX_WAIT_MS``: the longest a payment waits for
+every assigned partition until they hold ``PIPELINE_DEPTH`` batches of
+``max_batch`` payments (``WEIR_INFERENCE_MAX_BATCH``;
+:class:`streams.runtime.Batching`) or its max wait passed (``WEIR_INFERENCE_MAX_WAIT_MS``: the longest a payment waits for
 its batch to fill); the stage pools their payments and scores them in batches
 of at most ``max_batch``. Per batch:
 
@@ -58,6 +58,7 @@ MODEL_NAME = "fraud"
 DECISION_THRESHOLD = 0.5  # a score at or above it flags the payment as fraud (WEIR_DECISION_THRESHOLD)
 SERVING_VIEWS = ((CARD, "card_id"), (USER, "customer_id"))  # the model's views, in order, and the payment's key
 SERVED_PATHS = ("model", "cache", "online", "rules")
+PIPELINE_DEPTH = 4  # inference batches gathered per handle, so that their model runs overlap the stage's work
 
 
 def model_version_name(version: int) -> str:
@@ -142,8 +143,9 @@ class InferenceStage:
 
     @property
     def max_units(self) -> int:
-        """The runner gathers messages until they hold one inference batch (see :class:`streams.runtime.Batching`)."""
-        return self.max_batch
+        """The runner gathers messages until they hold ``PIPELINE_DEPTH`` inference batches, or its max wait
+        passed (see :class:`streams.runtime.Batching`): batches pipeline only within one ``handle``."""
+        return self.max_batch * PIPELINE_DEPTH
 
     def units(self, message: Message) -> int:
         return leading_array_length(message.value)

@@ -64,10 +64,14 @@ def _prediction(r: dict[str, Any]) -> list[Row]:
 
 
 def _audit(r: dict[str, Any]) -> list[Row]:
-    return [[i["event_id"], i["entity_id"], i["payment_id"], _dt(i["ts_ms"]), _dt(i["predicted_ms"]), i["score"],
-             int(i["decision"]), i["threshold"], i["model_version"], i["route"], i["served_by"], int(i["degraded"]),
-             i["features"] or [], i["feature_hash"], i["queue_ms"], i["fetch_ms"], i["inference_ms"],
-             i["publish_ms"]] for i in r["items"]]
+    n, features, vectors = r["n_features"], r["features"], bool(r["features"])
+    batch = [_dt(r["predicted_ms"]), r["threshold"], r["fetch_ms"], r["inference_ms"], r["publish_ms"]]
+    return [[event, entity, payment, _dt(ts), batch[0], score, int(decision), batch[1], version, route, by,
+             int(degraded), features[i * n:(i + 1) * n] if vectors else [], fhash, queue, *batch[2:]]
+            for i, (event, entity, payment, ts, queue, score, decision, version, route, by, degraded, fhash)
+            in enumerate(zip(r["event_ids"], r["entity_ids"], r["payment_ids"], r["ts_ms"], r["queue_ms"],
+                             r["scores"], r["decisions"], r["model_versions"], r["routes"], r["served_by"],
+                             r["degraded"], r["feature_hashes"], strict=True))]
 
 
 def _silver_clicks(r: dict[str, Any]) -> list[Row]:

@@ -252,6 +252,8 @@ class Pipeline:
             thread.join(30)
         if "retrain" in self.stages:
             self.stages["retrain"].close()
+        if "inference" in self.stages:
+            self.stages["inference"].close()
         if self.cdc is not None:
             self.cdc.close()
         if self.ch is not None:

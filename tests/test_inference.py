@@ -97,6 +97,23 @@ def items(result: StepResult, topic: str) -> list[dict[str, Any]]:
     return [i for r in produced(result, topic) for i in r["items"]]
 
 
+def audit_rows(result: StepResult) -> list[dict[str, Any]]:
+    """The ``weir.audit`` records (columnar per partition) as one dict per answer."""
+    rows = []
+    for r in produced(result, T.I_AUDIT):
+        n = r["n_features"]
+        for i, event in enumerate(r["event_ids"]):
+            rows.append({"event_id": event, "entity_id": r["entity_ids"][i], "score": r["scores"][i],
+                         "decision": r["decisions"][i], "threshold": r["threshold"],
+                         "model_version": r["model_versions"][i], "route": r["routes"][i],
+                         "served_by": r["served_by"][i], "degraded": r["degraded"][i],
+                         "feature_hash": r["feature_hashes"][i],
+                         "features": r["features"][i * n:(i + 1) * n] if r["features"] else None,
+                         "queue_ms": r["queue_ms"][i], "fetch_ms": r["fetch_ms"], "inference_ms": r["inference_ms"],
+                         "publish_ms": r["publish_ms"]})
+    return rows
+
+
 def served_matrix(result: StepResult, preds: list[dict[str, Any]]) -> npt.NDArray[np.float32]:
     """The feature vectors the stage served, in the order of ``preds``."""
     scored = {i["event_id"]: i["features"] for i in items(result, T.I_SCORED)}
@@ -171,7 +188,7 @@ def test_the_canary_takes_its_fraction_of_entities_by_stable_hash_and_shadows_on
     assert {(s["route"], s["model_version"]) for s in shadow} == {("shadow", "fraud-v3")}
     assert all(p["model_version"] != "fraud-v3" for p in preds)
     np.testing.assert_allclose([s["score"] for s in shadow], v3.predict(served_matrix(result, shadow)), atol=1e-6)
-    audit = items(result, T.I_AUDIT)
+    audit = audit_rows(result)
     assert len(audit) == 2 * len(preds)  # the served answer and the shadow's
     assert {a["route"] for a in audit} == {"champion", "canary", "shadow"}
 
@@ -324,7 +341,7 @@ def test_the_audit_record_has_the_vector_or_its_hash_and_the_latency_breakdown(
     result = stage.handle(messages([payment(i, run) for i in range(30)]))
     preds = {p["event_id"]: p for p in produced(result, T.PREDICTIONS)}
     scored = {i["event_id"]: i for i in items(result, T.I_SCORED)}
-    audit = items(result, T.I_AUDIT)
+    audit = audit_rows(result)
     assert sorted(a["event_id"] for a in audit) == sorted(preds)
     for a in audit:
         p = preds[a["event_id"]]
@@ -334,4 +351,6 @@ def test_the_audit_record_has_the_vector_or_its_hash_and_the_latency_breakdown(
         x = np.asarray(scored[a["event_id"]]["features"], dtype=np.float32)
         assert a["feature_hash"] == feature_hash(x)
         assert (a["features"] is not None) == vectors
+        if vectors:
+            assert a["features"] == pytest.approx(x.tolist())
         assert min(a["queue_ms"], a["fetch_ms"], a["inference_ms"], a["publish_ms"]) >= 0

@@ -201,12 +201,14 @@ class _Worker:
     hung call keeps its thread; a new worker takes over; daemon threads never block exit)."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any] | None]] = queue.SimpleQueue()
         threading.Thread(target=self._loop, name="inference-model", daemon=True).start()
 
     def _loop(self) -> None:
         while True:
             fn, fut = self._jobs.get()
+            if fut is None:  # stop()
+                return
             started = time.perf_counter()
             try:
                 value = fn()
@@ -220,6 +222,10 @@ class _Worker:
         fut: Future[Any] = Future()
         self._jobs.put((fn, fut))
         return fut
+
+    def stop(self) -> None:
+        """End the thread once the runs already submitted are done."""
+        self._jobs.put((lambda: None, None))
 
 
 @dataclass
@@ -250,6 +256,9 @@ class ScoringChain:
         self.clock = clock
         self.breakers: dict[str, Breaker] = {}
         self._worker = _Worker()
+
+    def close(self) -> None:
+        self._worker.stop()
 
     def score(self, model: BatchScorer, X: npt.NDArray[np.float32]) -> Scored:
         return self.result(self.submit(model, X))

@@ -58,6 +58,8 @@ MODEL_NAME = "fraud"
 DECISION_THRESHOLD = 0.5  # a score at or above it flags the payment as fraud (WEIR_DECISION_THRESHOLD)
 SERVING_VIEWS = ((CARD, "card_id"), (USER, "customer_id"))  # the model's views, in order, and the payment's key
 SERVED_PATHS = ("model", "cache", "online", "rules")
+AUDIT_COLUMNS = ("event_ids", "entity_ids", "payment_ids", "ts_ms", "queue_ms", "scores", "decisions", "model_versions",
+                 "routes", "served_by", "degraded", "feature_hashes", "features")
 PIPELINE_DEPTH = 4  # inference batches gathered per handle, so that their model runs overlap the stage's work
 
 
@@ -140,6 +142,10 @@ class InferenceStage:
         self._scored = AvroCodec(T.I_SCORED)
         self._audit = AvroCodec(T.I_AUDIT)
         self._metric = AvroCodec(T.MODEL_METRICS)
+
+    def close(self) -> None:
+        """Stop the model thread (after the runner stopped)."""
+        self.chain.close()
 
     @property
     def max_units(self) -> int:
@@ -278,22 +284,33 @@ class InferenceStage:
     def _audit_batches(self, batch: list[Pending], X: npt.NDArray[np.float32], degraded: npt.NDArray[np.bool_],
                        hashes: list[str], served: Served, now_ms: int, started_ms: float,
                        timings: dict[str, float]) -> list[Produce]:
-        per_part: dict[int, list[dict[str, Any]]] = {}
+        """One columnar ``weir.audit`` record per input partition (arrays of primitives: cheap to encode)."""
+        per_part: dict[int, dict[str, Any]] = {}
+        answers = [(served.scores, served.versions, served.routes, served.served_by)]
+        answers += [(scores, [v] * len(batch), [SHADOW] * len(batch), [SERVED_BY_MODEL] * len(batch))
+                    for v, scores in served.shadows]
         for i, (part, arrived_ms, p) in enumerate(batch):
-            common = {
-                "event_id": p["event_id"], "entity_id": p["card_id"], "payment_id": p["payment_id"],
-                "ts_ms": p["ts_ms"], "predicted_ms": now_ms, "threshold": self.threshold,
-                "degraded": bool(degraded[i]), "features": X[i].tolist() if self.audit_vectors else None,
-                "feature_hash": hashes[i], "queue_ms": max(0.0, started_ms - arrived_ms), **timings,
-            }
-            answers = [(float(served.scores[i]), served.versions[i], served.routes[i], served.served_by[i])]
-            answers += [(float(s[i]), v, SHADOW, SERVED_BY_MODEL) for v, s in served.shadows]
-            per_part.setdefault(part, []).extend(
-                common | {"score": score, "decision": score >= self.threshold, "model_version": version,
-                          "route": route, "served_by": by}
-                for score, version, route, by in answers)
-        return [Produce(T.I_AUDIT, None, self._audit.encode({"items": rows}), partition=part)
-                for part, rows in per_part.items()]
+            cols = per_part.get(part)
+            if cols is None:
+                cols = per_part[part] = {name: [] for name in AUDIT_COLUMNS} | {
+                    "n_features": X.shape[1], "threshold": self.threshold, "predicted_ms": now_ms, **timings}
+            for scores, versions, routes, paths in answers:
+                score = float(scores[i])
+                cols["event_ids"].append(p["event_id"])
+                cols["entity_ids"].append(p["card_id"])
+                cols["payment_ids"].append(p["payment_id"])
+                cols["ts_ms"].append(p["ts_ms"])
+                cols["queue_ms"].append(max(0.0, started_ms - arrived_ms))
+                cols["scores"].append(score)
+                cols["decisions"].append(score >= self.threshold)
+                cols["model_versions"].append(versions[i])
+                cols["routes"].append(routes[i])
+                cols["served_by"].append(paths[i])
+                cols["degraded"].append(bool(degraded[i]))
+                cols["feature_hashes"].append(hashes[i])
+                if self.audit_vectors:
+                    cols["features"].extend(X[i].tolist())
+        return [Produce(T.I_AUDIT, None, self._audit.encode(cols), partition=part) for part, cols in per_part.items()]
 
     def metric_records(self) -> list[Produce]:
         """The serving counters as ``model.metrics`` records: the share of predictions per serving path and

@@ -32,21 +32,21 @@ from streams.dlq import DlqGuard
 from streams.event_time import EventTimeGuard
 from streams.features.checkpoint import RedisSnapshots
 from streams.features.definitions import FEATURE_NAMES
+from streams.gcpolicy import StateFreezer
 from streams.pseudonymize import Pseudonymizer
 from streams.runtime import BatchRunner, Stage
-from streams.stack import Endpoints
-from streams.stages.drift import DriftStage
-from streams.gcpolicy import StateFreezer
-from streams.state import SignedSnapshots
-from streams.stages.features import FeaturesStage
 from streams.serving.cache import ResponseCache
 from streams.serving.resilience import OnlineFallback, ScoringChain
 from streams.serving.routing import ModelSlot
+from streams.stack import Endpoints
+from streams.stages.drift import DriftStage
+from streams.stages.features import FeaturesStage
 from streams.stages.inference import InferenceStage
 from streams.stages.ingest import IngestStage
 from streams.stages.learn import SERVING_SNAPSHOT, LearnStage
 from streams.stages.model_watch import ModelWatchStage
 from streams.stages.retrain import RetrainScheduler, RetrainStage
+from streams.state import SignedSnapshots
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,7 @@ def serving(ch: ClickHouse) -> dict[str, Any]:
     parts = ch.rows("SELECT quantile(0.5)(queue_ms), quantile(0.5)(fetch_ms), quantile(0.5)(inference_ms), "
                     "quantile(0.5)(publish_ms) FROM prediction_audit FINAL WHERE route != 'shadow'")
     breakdown = {f"{k}_p50_ms": round(float(v), 2) for k, v in zip(("queue", "fetch", "inference", "publish"),
-                                                                  parts[0] if parts else ()) if v == v}
+                                                                  parts[0] if parts else ()) if not math.isnan(v)}
     return {"served_by": {str(k): int(v) for k, v in paths.items()},
             "routes": {str(k): int(v) for k, v in routes.items()}, "degraded": int(degraded or 0), **breakdown}
 

@@ -7,7 +7,6 @@ own (a thin subclass renames them); the stage logic is the pipeline's.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections import defaultdict

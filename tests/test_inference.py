@@ -19,7 +19,7 @@ from torch import nn
 
 from models.export import export_onnx
 from models.online import RiverLearner
-from models.scorer import OnnxScorer, RuleScorer
+from models.scorer import OnnxScorer
 from sinks.redis_store import OnlineStore
 from streams import topics as T
 from streams.base import Message, StepResult

@@ -35,8 +35,19 @@ from sinks.redis_store import OnlineStore
 from streams.features.definitions import FEATURE_NAMES, FeatureView, request_features, view_key
 from streams.state import SignedSnapshots, StateError
 
-__all__ = ["Breaker", "OnlineFallback", "OnlineScorer", "Scored", "ScoringChain", "ServedFeatures", "Submitted",
-           "SERVED_BY_MODEL", "SERVED_BY_CACHE", "SERVED_BY_ONLINE", "SERVED_BY_RULES"]
+__all__ = [
+    "SERVED_BY_CACHE",
+    "SERVED_BY_MODEL",
+    "SERVED_BY_ONLINE",
+    "SERVED_BY_RULES",
+    "Breaker",
+    "OnlineFallback",
+    "OnlineScorer",
+    "Scored",
+    "ScoringChain",
+    "ServedFeatures",
+    "Submitted",
+]
 
 log = logging.getLogger(__name__)
 

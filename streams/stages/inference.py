@@ -3,9 +3,10 @@
 Input: ``weir.scoring`` micro-batches. The runner gathers messages across
 every assigned partition until they hold ``PIPELINE_DEPTH`` batches of
 ``max_batch`` payments (``WEIR_INFERENCE_MAX_BATCH``;
-:class:`streams.runtime.Batching`) or its max wait passed (``WEIR_INFERENCE_MAX_WAIT_MS``: the longest a payment waits for
-its batch to fill); the stage pools their payments and scores them in batches
-of at most ``max_batch``. Per batch:
+:class:`streams.runtime.Batching`) or its max wait passed
+(``WEIR_INFERENCE_MAX_WAIT_MS``: the longest a payment waits for its batch to
+fill); the stage pools their payments and scores them in batches of at most
+``max_batch``. Per batch:
 
 1. features: one Redis round trip (:class:`~streams.serving.resilience.ServedFeatures`);
    Redis down gives last-known values or defaults, flagged ``degraded``;
@@ -48,7 +49,13 @@ from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded, leading_array_length
 from streams.features.definitions import CARD, USER
 from streams.serving.cache import ResponseCache, feature_hash
-from streams.serving.resilience import SERVED_BY_CACHE, SERVED_BY_MODEL, ScoringChain, ServedFeatures, Submitted
+from streams.serving.resilience import (
+    SERVED_BY_CACHE,
+    SERVED_BY_MODEL,
+    ScoringChain,
+    ServedFeatures,
+    Submitted,
+)
 from streams.serving.routing import CANARY, CHAMPION, SHADOW, ModelSet, ModelSlot
 
 __all__ = ["DECISION_THRESHOLD", "MODEL_NAME", "SERVING_VIEWS", "InferenceStage", "ModelSet", "ModelSlot",
@@ -58,8 +65,8 @@ MODEL_NAME = "fraud"
 DECISION_THRESHOLD = 0.5  # a score at or above it flags the payment as fraud (WEIR_DECISION_THRESHOLD)
 SERVING_VIEWS = ((CARD, "card_id"), (USER, "customer_id"))  # the model's views, in order, and the payment's key
 SERVED_PATHS = ("model", "cache", "online", "rules")
-AUDIT_COLUMNS = ("event_ids", "entity_ids", "payment_ids", "ts_ms", "queue_ms", "scores", "decisions", "model_versions",
-                 "routes", "served_by", "degraded", "feature_hashes", "features")
+AUDIT_COLUMNS = ("event_ids", "entity_ids", "payment_ids", "ts_ms", "queue_ms", "scores", "decisions",
+                 "model_versions", "routes", "served_by", "degraded", "feature_hashes", "features")
 PIPELINE_DEPTH = 4  # inference batches gathered per handle, so that their model runs overlap the stage's work
 
 
@@ -237,11 +244,10 @@ class InferenceStage:
                 model_s += shadow.model_s
         t0 = time.perf_counter()
         now_ms = int(self.clock() * 1000)
-        result.produce.extend(self._outputs(job.batch, job.X, job.degraded, served, now_ms))
+        result.produce.extend(self._outputs(job, now_ms))
         timings = {"fetch_ms": job.fetch_ms, "inference_ms": model_s * 1000,
                    "publish_ms": (time.perf_counter() - t0) * 1000}
-        result.produce.extend(self._audit_batches(job.batch, job.X, job.degraded, job.hashes, served, now_ms,
-                                                  job.started_ms, timings))
+        result.produce.extend(self._audit_batches(job, now_ms, timings))
         self.scored += len(job.batch)
         self.counts.update(served.served_by)
         self.counts.update(served.routes)
@@ -259,8 +265,8 @@ class InferenceStage:
             "served_by": served_by, "degraded": degraded,
         }
 
-    def _outputs(self, batch: list[Pending], X: npt.NDArray[np.float32], degraded: npt.NDArray[np.bool_],
-                 served: Served, now_ms: int) -> list[Produce]:
+    def _outputs(self, job: Job, now_ms: int) -> list[Produce]:
+        batch, X, degraded, served = job.batch, job.X, job.degraded, job.served
         produce: list[Produce] = []
         scored: dict[int, list[dict[str, Any]]] = {}
         for i, (part, _, p) in enumerate(batch):
@@ -281,10 +287,9 @@ class InferenceStage:
             produce.append(Produce(T.I_SCORED, None, self._scored.encode({"items": rows}), partition=part))
         return produce
 
-    def _audit_batches(self, batch: list[Pending], X: npt.NDArray[np.float32], degraded: npt.NDArray[np.bool_],
-                       hashes: list[str], served: Served, now_ms: int, started_ms: float,
-                       timings: dict[str, float]) -> list[Produce]:
+    def _audit_batches(self, job: Job, now_ms: int, timings: dict[str, float]) -> list[Produce]:
         """One columnar ``weir.audit`` record per input partition (arrays of primitives: cheap to encode)."""
+        batch, X, degraded, served = job.batch, job.X, job.degraded, job.served
         per_part: dict[int, dict[str, Any]] = {}
         answers = [(served.scores, served.versions, served.routes, served.served_by)]
         answers += [(scores, [v] * len(batch), [SHADOW] * len(batch), [SERVED_BY_MODEL] * len(batch))
@@ -300,14 +305,14 @@ class InferenceStage:
                 cols["entity_ids"].append(p["card_id"])
                 cols["payment_ids"].append(p["payment_id"])
                 cols["ts_ms"].append(p["ts_ms"])
-                cols["queue_ms"].append(max(0.0, started_ms - arrived_ms))
+                cols["queue_ms"].append(max(0.0, job.started_ms - arrived_ms))
                 cols["scores"].append(score)
                 cols["decisions"].append(score >= self.threshold)
                 cols["model_versions"].append(versions[i])
                 cols["routes"].append(routes[i])
                 cols["served_by"].append(paths[i])
                 cols["degraded"].append(bool(degraded[i]))
-                cols["feature_hashes"].append(hashes[i])
+                cols["feature_hashes"].append(job.hashes[i])
                 if self.audit_vectors:
                     cols["features"].extend(X[i].tolist())
         return [Produce(T.I_AUDIT, None, self._audit.encode(cols), partition=part) for part, cols in per_part.items()]

@@ -103,7 +103,6 @@ class ServedFeatures:
         self.breaker = breaker or Breaker("online feature store (Redis)")
         self.last_known: dict[tuple[str, str], list[float]] = {}
         self.last_known_limit = last_known_limit
-        self.degraded_rows = 0
 
     def fetch(self, payments: Sequence[dict[str, Any]]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         """``(X, degraded)``: X is ``(n, len(FEATURE_NAMES))`` float32, ``degraded[i]`` marks row i served
@@ -129,7 +128,6 @@ class ServedFeatures:
             for (i, j), (view, entity) in zip(slots, requests, strict=True):
                 parts[i][j] = self.last_known.get((view_key(view), entity), view.defaults)
                 degraded[i] = True
-            self.degraded_rows += int(degraded.sum())
         else:
             for (i, j), (view, entity), values in zip(slots, requests, got, strict=True):
                 parts[i][j] = values

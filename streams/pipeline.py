@@ -175,7 +175,10 @@ class Pipeline:
     def _start_inference(self) -> None:
         c, e = self.config, self.endpoints
         slot = ModelSlot(RuleScorer(list(FEATURE_NAMES)))  # until model.events names a production version
-        online = OnlineFallback(SignedSnapshots.from_url(e.redis_url, c.pseudonym_key), SERVING_SNAPSHOT)
+        # read when the model fails: a hung Redis must cost it no more than it costs the features
+        snapshots = SignedSnapshots.from_url(e.redis_url, c.pseudonym_key,
+                                             timeout_s=c.inference_redis_timeout_ms / 1000)
+        online = OnlineFallback(snapshots, SERVING_SNAPSHOT)
         chain = ScoringChain(online=online, timeout_s=c.inference_model_timeout_ms / 1000,
                              cooldown_s=c.inference_model_cooldown_s)
         cache = ResponseCache.from_url(e.redis_url, c.inference_cache_ttl_s) if c.inference_cache_ttl_s else None

@@ -61,8 +61,10 @@ class SignedSnapshots:
         self.prefix = prefix
 
     @classmethod
-    def from_url(cls, url: str, secret: bytes, prefix: str = "weir:state") -> SignedSnapshots:
-        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5), secret, prefix)
+    def from_url(cls, url: str, secret: bytes, prefix: str = "weir:state", *, timeout_s: float = 10.0
+                 ) -> SignedSnapshots:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=min(timeout_s, 5))
+        return cls(client, secret, prefix)
 
     def save(self, name: str, state: Any) -> int:
         """Pickle, sign and store ``state``; returns its size in bytes."""

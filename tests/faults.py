@@ -2,7 +2,9 @@
 
 While ``down``, the proxy closes every open connection and refuses new ones
 (the client sees a reset or a refused connection, as when the service dies);
-``up`` accepts connections again on the same port.
+``up`` accepts connections again on the same port. While ``hung``, it keeps
+connections open and accepts new ones but forwards nothing either way (the
+service is alive but does not answer: the client sees only its own timeout).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self.hung = threading.Event()
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
@@ -75,11 +78,11 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self.hung.is_set():  # hung: what was sent is swallowed
+                    dst.sendall(data)
         except OSError:
             pass
         finally:

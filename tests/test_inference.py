@@ -228,6 +228,30 @@ def test_redis_down_gives_last_known_or_default_features_flagged_degraded_and_re
         proxy.close()
 
 
+def test_a_hung_redis_costs_one_timeout_then_the_breaker_skips_it(
+        endpoints: Endpoints, models: tuple[OnnxScorer, OnnxScorer], run: str) -> None:
+    v1, _ = models
+    write_users(endpoints.redis_url, run, n=20)
+    proxy, url = TcpProxy.to_url(endpoints.redis_url)
+    clock = Clock()
+    try:
+        stage = InferenceStage(OnlineStore(url, timeout_s=0.2), ModelSlot(v1), max_batch=64)
+        stage.served.breaker = Breaker("redis", cooldown_s=1.0, clock=clock)
+        assert not any(p["degraded"] for p in produced(stage.handle(messages([payment(0, run)])), T.PREDICTIONS))
+        proxy.hung.set()  # Redis accepts and reads, and never answers
+        for _ in range(3):
+            preds = produced(stage.handle(messages([payment(i, run) for i in range(30)])), T.PREDICTIONS)
+            assert len(preds) == 30 and all(p["degraded"] for p in preds)
+        assert stage.served.breaker.failures == 1  # the first batch paid the timeout; the next two skipped Redis
+        proxy.hung.clear()
+        proxy.down()  # the hung connection is dropped; a fresh one answers
+        proxy.up()
+        clock.now += 1.5
+        assert not any(p["degraded"] for p in produced(stage.handle(messages([payment(1, run)])), T.PREDICTIONS))
+    finally:
+        proxy.close()
+
+
 def test_a_failing_model_falls_back_to_the_online_learner_then_rules_and_recovers(
         endpoints: Endpoints, models: tuple[OnnxScorer, OnnxScorer], run: str) -> None:
     v1, _ = models

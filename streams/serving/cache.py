@@ -59,26 +59,18 @@ class ResponseCache:
     def get(self, keys: Sequence[str]) -> list[float | None]:
         """The cached score of each key (None: a miss), in one MGET."""
         self.lookups += len(keys)
-        if not keys or not self.breaker.allow():
+        raw = self.breaker.attempt(lambda: self._redis.mget(list(keys))) if keys else None
+        if raw is None:
             return [None] * len(keys)
-        try:
-            raw = self._redis.mget(list(keys))
-        except redis.RedisError as exc:
-            self.breaker.failed(type(exc).__name__)
-            return [None] * len(keys)
-        self.breaker.succeeded()
         out = [_SCORE.unpack(r)[0] if isinstance(r, bytes) and len(r) == _SCORE.size else None for r in raw]
         self.hits += sum(v is not None for v in out)
         return out
 
     def put(self, keys: Sequence[str], scores: Sequence[float]) -> None:
         """Store the scores, in one pipelined round trip."""
-        if not keys or not self.breaker.allow():
+        if not keys:
             return
         pipe = self._redis.pipeline(transaction=False)
         for key, score in zip(keys, scores, strict=True):
             pipe.set(key, _SCORE.pack(score), ex=self.ttl_s)
-        try:
-            pipe.execute()
-        except redis.RedisError as exc:
-            self.breaker.failed(type(exc).__name__)
+        self.breaker.attempt(pipe.execute)

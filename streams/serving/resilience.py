@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 SERVED_BY_MODEL = "model"
 SERVED_BY_CACHE = "cache"
@@ -86,6 +88,19 @@ class Breaker:
         if self._open_until is not None:
             log.warning("%s recovered", self.name)
             self._open_until = None
+
+    def attempt(self, call: Callable[[], R]) -> R | None:
+        """``call()`` unless the breaker is open; None when it is open or the call raised a Redis error
+        (counted as a failure)."""
+        if not self.allow():
+            return None
+        try:
+            value = call()
+        except redis.RedisError as exc:
+            self.failed(type(exc).__name__)
+            return None
+        self.succeeded()
+        return value
 
 
 class ServedFeatures:
@@ -139,15 +154,8 @@ class ServedFeatures:
     def _read(self, requests: list[tuple[FeatureView, str]], as_of: list[int]) -> list[list[float]] | None:
         if not requests:
             return []
-        if not self.breaker.allow():
-            return None
-        try:
-            stored = self.store.read(requests, as_of=as_of)
-        except redis.RedisError as exc:
-            self.breaker.failed(type(exc).__name__)
-            return None
-        self.breaker.succeeded()
-        return [s.values for s in stored]
+        stored = self.breaker.attempt(lambda: self.store.read(requests, as_of=as_of))
+        return None if stored is None else [s.values for s in stored]
 
     def _remember(self, view: str, entity: str, values: list[float]) -> None:
         if len(self.last_known) >= self.last_known_limit:
@@ -268,9 +276,6 @@ class ScoringChain:
 
     def close(self) -> None:
         self._worker.stop()
-
-    def score(self, model: BatchScorer, X: npt.NDArray[np.float32]) -> Scored:
-        return self.result(self.submit(model, X))
 
     def submit(self, model: BatchScorer, X: npt.NDArray[np.float32]) -> Submitted:
         if isinstance(model, RuleScorer):

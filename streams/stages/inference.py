@@ -52,6 +52,8 @@ from streams.serving.cache import ResponseCache, feature_hash
 from streams.serving.resilience import (
     SERVED_BY_CACHE,
     SERVED_BY_MODEL,
+    SERVED_BY_ONLINE,
+    SERVED_BY_RULES,
     ScoringChain,
     ServedFeatures,
     Submitted,
@@ -64,7 +66,7 @@ __all__ = ["DECISION_THRESHOLD", "MODEL_NAME", "SERVING_VIEWS", "InferenceStage"
 MODEL_NAME = "fraud"
 DECISION_THRESHOLD = 0.5  # a score at or above it flags the payment as fraud (WEIR_DECISION_THRESHOLD)
 SERVING_VIEWS = ((CARD, "card_id"), (USER, "customer_id"))  # the model's views, in order, and the payment's key
-SERVED_PATHS = ("model", "cache", "online", "rules")
+SERVED_PATHS = (SERVED_BY_MODEL, SERVED_BY_CACHE, SERVED_BY_ONLINE, SERVED_BY_RULES)
 AUDIT_COLUMNS = ("event_ids", "entity_ids", "payment_ids", "ts_ms", "queue_ms", "scores", "decisions",
                  "model_versions", "routes", "served_by", "degraded", "feature_hashes", "features")
 PIPELINE_DEPTH = 4  # inference batches gathered per handle, so that their model runs overlap the stage's work

@@ -12,15 +12,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# the project `make run` runs; any other: `make run PROJECT=path/to/project.py`
+PROJECT ?= examples.fraud_shop.project:project
+
 run: $(STAMP)
-	$(VENV)/bin/weir demo
+	$(VENV)/bin/weir --project $(PROJECT) demo
 
 test: $(STAMP)
-	$(PY) -m mypy streams sinks models   # strict, as configured in pyproject.toml
+	$(PY) -m mypy streams sinks models examples   # strict, as configured in pyproject.toml
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) load_tests/pipeline.py
+	$(PY) load_tests/pipeline.py --project $(PROJECT)
 
 clean:
 	rm -rf .weir

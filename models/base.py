@@ -1,6 +1,6 @@
 """Interfaces of the ``models`` package; every implementation depends only on these.
 
-Two kinds of model serve the fraud-scoring path:
+Two kinds of model serve the scoring path:
 
 * :class:`OnlineLearner` — learns one labelled example at a time (river style).
   Used by the ``learn`` stage on delayed labels.
@@ -41,7 +41,7 @@ class OnlineLearner(Protocol):
 
     * ``learn_one`` and ``predict_proba_one`` never mutate ``x``; keys missing
       from ``x`` are treated by the learner as absent features, not errors.
-    * ``predict_proba_one`` returns P(fraud) as a float in ``[0, 1]``; before
+    * ``predict_proba_one`` returns P(positive) as a float in ``[0, 1]``; before
       any example has been learnt it returns a constant (0.0 is allowed).
     * Calls are synchronous, CPU-bound and not thread-safe: one learner is
       owned by one stage worker.
@@ -51,11 +51,11 @@ class OnlineLearner(Protocol):
     """
 
     def learn_one(self, x: dict[str, float], y: bool) -> None:
-        """Update the model with one labelled example (``y`` True = fraud)."""
+        """Update the model with one labelled example (``y`` True = the positive class)."""
         ...
 
     def predict_proba_one(self, x: dict[str, float]) -> float:
-        """Return P(fraud | x) in ``[0, 1]``."""
+        """Return P(positive | x) in ``[0, 1]``."""
         ...
 
     def clone(self) -> OnlineLearner:
@@ -71,8 +71,9 @@ class BatchScorer(Protocol):
 
     * ``X`` is a C-contiguous ``float32`` array of shape ``(n, F)``, columns in
       the order of the feature stage's ``feature_names``; ``n`` may be 0.
-    * ``predict`` returns a float array of shape ``(n,)`` holding P(fraud) in
-      ``[0, 1]``, row ``i`` scoring ``X[i]``; it is a pure function of ``X``
+    * ``predict`` returns a float array of shape ``(n,)`` holding the score (a
+      binary model's probability in ``[0, 1]``, a regression's predicted value),
+      row ``i`` scoring ``X[i]``; it is a pure function of ``X``
       (no state carried between calls) and blocks until done.
     * ``version`` identifies the model that produced the scores; it is written
       on every prediction so a score can be traced to its model.
@@ -81,5 +82,5 @@ class BatchScorer(Protocol):
     version: str
 
     def predict(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        """Return P(fraud) for each row of ``X``."""
+        """Return the score for each row of ``X``."""
         ...

@@ -2,7 +2,7 @@
 
 The graph contract (what :class:`models.scorer.OnnxScorer` relies on):
 input ``"features"`` float32 ``(n, F)`` with a dynamic batch axis, output
-``"score"`` float32 ``(n,)`` = P(fraud), opset :data:`OPSET`.
+``"score"`` float32 ``(n,)`` = the score, opset :data:`OPSET`.
 
 The same module is also saved as TorchScript (:func:`export_torchscript`), the
 companion file :class:`models.torch_scorer.TorchScorer` serves: same input and
@@ -48,7 +48,7 @@ def sha256_file(path: Path) -> str:
 
 
 def export_onnx(module: nn.Module, n_features: int, path: Path) -> str:
-    """Write ``module`` (raw features -> P(fraud)) to ``path`` as ONNX; return the file's sha256.
+    """Write ``module`` (raw features -> the score) to ``path`` as ONNX; return the file's sha256.
 
     The module is exported in eval mode on CPU (it is not moved or modified:
     a CPU copy is traced when it lives elsewhere). The written model is
@@ -84,7 +84,7 @@ def export_onnx(module: nn.Module, n_features: int, path: Path) -> str:
 
 
 def export_torchscript(module: nn.Module, n_features: int, path: Path) -> str:
-    """Write ``module`` (raw features -> P(fraud)) to ``path`` as TorchScript; return the file's sha256.
+    """Write ``module`` (raw features -> the score) to ``path`` as TorchScript; return the file's sha256.
 
     Like :func:`export_onnx`, a CPU eval copy is traced (``torch.jit.trace``:
     the graph must not branch on its input, which an MLP does not) and the

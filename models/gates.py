@@ -4,15 +4,17 @@ A candidate is judged on metrics measured at registration, on the *same*
 validation window for the candidate and the champion (the newest part of the
 candidate's training set, by event time):
 
-* **quality**: ``auc_val`` (ROC AUC) not below the champion's ``champion_auc_val``
-  by more than ``auc_margin``; with no champion the check passes (the first
-  model has nothing to lose to);
+* **quality**, a binary model: ``auc_val`` (ROC AUC) not below the champion's
+  ``champion_auc_val`` by more than ``auc_margin``; a regression: ``mae_val``
+  (mean absolute error) not above the champion's ``champion_mae_val`` by more
+  than the fraction ``mae_margin`` of it; with no champion the check passes (the
+  first model has nothing to lose to);
 * **latency**: ``p50_ms`` (scoring a batch of 256 on CPU with ONNX Runtime, median of 200 calls) within
   ``max_p50_ms``. The median, not the p99: the p99 of a few hundred sub-millisecond calls measures the
   machine's scheduling while it trains and streams (a couple of 20 ms preemptions), not the model;
-* **calibration**: ``ece_val`` (expected calibration error, 10 equal-width bins)
-  not above the champion's ``champion_ece_val`` by more than ``ece_margin``,
-  and never above ``max_ece``.
+* **calibration** (a binary model): ``ece_val`` (expected calibration error, 10
+  equal-width bins) not above the champion's ``champion_ece_val`` by more than
+  ``ece_margin``, and never above ``max_ece``.
 
 A metric that was not measured fails its check: a gate never passes for lack
 of evidence.
@@ -39,10 +41,13 @@ __all__ = ["Check", "GateDecision", "GatePolicy", "decide", "expected_calibratio
 
 @dataclass(frozen=True)
 class GatePolicy:
+    """The thresholds a model's candidates are held to (a project declares them per model)."""
+
     auc_margin: float = 0.02
     max_p50_ms: float = 10.0
     ece_margin: float = 0.05
     max_ece: float = 0.5
+    mae_margin: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,19 @@ def _quality(m: Mapping[str, float], p: GatePolicy) -> Check:
                                    f"(allowed: {p.auc_margin:.4f})")
 
 
+def _regression_quality(m: Mapping[str, float], p: GatePolicy) -> Check:
+    mae = _measured(m, "mae_val")
+    if mae is None:
+        return Check("quality", False, "mae_val was not measured")
+    champion = _measured(m, "champion_mae_val")
+    if champion is None:
+        return Check("quality", True, f"mae_val {mae:.4g}, no champion to compare with")
+    if mae <= champion * (1 + p.mae_margin):
+        return Check("quality", True, f"mae_val {mae:.4g} vs the champion's {champion:.4g} on the same window")
+    return Check("quality", False, f"mae_val {mae:.4g} is above the champion's {champion:.4g} by more than "
+                                   f"{p.mae_margin:.0%}")
+
+
 def _latency(m: Mapping[str, float], p: GatePolicy) -> Check:
     p50 = _measured(m, "p50_ms")
     if p50 is None:
@@ -113,13 +131,15 @@ def _calibration(m: Mapping[str, float], p: GatePolicy) -> Check:
                                                                else ""))
 
 
-def decide(metrics: Mapping[str, float], policy: GatePolicy = GatePolicy()) -> GateDecision:
-    """Every gate's verdict on a candidate's registration metrics."""
+def decide(metrics: Mapping[str, float], policy: GatePolicy = GatePolicy(), task: str = "binary") -> GateDecision:
+    """Every gate's verdict on a candidate's registration metrics (``task``: the model's, binary or regression)."""
+    if task == "regression":
+        return GateDecision((_regression_quality(metrics, policy), _latency(metrics, policy)))
     return GateDecision((_quality(metrics, policy), _latency(metrics, policy), _calibration(metrics, policy)))
 
 
 def expected_calibration_error(y: npt.ArrayLike, proba: npt.ArrayLike, bins: int = 10) -> float:
-    """Mean |observed fraud rate − mean predicted probability| over equal-width bins, weighted by bin size.
+    """Mean |observed positive rate − mean predicted probability| over equal-width bins, weighted by bin size.
 
     >>> expected_calibration_error([0, 1, 0, 1], [0.0, 1.0, 0.0, 1.0])
     0.0

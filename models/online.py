@@ -1,8 +1,9 @@
 """Online (one-example-at-a-time) learners built on river.
 
 :class:`RiverLearner` wraps one river pipeline chosen by name from
-:data:`SPECS`, or declared as text (:func:`parse_pipeline`), e.g. in
-``WEIR_ONLINE_MODEL``. It satisfies :class:`models.base.OnlineLearner`.
+:data:`SPECS` (binary classifiers) or :data:`REGRESSION_SPECS`, or declared as
+text (:func:`parse_pipeline`), as a project's model declares it. It satisfies
+:class:`models.base.OnlineLearner`.
 
 >>> learner = RiverLearner("logreg")
 >>> learner.predict_proba_one({"amount": 1.0})
@@ -24,20 +25,23 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
+from river import base as river_base
 from river import forest, linear_model, optim, preprocessing, tree
 
 from models.base import InvalidModelInput
 
-__all__ = ["SPECS", "RiverLearner"]
-
+__all__ = ["REGRESSION_SPECS", "SPECS", "RiverLearner", "default_learner"]
 
 
 class _RiverClassifier(Protocol):
-    """The slice of river's classifier API used here (a ``Pipeline`` has it too)."""
+    """The slice of river's estimator API used here (a ``Pipeline`` has it too; a regressor has no
+    ``predict_proba_one``)."""
 
     def learn_one(self, x: dict[Any, Any], y: Any) -> Any: ...
 
     def predict_proba_one(self, x: dict[Any, Any]) -> dict[Any, float]: ...
+
+    def predict_one(self, x: dict[Any, Any]) -> Any: ...
 
 
 Builder = Callable[..., _RiverClassifier]
@@ -61,12 +65,41 @@ def _arf(seed: int, n_models: int = 5, **params: Any) -> _RiverClassifier:
     return forest.ARFClassifier(seed=seed, n_models=n_models, **params)
 
 
+def _linreg(seed: int, lr: float = 0.01, l2: float = 0.0, intercept_lr: float = 0.05) -> _RiverClassifier:
+    del seed  # SGD is deterministic
+    return preprocessing.StandardScaler() | linear_model.LinearRegression(
+        optimizer=optim.SGD(lr), l2=l2, intercept_lr=intercept_lr
+    )
+
+
+def _hoeffding_adaptive_regressor(seed: int, **params: Any) -> Any:  # a regressor: no predict_proba_one
+    return tree.HoeffdingAdaptiveTreeRegressor(seed=seed, **params)
+
+
+def _arf_regressor(seed: int, n_models: int = 5, **params: Any) -> Any:
+    return forest.ARFRegressor(seed=seed, n_models=n_models, **params)
+
+
 SPECS: dict[str, Builder] = {
     "logreg": _logreg,
     "hoeffding_adaptive": _hoeffding_adaptive,
     "arf": _arf,
 }
-"""Named river pipelines. A builder takes ``seed`` plus its own keyword hyperparameters."""
+"""Named river pipelines for binary models. A builder takes ``seed`` plus its own keyword hyperparameters."""
+
+REGRESSION_SPECS: dict[str, Builder] = {
+    "linreg": _linreg,
+    "hoeffding_adaptive": _hoeffding_adaptive_regressor,
+    "arf": _arf_regressor,
+}
+"""Named river pipelines for regression models."""
+
+TASK_SPECS = {"binary": SPECS, "regression": REGRESSION_SPECS}
+
+
+def default_learner(task: str) -> str:
+    """The named learner a model of ``task`` gets when it declares none."""
+    return "logreg" if task == "binary" else "linreg"
 
 
 # river modules a declared pipeline may name (classes are looked up in these modules only)
@@ -131,39 +164,60 @@ def _value(node: ast.expr, seed: int, spec: str) -> Any:
 
 
 class RiverLearner:
-    """A river classifier for binary fraud labels, selected by name from :data:`SPECS`.
+    """A river learner for a binary model (a classifier, from :data:`SPECS`) or a regression (a regressor,
+    from :data:`REGRESSION_SPECS`), selected by name or declared as a pipeline.
 
-    Hyperparameters are fixed at construction (``model``, ``seed`` and the
+    Hyperparameters are fixed at construction (``model``, ``seed``, ``task`` and the
     spec's keyword ``params``); unknown spec names or parameters raise
     ``ValueError`` / ``TypeError`` immediately. Inputs are never mutated.
     Instances pickle with the default protocol (river models are picklable).
     """
 
-    def __init__(self, model: str = "logreg", seed: int = 42, **params: Any) -> None:
+    def __init__(self, model: str = "logreg", seed: int = 42, task: str = "binary", **params: Any) -> None:
+        if task not in TASK_SPECS:
+            raise InvalidModelInput(f"task {task!r} is not one of {', '.join(TASK_SPECS)}")
         self.model = model
         self.seed = seed
+        self.task = task
         self.params = dict(params)
-        if model in SPECS:
-            self._pipeline: _RiverClassifier = SPECS[model](seed, **params)
+        specs = TASK_SPECS[task]
+        if model in specs:
+            self._pipeline: _RiverClassifier = specs[model](seed, **params)
         elif "(" in model:
             if params:
                 raise InvalidModelInput("a declared pipeline carries its hyperparameters in its text, not in params")
             self._pipeline = parse_pipeline(model, seed)
         else:
-            raise InvalidModelInput(f"unknown online model {model!r}; choose one of {sorted(SPECS)} or declare a "
-                                    "pipeline, e.g. 'preprocessing.StandardScaler() | linear_model.LogisticRegression()'")
+            example = "linear_model.LogisticRegression()" if task == "binary" else "linear_model.LinearRegression()"
+            raise InvalidModelInput(f"unknown online model {model!r} for a {task} model; choose one of "
+                                    f"{sorted(specs)} or declare a pipeline, e.g. "
+                                    f"'preprocessing.StandardScaler() | {example}'")
+        kind, base = ("classifier", river_base.Classifier) if task == "binary" else ("regressor", river_base.Regressor)
+        if not isinstance(self._pipeline, base):
+            raise InvalidModelInput(f"online model {model!r} is not a {kind}, as a {task} model needs")
         self.n_learned = 0
 
     def __repr__(self) -> str:
-        return f"RiverLearner(model={self.model!r}, seed={self.seed}, params={self.params}, n_learned={self.n_learned})"
+        return (f"RiverLearner(model={self.model!r}, seed={self.seed}, task={self.task!r}, params={self.params}, "
+                f"n_learned={self.n_learned})")
 
-    def learn_one(self, x: dict[str, float], y: bool) -> None:
-        """Update with one example; ``x`` is copied, never mutated."""
-        self._pipeline.learn_one(dict(x), bool(y))
+    def score(self, x: dict[str, Any]) -> float:
+        """The model's score of ``x``: P(positive) in ``[0, 1]`` (binary), the predicted value (regression;
+        0.0 before it has learnt anything)."""
+        if self.task == "binary":
+            return self.predict_proba_one(x)
+        value = self._pipeline.predict_one(dict(x))
+        v = 0.0 if value is None else float(value)
+        return 0.0 if math.isnan(v) or math.isinf(v) else v
+
+    def learn_one(self, x: dict[str, float], y: bool | float) -> None:
+        """Update with one example (``y``: the positive class or not, or a regression's value); ``x`` is
+        copied, never mutated."""
+        self._pipeline.learn_one(dict(x), bool(y) if self.task == "binary" else float(y))
         self.n_learned += 1
 
     def predict_proba_one(self, x: dict[str, float]) -> float:
-        """Return P(fraud) in ``[0, 1]``; 0.0 while the model knows no positive class."""
+        """Return P(positive) in ``[0, 1]``; 0.0 while the model knows no positive class."""
         proba = self._pipeline.predict_proba_one(dict(x))
         p = float(proba.get(True, 0.0))
         return 0.0 if math.isnan(p) else min(1.0, max(0.0, p))
@@ -185,8 +239,8 @@ class RiverLearner:
             self.learn_one(x, y)
 
     def predict_many(self, xs: Iterable[dict[str, float]]) -> npt.NDArray[np.float64]:
-        """Return P(fraud) for each dict, as a float64 array in input order."""
-        return np.fromiter((self.predict_proba_one(x) for x in xs), dtype=np.float64)
+        """Return :meth:`score` for each dict, as a float64 array in input order."""
+        return np.fromiter((self.score(x) for x in xs), dtype=np.float64)
 
     def clone(self, **overrides: Any) -> RiverLearner:
         """Return an untrained learner with the same hyperparameters.
@@ -194,5 +248,6 @@ class RiverLearner:
         ``overrides`` (e.g. ``seed=7``) replace individual hyperparameters,
         which is how a learner is re-seeded.
         """
-        kwargs: dict[str, Any] = {"model": self.model, "seed": self.seed, **self.params, **overrides}
+        kwargs: dict[str, Any] = {"model": self.model, "seed": self.seed, "task": self.task, **self.params,
+                                  **overrides}
         return RiverLearner(**kwargs)

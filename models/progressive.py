@@ -6,10 +6,11 @@ time, then the learner learns the example). With the label right after the
 test this is :func:`river.evaluate.progressive_val_score`; with delayed labels
 it is river's delayed progressive validation, the prediction being the one
 made when the example was served. The rules follow river 0.26's
-``_progressive_validation``: metrics that need labels (accuracy, F1) get
-``predict_one`` (the most probable class), the others (ROC AUC, log loss) get
-``predict_proba_one``; an empty prediction (a model that knows no class yet)
-updates no metric.
+``_progressive_validation``: for a classifier, metrics that need labels
+(accuracy, F1) get ``predict_one`` (the most probable class), the others (ROC
+AUC, log loss) get ``predict_proba_one``; an empty prediction (a model that
+knows no class yet) updates no metric. A regressor's metrics (MAE, RMSE) get
+``predict_one``.
 
 >>> from models.online import RiverLearner
 >>> ev = ProgressiveEvaluator(RiverLearner("logreg"), "accuracy")
@@ -29,15 +30,21 @@ from river import metrics
 
 from models.online import RiverLearner
 
-__all__ = ["METRICS", "Prediction", "ProgressiveEvaluator"]
+__all__ = ["CLASSIFICATION_METRICS", "METRICS", "REGRESSION_METRICS", "Prediction", "ProgressiveEvaluator"]
 
-METRICS: dict[str, Callable[[], metrics.base.Metric]] = {
+CLASSIFICATION_METRICS: dict[str, Callable[[], metrics.base.Metric]] = {
     "accuracy": metrics.Accuracy,
     "rocauc": metrics.ROCAUC,
     "logloss": metrics.LogLoss,
     "f1": metrics.F1,
 }
-"""Metric names ``weir replay`` and the learn stage accept, and the river metric each one is."""
+REGRESSION_METRICS: dict[str, Callable[[], metrics.base.Metric]] = {
+    "mae": metrics.MAE,
+    "rmse": metrics.RMSE,
+}
+METRICS = CLASSIFICATION_METRICS | REGRESSION_METRICS
+"""Metric names the learn stage (and ``weir replay``, the classification ones) accept, and the river metric each
+one is."""
 
 Prediction = dict[Any, float] | Any  # what the metric is updated with: a proba dict, or a label
 
@@ -46,8 +53,9 @@ class ProgressiveEvaluator:
     """Test-then-train evaluation of one :class:`RiverLearner` under one metric (see the module docstring)."""
 
     def __init__(self, learner: RiverLearner, metric: str) -> None:
-        if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
+        allowed = REGRESSION_METRICS if learner.task == "regression" else CLASSIFICATION_METRICS
+        if metric not in allowed:
+            raise ValueError(f"unknown metric {metric!r} for a {learner.task} learner; choose one of {sorted(allowed)}")
         self.learner = learner
         self.metric_name = metric
         self.metric = METRICS[metric]()
@@ -56,6 +64,8 @@ class ProgressiveEvaluator:
 
     def test(self, x: dict[str, Any]) -> Prediction:
         """The prediction the metric will be updated with when ``x`` 's label arrives."""
+        if self.learner.task == "regression":
+            return self.learner.score(x)
         return self.prediction(self.learner.predict_proba_dict(x))
 
     def prediction(self, proba: dict[Any, float]) -> Prediction:

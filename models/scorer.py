@@ -5,7 +5,7 @@
 * :class:`models.torch_scorer.TorchScorer` — the same model's TorchScript
   companion, run by torch (the alternative backend).
 * :class:`RuleScorer` — a fixed, hand-weighted fallback used before any model
-  has been trained.
+  has been trained (the weights are the project's).
 
 :func:`load_scorer` picks the backend for a registered model.
 """
@@ -23,10 +23,7 @@ import onnxruntime as ort  # ships no stubs: ignore_missing_imports in pyproject
 from models.base import BatchScorer, InvalidModelInput, ModelIntegrityError
 from models.export import INPUT_NAME, OUTPUT_NAME, sha256_file
 
-__all__ = [
-    "BACKENDS", "DEFAULT_RULE_BIAS", "DEFAULT_RULE_WEIGHTS", "OnnxScorer", "RuleScorer", "load_scorer",
-    "select_providers",
-]
+__all__ = ["BACKENDS", "OnnxScorer", "RuleScorer", "load_scorer", "select_providers"]
 
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
@@ -129,7 +126,7 @@ class OnnxScorer:
         return f"OnnxScorer(version={self.version!r}, provider={self.provider!r}, path={str(self.path)!r})"
 
     def predict(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        """P(fraud) per row of ``X`` (n, F) as float64 ``(n,)``; ``n == 0`` gives an empty array."""
+        """The score per row of ``X`` (n, F) as float64 ``(n,)``; ``n == 0`` gives an empty array."""
         x = _check_matrix(X, self.n_features)
         if x.shape[0] == 0:
             return np.empty(0, dtype=np.float64)
@@ -196,35 +193,20 @@ def load_scorer(
     return TorchScorer(companion, version, prefer_gpu=prefer_gpu, expected_sha256=torch_sha256)
 
 
-DEFAULT_RULE_WEIGHTS: Mapping[str, float] = {
-    "card_count_1m": 0.9,  # bursts of payments on one card
-    "card_count_1h": 0.3,
-    "card_distinct_merchants_1h": 0.6,  # card tested across many merchants
-    "user_new_device_logins_1h": 1.2,  # account take-over
-    "amount": 0.35,
-    "is_digital_goods": 1.0,  # resellable, instantly delivered
-    "user_clicks_30m": -0.3,  # browsing before buying looks human
-}
-"""Fallback weights per feature name, applied to ``log1p(max(x, 0))``. Hand-set, not learnt."""
-
-DEFAULT_RULE_BIAS = -5.0
-"""Intercept of the fallback: a payment with all-zero features scores ~0.7%."""
-
-
 class RuleScorer:
-    """Deterministic fallback scorer used before any trained model exists.
+    """Deterministic fallback scorer used before any trained model exists (and when every model failed).
 
-    ``score = sigmoid(bias + sum_i w_i * log1p(max(x_i, 0)))`` over the named
-    features in ``weights`` (``log1p`` tames amounts and counts). With the
-    default weights, names missing from ``feature_names`` are skipped, so the
-    scorer works for any feature layout; explicit ``weights`` must all name
-    known features. It is a crude prior, not a model: expect an AUC well above
-    0.5 on obvious fraud patterns and nothing more.
+    ``link="logistic"`` (a binary model): ``score = sigmoid(bias + sum_i w_i * log1p(max(x_i, 0)))``
+    over the named features in ``weights`` (``log1p`` tames amounts and counts); ``link="identity"``
+    (a regression): ``score = bias + sum_i w_i * x_i``. Every weight must name a feature of
+    ``feature_names``. It is a crude prior, not a model: the weights are a person's, not learnt.
 
-    >>> s = RuleScorer(["amount", "is_digital_goods"])
+    >>> s = RuleScorer(["amount", "is_digital_goods"], weights={"amount": 0.35, "is_digital_goods": 1.0}, bias=-5)
     >>> p = s.predict(np.array([[10.0, 0.0], [900.0, 1.0]], dtype=np.float32))
     >>> bool(p[1] > p[0]), s.version
     (True, 'rules-0')
+    >>> RuleScorer(["eta"], weights={"eta": 2.0}, bias=1.0, link="identity").predict(np.array([[3.0]], np.float32))
+    array([7.])
     """
 
     def __init__(
@@ -233,29 +215,33 @@ class RuleScorer:
         version: str = "rules-0",
         *,
         weights: Mapping[str, float] | None = None,
-        bias: float = DEFAULT_RULE_BIAS,
+        bias: float = 0.0,
+        link: str = "logistic",
     ) -> None:
+        if link not in ("logistic", "identity"):
+            raise InvalidModelInput(f"rule link {link!r} is not logistic or identity")
         self.feature_names = list(feature_names)
         self.version = version
         self.bias = float(bias)
+        self.link = link
         index = {name: i for i, name in enumerate(self.feature_names)}
-        if weights is None:
-            chosen = {k: v for k, v in DEFAULT_RULE_WEIGHTS.items() if k in index}
-        else:
-            unknown = sorted(set(weights) - set(index))
-            if unknown:
-                raise InvalidModelInput(f"rule weights name unknown features: {unknown}")
-            chosen = dict(weights)
+        chosen = dict(weights or {})
+        unknown = sorted(set(chosen) - set(index))
+        if unknown:
+            raise InvalidModelInput(f"rule weights name unknown features: {unknown}")
         self.weights = chosen
         self._w = np.zeros(len(self.feature_names), dtype=np.float64)
         for name, w in chosen.items():
             self._w[index[name]] = w
 
     def __repr__(self) -> str:
-        return f"RuleScorer(version={self.version!r}, weights={self.weights}, bias={self.bias})"
+        return f"RuleScorer(version={self.version!r}, weights={self.weights}, bias={self.bias}, link={self.link!r})"
 
     def predict(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        """P(fraud) per row as float64 ``(n,)``; NaN features count as 0."""
-        x = _check_matrix(X, len(self.feature_names)).astype(np.float64)
-        z = self.bias + np.log1p(np.clip(np.nan_to_num(x, nan=0.0, posinf=1e12), 0.0, None)) @ self._w
+        """The rule score per row as float64 ``(n,)``; NaN features count as 0."""
+        x = np.nan_to_num(_check_matrix(X, len(self.feature_names)).astype(np.float64), nan=0.0, posinf=1e12,
+                          neginf=-1e12)
+        if self.link == "identity":
+            return np.asarray(self.bias + x @ self._w, dtype=np.float64)
+        z = self.bias + np.log1p(np.clip(x, 0.0, None)) @ self._w
         return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class TorchScorer:
     """Scores feature matrices with a TorchScript module written by :func:`models.export.export_torchscript`.
 
-    The module maps float32 ``(n, F)`` to P(fraud) float32 ``(n,)``; ``F`` is
+    The module maps float32 ``(n, F)`` to the score float32 ``(n,)``; ``F`` is
     read from the metadata saved with it (``n_features``). It runs on CUDA
     when ``prefer_gpu`` and ``torch.cuda.is_available()``, else on the CPU;
     ``provider`` is ``"torch-cuda"`` or ``"torch-cpu"``. ``predict`` runs under
@@ -87,7 +87,7 @@ class TorchScorer:
         return f"TorchScorer(version={self.version!r}, provider={self.provider!r}, path={str(self.path)!r})"
 
     def predict(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        """P(fraud) per row of ``X`` (n, F) as float64 ``(n,)``; ``n == 0`` gives an empty array."""
+        """The score per row of ``X`` (n, F) as float64 ``(n,)``; ``n == 0`` gives an empty array."""
         x = _check_matrix(X, self.n_features)
         n = x.shape[0]
         if n == 0:

@@ -1,4 +1,4 @@
-"""Quantized variants of an exported fraud model, measured side by side for the registry.
+"""Quantized variants of an exported model, measured side by side for the registry.
 
 :func:`quantize_int8` derives an INT8 *dynamic* quantization of the FP32 graph
 written by :func:`models.export.export_onnx`; :func:`evaluate_variants`
@@ -17,6 +17,7 @@ FP32 graph has no such coupling. The parity bound the tests check covers it.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -125,7 +126,8 @@ class VariantReport:
     evaluation rows scored as one batch. ``p50_ms``/``p99_ms`` are latencies
     of one :meth:`OnnxScorer.predict` call on a batch of ``batch_size`` rows,
     CPU provider, one thread. ``roc_auc`` (``nan`` with a single class) and
-    ``log_loss`` are of this variant's scores on the validation rows.
+    ``log_loss`` are of this variant's scores on the validation rows when the
+    labels are binary (``nan`` otherwise); ``mae`` is their mean absolute error.
     """
 
     name: VariantName
@@ -138,6 +140,7 @@ class VariantReport:
     p99_ms: float
     roc_auc: float
     log_loss: float
+    mae: float = math.nan
 
 
 def latency_ms(
@@ -193,6 +196,7 @@ def evaluate_variant(
     scorer = OnnxScorer(path, version=name, prefer_gpu=False, intra_op_num_threads=1)
     p50, p99 = latency_ms(scorer, _batch_of(X_val, batch_size), repeats=repeats)
     scores = scorer.predict(X_val)
+    binary = bool(np.isin(y_val, (0, 1)).all())
     return VariantReport(
         name=name,
         path=path,
@@ -202,8 +206,9 @@ def evaluate_variant(
         max_abs_diff_vs_torch=max_abs_diff_vs_torch(module, path, X_val),
         p50_ms=p50,
         p99_ms=p99,
-        roc_auc=roc_auc(y_val, scores),
-        log_loss=log_loss(y_val, scores),
+        roc_auc=roc_auc(y_val, scores) if binary else math.nan,
+        log_loss=log_loss(y_val, scores) if binary else math.nan,
+        mae=float(np.mean(np.abs(np.asarray(y_val, dtype=np.float64) - scores))),
     )
 
 
@@ -260,6 +265,7 @@ _METRIC_KEYS = {
     "p99_ms": "p99_ms",
     "roc_auc": "roc_auc",
     "log_loss": "log_loss",
+    "mae": "mae",
 }
 """Numeric :class:`VariantReport` field -> registry key suffix (``path``, ``sha256`` are not metrics)."""
 
@@ -275,7 +281,7 @@ def report_metrics(reports: Sequence[VariantReport]) -> dict[str, float]:
     >>> r = VariantReport("int8", Path("m.int8.onnx"), "ab" * 32, 5764, 1019, 0.03, 0.02, 0.05, 0.99, 0.08)
     >>> m = report_metrics([r])
     >>> m["int8_max_abs_diff"], m["int8_p99_ms"], len(m)
-    (0.03, 0.05, 7)
+    (0.03, 0.05, 8)
     """
     names = [r.name for r in reports]
     if len(set(names)) != len(names):

@@ -1,4 +1,4 @@
-"""The bronze sink: every message of the public input topics, as received, into ``bronze_events``.
+"""The bronze sink: every message of the project's source topics, as received, into ``bronze_events``.
 
 Nothing is refused here: a record that decodes is stored as JSON (its PII
 fields replaced by tokens, see :mod:`streams.pseudonymize`); a tombstone as
@@ -16,12 +16,11 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from sinks.clickhouse import ClickHouse
-from streams import topics as T
 from streams.base import Message, StepResult
 from streams.codec import AvroCodec, DecodeError
+from streams.project.spec import Project
 from streams.pseudonymize import Pseudonymizer, topic_pii
 
-BRONZE_TOPICS = (T.CLICKS, *(f"cdc.{t}" for t in T.CDC_TABLES))
 COLUMNS = ("topic", "partition", "offset", "key", "schema_id", "status", "record", "size", "sha256", "kafka_ts",
            "stored_ts")
 
@@ -38,10 +37,10 @@ class BronzeSink:
     """Stage writing ``bronze_events``; one ClickHouse insert per batch."""
 
     step_id = "sink-bronze"
-    topics = BRONZE_TOPICS
 
-    def __init__(self, ch: ClickHouse, pseudonymizer: Pseudonymizer) -> None:
+    def __init__(self, ch: ClickHouse, pseudonymizer: Pseudonymizer, project: Project) -> None:
         self.ch = ch
+        self.topics: tuple[str, ...] = tuple(s.topic for s in project.sources)
         self._pseudo = pseudonymizer
         self._codecs = {t: AvroCodec(t) for t in self.topics}
 

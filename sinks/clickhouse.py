@@ -6,10 +6,14 @@ serialized by a lock (clickhouse-connect's chdb backend is not thread-safe).
 Tables are ReplacingMergeTree keyed by event id (bronze rows by their Kafka
 coordinates, dead letters by the refused message's source topic, partition
 and offset), so re-delivered batches collapse: read with ``FINAL`` for exact
-counts. Medallion layers: ``bronze_events`` holds every message of the public
-input topics as received, ``silver_*`` what ingest accepted; no table holds a
-raw PII value (bronze stores tokens, the dead-letter table only a payload's
-size and checksum; the raw bytes stay in the ``dlq.*`` topics, for replay).
+counts. Medallion layers: ``bronze_events`` holds every message of the
+project's source topics as received, ``silver_<source>`` what ingest accepted
+(one table per source, generated from the project:
+:func:`streams.project.contracts.silver_ddl`); no table holds a raw PII value
+(bronze stores tokens, the dead-letter table only a payload's size and
+checksum; the raw bytes stay in the ``dlq.*`` topics, for replay). The tables
+below are the same in every project: they are keyed by event id and model
+name, never by a use case's field.
 """
 
 from __future__ import annotations
@@ -28,45 +32,40 @@ DDL = [
         schema_id Nullable(UInt32), status LowCardinality(String), record Nullable(String), size UInt32,
         sha256 String, kafka_ts DateTime64(3, 'UTC'), stored_ts DateTime64(3, 'UTC')
     ) ENGINE = ReplacingMergeTree ORDER BY (topic, partition, offset)""",
-    # silver: what ingest accepted (validated, deduped, pseudonymized)
-    """CREATE TABLE IF NOT EXISTS silver_clicks (
-        event_id String, event_type LowCardinality(String), user_id String, session_id String,
-        device_id Nullable(String), ts DateTime64(3, 'UTC'), amount Nullable(Float64)
-    ) ENGINE = ReplacingMergeTree ORDER BY event_id""",
-    """CREATE TABLE IF NOT EXISTS silver_payments (
-        event_id String, payment_id String, card_id String, customer_id String, merchant_id String,
-        merchant_category LowCardinality(String), amount Float64, device_id Nullable(String),
-        ts DateTime64(3, 'UTC'), source_ts DateTime64(3, 'UTC')
-    ) ENGINE = ReplacingMergeTree ORDER BY event_id""",
+    # every model's predictions (champion, online learners, shadows), keyed by the scored event and model
     """CREATE TABLE IF NOT EXISTS predictions (
-        event_id String, payment_id String, card_id String, customer_id String, score Float64,
-        model_name LowCardinality(String), model_version LowCardinality(String), latency_ms Float64,
-        event_ts DateTime64(3, 'UTC'), predicted_ts DateTime64(3, 'UTC')
+        event_id String, entity_id String, score Float64, model_name LowCardinality(String),
+        model_version LowCardinality(String), latency_ms Float64, event_ts DateTime64(3, 'UTC'),
+        predicted_ts DateTime64(3, 'UTC'), decision Nullable(UInt8), route LowCardinality(String) DEFAULT 'champion',
+        served_by LowCardinality(String) DEFAULT 'model', degraded UInt8
     ) ENGINE = ReplacingMergeTree ORDER BY (model_name, event_id)""",
-    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS decision Nullable(UInt8)",
-    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS route LowCardinality(String) DEFAULT 'champion'",
-    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS served_by LowCardinality(String) DEFAULT 'model'",
-    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS degraded UInt8",
     # one row per answer (the served route's and each shadow's) with what it was computed from and how long
     # each step took; feature_vector is empty when the deployment audits hashes only (WEIR_AUDIT_FEATURES)
     """CREATE TABLE IF NOT EXISTS prediction_audit (
-        event_id String, entity_id String, payment_id String, ts DateTime64(3, 'UTC'),
-        predicted_ts DateTime64(3, 'UTC'), score Float64, decision UInt8, threshold Float64,
+        event_id String, model_name LowCardinality(String), entity_id String, ts DateTime64(3, 'UTC'),
+        predicted_ts DateTime64(3, 'UTC'), score Float64, decision UInt8, threshold Nullable(Float64),
         model_version LowCardinality(String), route LowCardinality(String), served_by LowCardinality(String),
         degraded UInt8, feature_vector Array(Float32), feature_hash String, queue_ms Float64, fetch_ms Float64,
         inference_ms Float64, publish_ms Float64
     ) ENGINE = ReplacingMergeTree ORDER BY (event_id, route, model_version)""",
-    """CREATE TABLE IF NOT EXISTS labels (
-        event_id String, payment_id String, is_fraud UInt8, payment_ts DateTime64(3, 'UTC'),
-        label_ts DateTime64(3, 'UTC')
-    ) ENGINE = ReplacingMergeTree ORDER BY payment_id""",
+    # tables created by an older Weir get the columns added since (a data dir survives upgrades)
+    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS entity_id String",
+    "ALTER TABLE prediction_audit ADD COLUMN IF NOT EXISTS model_name LowCardinality(String)",
+    # every scored event joined with its label, per model (the learn stage's outcomes, the drift stage's input)
+    """CREATE TABLE IF NOT EXISTS outcomes (
+        event_id String, model_name LowCardinality(String), label Float64, ts DateTime64(3, 'UTC'),
+        label_ts DateTime64(3, 'UTC'), champion_score Float64, champion_version LowCardinality(String),
+        online_score Float64
+    ) ENGINE = ReplacingMergeTree ORDER BY (model_name, event_id)""",
     """CREATE TABLE IF NOT EXISTS alerts (
         alert_id String, ts DateTime64(3, 'UTC'), detector LowCardinality(String), metric String,
         value Float64, threshold Float64, model_version String, message String
     ) ENGINE = ReplacingMergeTree ORDER BY alert_id""",
     """CREATE TABLE IF NOT EXISTS retrain_requests (
-        request_id String, ts DateTime64(3, 'UTC'), reason String, since_ts Nullable(DateTime64(3, 'UTC'))
+        request_id String, model_name LowCardinality(String), ts DateTime64(3, 'UTC'), reason String,
+        since_ts Nullable(DateTime64(3, 'UTC'))
     ) ENGINE = ReplacingMergeTree ORDER BY request_id""",
+    "ALTER TABLE retrain_requests ADD COLUMN IF NOT EXISTS model_name LowCardinality(String)",
     """CREATE TABLE IF NOT EXISTS model_events (
         event_id String, ts DateTime64(3, 'UTC'), model_name String, version Int32, stage String,
         artifact_uri String, sha256 String, metrics Map(String, Float64), actor String, reason String,
@@ -81,9 +80,11 @@ DDL = [
         metric LowCardinality(String), value Float64, labels UInt64
     ) ENGINE = ReplacingMergeTree ORDER BY (model_name, metric_id)""",
     """CREATE TABLE IF NOT EXISTS scored_features (
-        event_id String, payment_id String, card_id String, ts DateTime64(3, 'UTC'),
+        event_id String, model_name LowCardinality(String), entity_id String, ts DateTime64(3, 'UTC'),
         features Array(Float32), score Float64, model_version LowCardinality(String)
-    ) ENGINE = ReplacingMergeTree ORDER BY event_id""",
+    ) ENGINE = ReplacingMergeTree ORDER BY (model_name, event_id)""",
+    "ALTER TABLE scored_features ADD COLUMN IF NOT EXISTS model_name LowCardinality(String)",
+    "ALTER TABLE scored_features ADD COLUMN IF NOT EXISTS entity_id String",
     """CREATE TABLE IF NOT EXISTS feature_log (
         view LowCardinality(String), entity_id String, event_id String, ts DateTime64(3, 'UTC'),
         values Array(Float64)
@@ -105,8 +106,9 @@ class ClickHouse:
         self._client = clickhouse_connect.get_client(dsn=dsn, **extra)
         self._lock = threading.RLock()
 
-    def ensure_schema(self) -> None:
-        for ddl in DDL:
+    def ensure_schema(self, extra: Sequence[str] = ()) -> None:
+        """Create Weir's tables, then ``extra`` (a project's generated ones), if they do not exist."""
+        for ddl in (*DDL, *extra):
             self.command(ddl)
 
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:

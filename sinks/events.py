@@ -1,9 +1,11 @@
 """The ClickHouse sink stage: Weir's outputs, the silver streams, served features, feature log and DLQ.
 
-One stage consumes them all; each topic has a row mapper and a table. A
-batch is written table by table before its offsets are committed; tables
-dedup on event id, so a re-delivered batch changes nothing. The public
-input topics go to the bronze table through :mod:`sinks.bronze`.
+One stage consumes them all; each topic has a row mapper and a table. The
+topics and tables come from the project: one ``silver_<source>`` table per
+source, every model's prediction topics into ``predictions``. A batch is
+written table by table before its offsets are committed; tables dedup on
+event id, so a re-delivered batch changes nothing. The project's source
+topics go to the bronze table through :mod:`sinks.bronze`.
 """
 
 from __future__ import annotations
@@ -17,72 +19,78 @@ from sinks.clickhouse import ClickHouse
 from streams import topics as T
 from streams.base import Message, StepResult
 from streams.codec import AvroCodec, decoded
+from streams.project.contracts import silver_table, silver_topic
+from streams.project.spec import Model, Project, Source
 
 Row = list[Any]
+Mapper = Callable[[dict[str, Any]], list[Row]]
 
 
 def _dt(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-def _fields(*names: str) -> Callable[[dict[str, Any]], list[Row]]:
+def _fields(*names: str) -> Mapper:
     return lambda r: [[r[n] for n in names]]
 
 
-SILVER_CLICK_COLS = ("event_id", "event_type", "user_id", "session_id", "device_id", "ts", "amount")
-SILVER_PAYMENT_COLS = ("event_id", "payment_id", "card_id", "customer_id", "merchant_id", "merchant_category",
-                       "amount", "device_id", "ts", "source_ts")
-PRED_COLS = ("event_id", "payment_id", "card_id", "customer_id", "score", "model_name", "model_version",
-             "latency_ms", "event_ts", "predicted_ts", "decision", "route", "served_by", "degraded")
-LABEL_COLS = ("event_id", "payment_id", "is_fraud", "payment_ts", "label_ts")
+PRED_COLS = ("event_id", "entity_id", "score", "model_name", "model_version", "latency_ms", "event_ts",
+             "predicted_ts", "decision", "route", "served_by", "degraded")
 ALERT_COLS = ("alert_id", "ts", "detector", "metric", "value", "threshold", "model_version", "message")
-RETRAIN_COLS = ("request_id", "ts", "reason", "since_ts")
+RETRAIN_COLS = ("request_id", "model_name", "ts", "reason", "since_ts")
 METRIC_COLS = ("metric_id", "ts", "model_name", "model_version", "metric", "value", "labels")
 MODEL_COLS = ("event_id", "ts", "model_name", "version", "stage", "artifact_uri", "sha256", "metrics", "actor",
               "reason", "lineage")
-AUDIT_COLS = ("event_id", "entity_id", "payment_id", "ts", "predicted_ts", "score", "decision", "threshold",
+AUDIT_COLS = ("event_id", "model_name", "entity_id", "ts", "predicted_ts", "score", "decision", "threshold",
               "model_version", "route", "served_by", "degraded", "feature_vector", "feature_hash", "queue_ms",
               "fetch_ms", "inference_ms", "publish_ms")
-SCORED_COLS = ("event_id", "payment_id", "card_id", "ts", "features", "score", "model_version")
+SCORED_COLS = ("event_id", "model_name", "entity_id", "ts", "features", "score", "model_version")
+OUTCOME_COLS = ("event_id", "model_name", "label", "ts", "label_ts", "champion_score", "champion_version",
+                "online_score")
 FLOG_COLS = ("view", "entity_id", "event_id", "ts", "values")
 DLQ_COLS = ("topic", "partition", "offset", "reason", "detail", "stage", "source_topic", "source_partition",
             "source_offset", "key", "value_size", "value_sha256", "ts")
 
 
 def _scored(r: dict[str, Any]) -> list[Row]:
-    return [[i["event_id"], i["payment_id"], i["card_id"], _dt(i["ts_ms"]), i["features"], i["score"],
+    return [[i["event_id"], i["model_name"], i["entity_id"], _dt(i["ts_ms"]), i["features"], i["score"],
              i["model_version"]] for i in r["items"]]
 
 
-def _prediction(r: dict[str, Any]) -> list[Row]:
-    """A prediction; the online learner's topic (schema v1) has no route, path or decision: its defaults."""
-    decision = r.get("decision")
-    return [[r["event_id"], r["payment_id"], r["card_id"], r["customer_id"], r["score"], r["model_name"],
-             r["model_version"], r["latency_ms"], r["event_ts"], r["predicted_ts"],
-             None if decision is None else int(decision), r.get("route", "champion"), r.get("served_by", "model"),
-             int(r.get("degraded", False))]]
+def _outcome(r: dict[str, Any]) -> list[Row]:
+    return [[r["event_id"], r["model_name"], r["label"], _dt(r["ts_ms"]), _dt(r["label_ts_ms"]), r["champion_score"],
+             r["champion_version"], r["online_score"]]]
+
+
+def _predictions(key: str) -> Mapper:
+    """Rows of a model's prediction topic, whose key field is ``key``; fields a schema version lacks (an
+    online learner's route, path or decision) get their defaults."""
+    def rows(r: dict[str, Any]) -> list[Row]:
+        decision = r.get("decision")
+        return [[r["event_id"], r.get(key) or "", r["score"], r["model_name"], r["model_version"], r["latency_ms"],
+                 r["event_ts"], r["predicted_ts"], None if decision is None else int(decision),
+                 r.get("route", "champion"), r.get("served_by", "model"), int(r.get("degraded", False))]]
+    return rows
+
+
+def _silver(source: Source) -> Mapper:
+    names = source.fields
+
+    def rows(r: dict[str, Any]) -> list[Row]:
+        return [[i["event_id"], _dt(i["ts_ms"]), _dt(i["source_ms"]), *(i[n] for n in names)] for i in r["items"]]
+    return rows
 
 
 def _audit(r: dict[str, Any]) -> list[Row]:
     n, features, vectors = r["n_features"], r["features"], bool(r["features"])
     batch = [_dt(r["predicted_ms"]), r["threshold"], r["fetch_ms"], r["inference_ms"], r["publish_ms"]]
-    return [[event, entity, payment, _dt(ts), batch[0], score, int(decision), batch[1], version, route, by,
+    model = r["model_name"]
+    return [[event, model, entity, _dt(ts), batch[0], score, int(decision), batch[1], version, route, by,
              int(degraded), features[i * n:(i + 1) * n] if vectors else [], fhash, queue, *batch[2:]]
-            for i, (event, entity, payment, ts, queue, score, decision, version, route, by, degraded, fhash)
-            in enumerate(zip(r["event_ids"], r["entity_ids"], r["payment_ids"], r["ts_ms"], r["queue_ms"],
-                             r["scores"], r["decisions"], r["model_versions"], r["routes"], r["served_by"],
-                             r["degraded"], r["feature_hashes"], strict=True))]
-
-
-def _silver_clicks(r: dict[str, Any]) -> list[Row]:
-    return [[i["event_id"], i["event_type"], i["user_id"], i["session_id"], i["device_id"], _dt(i["ts_ms"]),
-             i["amount"]] for i in r["items"]]
-
-
-def _silver_payments(r: dict[str, Any]) -> list[Row]:
-    return [[i["event_id"], i["payment_id"], i["card_id"], i["customer_id"], i["merchant_id"],
-             i["merchant_category"], i["amount"], i["device_id"], _dt(i["ts_ms"]), _dt(i["source_ms"])]
-            for i in r["items"]]
+            for i, (event, entity, ts, queue, score, decision, version, route, by, degraded, fhash)
+            in enumerate(zip(r["event_ids"], r["entity_ids"], r["ts_ms"], r["queue_ms"], r["scores"],
+                             r["decisions"], r["model_versions"], r["routes"], r["served_by"], r["degraded"],
+                             r["feature_hashes"], strict=True))]
 
 
 def _feature_log(r: dict[str, Any]) -> list[Row]:
@@ -91,24 +99,34 @@ def _feature_log(r: dict[str, Any]) -> list[Row]:
             for i, (entity, event, ts) in enumerate(zip(r["entity_ids"], r["event_ids"], r["ts_ms"]))]
 
 
-TABLES: dict[str, tuple[str, tuple[str, ...], Callable[[dict[str, Any]], list[Row]]]] = {
-    T.I_CLICKS: ("silver_clicks", SILVER_CLICK_COLS, _silver_clicks),
-    T.I_PAYMENTS: ("silver_payments", SILVER_PAYMENT_COLS, _silver_payments),
-    T.PREDICTIONS: ("predictions", PRED_COLS, _prediction),
-    T.PREDICTIONS_ONLINE: ("predictions", PRED_COLS, _prediction),
+Table = tuple[str, tuple[str, ...], Mapper]
+
+FIXED: dict[str, Table] = {
     T.I_AUDIT: ("prediction_audit", AUDIT_COLS, _audit),
-    T.LABELS: ("labels", LABEL_COLS, lambda r: [[r["event_id"], r["payment_id"], int(r["is_fraud"]),
-                                                 r["payment_ts"], r["label_ts"]]]),
     T.ALERTS: ("alerts", ALERT_COLS, _fields(*ALERT_COLS)),
     T.RETRAIN: ("retrain_requests", RETRAIN_COLS, _fields(*RETRAIN_COLS)),
     T.MODEL_EVENTS: ("model_events", MODEL_COLS, _fields(*MODEL_COLS)),
     T.MODEL_METRICS: ("model_metrics", METRIC_COLS, _fields(*METRIC_COLS)),
     T.I_SCORED: ("scored_features", SCORED_COLS, _scored),
+    T.I_OUTCOMES: ("outcomes", OUTCOME_COLS, _outcome),
     T.I_FEATURE_LOG: ("feature_log", FLOG_COLS, _feature_log),
 }
+"""Weir's own topics and their tables, the same in every project."""
 
 
-COLUMNS = {table: cols for table, cols, _ in TABLES.values()} | {"dlq": DLQ_COLS}
+def _key(project: Project, model: Model) -> str:
+    return model.key or project.source(model.source).partition_key
+
+
+def project_tables(project: Project) -> dict[str, Table]:
+    """Topic -> (table, columns, row mapper) of everything the sink writes for ``project``."""
+    out = dict(FIXED)
+    for s in project.sources:
+        out[silver_topic(s)] = (silver_table(s), ("event_id", "ts", "source_ts", *s.fields), _silver(s))
+    for m in project.models:
+        for topic in (m.prediction_topic, m.online_topic, m.shadow_topic):
+            out[topic] = ("predictions", PRED_COLS, _predictions(_key(project, m)))
+    return out
 
 
 def dlq_row(msg: Message) -> Row:
@@ -130,20 +148,24 @@ def dlq_row(msg: Message) -> Row:
 
 
 class ClickHouseSink:
-    step_id = "sink-clickhouse"
-    topics = (*TABLES, *T.DLQ)
+    """Writes every table of :func:`project_tables` and the dead letters of every topic."""
 
-    def __init__(self, ch: ClickHouse) -> None:
+    step_id = "sink-clickhouse"
+
+    def __init__(self, ch: ClickHouse, project: Project) -> None:
         self.ch = ch
-        self._codecs = {t: AvroCodec(t) for t in TABLES}
+        self.tables = project_tables(project)
+        self.columns = {table: cols for table, cols, _ in self.tables.values()} | {"dlq": DLQ_COLS}
+        self.topics: tuple[str, ...] = (*self.tables, *(t for t in T.all_topics(project) if t.startswith("dlq.")))
+        self._codecs = {t: AvroCodec(t) for t in self.tables}
 
     def handle(self, batch: list[Message]) -> StepResult:
         tables: dict[str, list[Row]] = {"dlq": [dlq_row(m) for m in batch if m.topic.startswith("dlq.")]}
         undecodable = StepResult()
         for msg, record in decoded([m for m in batch if not m.topic.startswith("dlq.")], self._codecs, undecodable):
-            table, _, mapper = TABLES[msg.topic]
+            table, _, mapper = self.tables[msg.topic]
             tables.setdefault(table, []).extend(mapper(record))
         result = undecodable
         for table, rows in tables.items():
-            self.ch.insert(table, rows, COLUMNS[table])
+            self.ch.insert(table, rows, self.columns[table])
         return result

@@ -1,5 +1,9 @@
-"""The ``weir`` command: ``weir up`` (stack + every stage until Ctrl-C), ``weir demo``,
-``weir schemas check``, ``weir dlq inspect|replay``, ``weir replay``, ``weir models`` and ``weir features list|describe|training-set``."""
+"""The ``weir`` command: ``weir up`` (stack + every stage of a project until Ctrl-C), ``weir demo``,
+``weir schemas check``, ``weir dlq inspect|replay``, ``weir replay``, ``weir models`` and
+``weir features list|describe|training-set``.
+
+The project a command runs is ``--project`` (before the command), else ``WEIR_PROJECT``, else
+``project.py`` in the current directory (see docs/projects.md)."""
 
 from __future__ import annotations
 
@@ -11,25 +15,27 @@ import sys
 import threading
 from pathlib import Path
 
+from streams.project.load import ProjectError, project_of
 from streams.settings import WeirSettings
 
 
 def _up(settings: WeirSettings, args: argparse.Namespace) -> int:
     from streams.demo import pipeline_config
     from streams.pipeline import Pipeline
-    from streams.scenario.driver import ShopDriver
     from streams.stack import Stack
 
+    project = project_of(args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Stack(settings) as endpoints:
+    with Stack(settings, project) as endpoints:
         path = settings.data_dir / "endpoints.json"
         endpoints.write(path)
-        if endpoints.postgres_dsn:
-            ShopDriver(endpoints.postgres_dsn, endpoints.kafka_bootstrap, partitions=settings.partitions).prepare()
-        pipeline = Pipeline(endpoints, pipeline_config(settings))
+        if project.scenario is not None and endpoints.postgres_dsn:  # the tables its CDC sources stream
+            project.scenario.prepare(endpoints.postgres_dsn, endpoints.kafka_bootstrap, settings.partitions)
+        pipeline = Pipeline(project, endpoints, pipeline_config(settings))
         pipeline.start()
-        print(f"weir is up; endpoints in {path}:\n{path.read_text()}Ctrl-C to stop.", flush=True)
+        print(f"weir is up with project {project.name}; endpoints in {path}:\n{path.read_text()}Ctrl-C to stop.",
+              flush=True)
         try:
             while not stop.wait(1.0):
                 pipeline.check()
@@ -41,27 +47,50 @@ def _up(settings: WeirSettings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(settings: WeirSettings, args: argparse.Namespace) -> int:
-    from streams.demo import DemoOptions, run_demo
+def _params(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--param {pair!r} is not name=value")
+        out[name] = value
+    return out
 
-    opts = DemoOptions(events=args.events, rate=args.rate or None, seed=args.seed, drift_at=args.drift_at,
-                       fraud_rate=args.fraud_rate,
-                       summary_json=args.summary_json, progress=not args.no_progress)
-    summary = run_demo(settings, opts)
+
+def _demo(settings: WeirSettings, args: argparse.Namespace) -> int:
+    from streams.demo import DemoError, DemoOptions, run_demo
+
+    try:
+        params = _params(args.param)
+    except ValueError as exc:
+        print(f"weir demo: error: {exc}", file=sys.stderr)
+        return 2
+    opts = DemoOptions(events=args.events, rate=args.rate or None, seed=args.seed, shift_at=args.drift_at,
+                       params=params, summary_json=args.summary_json, progress=not args.no_progress)
+    try:
+        summary = run_demo(settings, project_of(args), opts)
+    except DemoError as exc:
+        print(f"weir demo: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="weir", description=__doc__)
+    p = argparse.ArgumentParser(prog="weir", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--project", default=None,
+                   help="the project: package.module:attribute or path/to/project.py (default: WEIR_PROJECT, "
+                        "else ./project.py)")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the embedded stack and every stage; stay up until Ctrl-C")
-    d = sub.add_parser("demo", help="run the simulated shop through every stage and print a summary")
-    d.add_argument("--events", type=int, default=60_000, help="shop events to produce (default 60000)")
+    sub.add_parser("up", help="start the embedded stack and every stage of the project; stay up until Ctrl-C")
+    d = sub.add_parser("demo", help="run the project's scenario through every stage and print a summary")
+    d.add_argument("--events", type=int, default=60_000, help="scenario events to produce (default 60000)")
     d.add_argument("--rate", type=float, default=800.0, help="events per second, 0 = unthrottled (default 800)")
     d.add_argument("--seed", type=int, default=7)
-    d.add_argument("--drift-at", type=float, default=0.5, help="fraction of events after which fraud drifts")
-    d.add_argument("--fraud-rate", type=float, default=0.045, help="share of payments that are fraud")
+    d.add_argument("--drift-at", type=float, default=0.5,
+                   help="fraction of events after which the scenario's injected change begins")
+    d.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a parameter of the project's scenario (repeatable), e.g. fraud_rate=0.1 for the fraud shop")
     d.add_argument("--summary-json", type=Path, default=None, help="default: <data dir>/demo-summary.json")
     d.add_argument("--no-progress", action="store_true")
     from streams import dlq, models_cli, replay
@@ -82,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = WeirSettings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers = {"up": _up, "demo": _demo}
-    if args.command in handlers:
-        return handlers[args.command](settings, args)
-    return int(args.handler(args))
+    try:
+        if args.command in handlers:
+            return handlers[args.command](settings, args)
+        return int(args.handler(args))
+    except ProjectError as exc:
+        print(f"weir {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

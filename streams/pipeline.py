@@ -1,9 +1,12 @@
-"""Assembles the stages into one process: each stage on its own :class:`BatchRunner` thread.
+"""Assembles a project's stages into one process: each stage on its own :class:`BatchRunner` thread.
 
-ClickHouse's embedded engine is single-process, so the stages that use it
-(sinks, retrain, the registry) live in the process that opened it; with
-external services every stage can run in a process of its own
-(``stages=...``) and scale out by consumer group.
+The stages come from the project by construction: ingest over its sources,
+features over its views, and per model an inference stage (with its model
+watch) and a learn stage; drift and retrain serve every model. ClickHouse's
+embedded engine is single-process, so the stages that use it (sinks,
+retrain, the registry) live in the process that opened it; with external
+services every stage can run in a process of its own (``stages=...``) and
+scale out by consumer group.
 """
 
 from __future__ import annotations
@@ -21,29 +24,28 @@ import redis
 
 from models.online import RiverLearner
 from models.registry import ModelRegistry
-from models.scorer import RuleScorer
 from sinks.bronze import BronzeSink
 from sinks.clickhouse import ClickHouse
 from sinks.events import ClickHouseSink
 from sinks.redis_store import OnlineStore
-from streams import topics as T
 from streams.dedup import RedisDedup
 from streams.dlq import DlqGuard
 from streams.event_time import EventTimeGuard
 from streams.features.checkpoint import RedisSnapshots
-from streams.features.definitions import FEATURE_NAMES
 from streams.gcpolicy import StateFreezer
+from streams.project.contracts import tables
+from streams.project.spec import Model, Project
 from streams.pseudonymize import Pseudonymizer
 from streams.runtime import BatchRunner, Stage
 from streams.serving.cache import ResponseCache
-from streams.serving.resilience import OnlineFallback, ScoringChain
+from streams.serving.resilience import OnlineFallback, ScoringChain, rules_for
 from streams.serving.routing import ModelSlot
 from streams.stack import Endpoints
 from streams.stages.drift import DriftStage
 from streams.stages.features import FeaturesStage
 from streams.stages.inference import InferenceStage
 from streams.stages.ingest import IngestStage
-from streams.stages.learn import SERVING_SNAPSHOT, LearnStage
+from streams.stages.learn import LearnStage, serving_snapshot
 from streams.stages.model_watch import ModelWatchStage
 from streams.stages.retrain import RetrainScheduler, RetrainStage
 from streams.state import SignedSnapshots
@@ -70,15 +72,10 @@ class PipelineConfig:
     inference_redis_timeout_ms: int = 250
     inference_cache_ttl_s: int = 0
     canary_fraction: float = 0.1
-    decision_threshold: float = 0.5
     audit_vectors: bool = True
     drift_delta: float = 0.002
     drift_cooldown: int = 1000
     retrain_cron: str = "*/30 * * * *"
-    retrain_window_rows: int = 4000
-    label_maturity_ms: int = 600_000
-    bootstrap_rows: int = 600
-    online_model: str = "logreg"
     seed: int = 0
     group_prefix: str = "weir"
     stages: tuple[str, ...] = ALL_STAGES
@@ -89,19 +86,18 @@ class PipelineConfig:
     pseudonym_key: bytes = field(default=b"weir-dev-pseudonym-key", repr=False)
     features_checkpoint_s: float = 5.0
     learn_checkpoint_s: float = 30.0
-    online_challengers: tuple[tuple[str, str], ...] = ()  # (name, model) pairs, see WeirSettings
     dlq_max_ratio: float = 0.5
     dlq_window: int = 1000
     dlq_min_events: int = 200
-    cdc_tables: tuple[str, ...] = tuple(T.CDC_TABLES)
 
 
-def ingest_stage(c: PipelineConfig, redis_url: str) -> IngestStage:
+def ingest_stage(project: Project, c: PipelineConfig, redis_url: str) -> IngestStage:
     """The ingest stage as a pipeline runs it: dedup in Redis, event-time limits, PII tokens."""
     dedup = RedisDedup(redis.Redis.from_url(redis_url), c.dedup_horizon_ms)
     guard = EventTimeGuard(max_future_ms=c.max_future_ms, max_age_ms=c.max_age_ms,
                            allowed_lateness_ms=c.allowed_lateness_ms)
-    return IngestStage(c.partitions, dedup=dedup, pseudonymizer=Pseudonymizer(c.pseudonym_key), event_time=guard)
+    return IngestStage(project, c.partitions, dedup=dedup, pseudonymizer=Pseudonymizer(c.pseudonym_key),
+                       event_time=guard)
 
 
 def online_version(model: str) -> str:
@@ -113,6 +109,13 @@ def online_version(model: str) -> str:
 
 @dataclass
 class Pipeline:
+    """Every stage of ``project`` the config asks for (``stages``), each on its runner.
+
+    ``stages`` maps each runner's step id (``ingest``, ``features``, ``inference-<model>``,
+    ``learn-<model>``, ``drift``, ``retrain``, ``sink-clickhouse``, ``sink-bronze``,
+    ``model-watch-<model>``) to its stage; ``runners`` likewise to its runner."""
+
+    project: Project
     endpoints: Endpoints
     config: PipelineConfig
     runners: dict[str, BatchRunner] = field(default_factory=dict)
@@ -128,69 +131,71 @@ class Pipeline:
         # reach: full collections over them took 31-38% of the features stage's time (load_tests/features.py).
         gc.collect()
         gc.freeze()
-        c, e = self.config, self.endpoints
+        c, e, p = self.config, self.endpoints, self.project
         wanted = set(c.stages)
         if wanted & {"sinks", "retrain"}:
             self.ch = ClickHouse(e.clickhouse_dsn)
-            self.ch.ensure_schema()
-        store = OnlineStore(e.redis_url) if "features" in wanted else None
-        if "cdc" in wanted and e.postgres_dsn:
+            self.ch.ensure_schema(tables(p))
+        if "cdc" in wanted and e.postgres_dsn and p.cdc_sources:
             self._start_cdc()
         if "ingest" in wanted:
-            self._run(ingest_stage(c, e.redis_url), hot=True)
+            self._run(ingest_stage(p, c, e.redis_url), hot=True)
         if "features" in wanted:
-            assert store is not None
             snapshots = RedisSnapshots.from_url(e.redis_url)  # window state survives a crash (docs/features.md)
-            stage = FeaturesStage(store, snapshots=snapshots, checkpoint_every_s=c.features_checkpoint_s,
+            stage = FeaturesStage(p, OnlineStore(e.redis_url), snapshots=snapshots,
+                                  checkpoint_every_s=c.features_checkpoint_s,
                                   after_commit_hook=StateFreezer())  # the windows: out of full GC scans
-            self._run(stage, hot=True, max_batch=16)  # micro-batches of up to 500 events each
-        if "inference" in wanted:
-            self._start_inference()
-        if "learn" in wanted:
-            learner = RiverLearner(c.online_model, seed=c.seed)
-            snaps = SignedSnapshots.from_url(e.redis_url, c.pseudonym_key)  # the model survives a restart
-            challengers = {name: (RiverLearner(model, seed=c.seed), online_version(model))
-                           for name, model in c.online_challengers}
-            self._run(LearnStage(learner, online_version(c.online_model), snapshots=snaps, challengers=challengers,
-                                 checkpoint_every_s=c.learn_checkpoint_s))
-        if "drift" in wanted:
-            self._run(DriftStage(c.drift_delta, cooldown=c.drift_cooldown))
-        if "retrain" in wanted:
+            if stage.topics:
+                self._run(stage, hot=True, max_batch=16)  # micro-batches of up to 500 events each
+        for model in p.models:
+            if "inference" in wanted:
+                self._start_inference(model)
+            if "learn" in wanted:
+                self._start_learn(model)
+        if "drift" in wanted and p.models:
+            self._run(DriftStage(p, c.drift_delta, cooldown=c.drift_cooldown))
+        if "retrain" in wanted and p.models:
             assert self.ch is not None
             registry = ModelRegistry(self.ch.client, c.data_dir / "models")
             registry.ensure_schema()
-            self._run(RetrainStage(self.ch, registry, window_rows=c.retrain_window_rows, seed=c.seed,
-                                   label_maturity_ms=c.label_maturity_ms),
-                      max_wait_ms=200)
+            self._run(RetrainStage(self.ch, registry, p, seed=c.seed), max_wait_ms=200)
             self.stages["registry"] = registry
-            self._scheduler = RetrainScheduler(e.kafka_bootstrap, self.ch, registry, c.retrain_cron,
-                                               bootstrap_rows=c.bootstrap_rows,
-                                               label_maturity_ms=c.label_maturity_ms)
+            self._scheduler = RetrainScheduler(e.kafka_bootstrap, self.ch, registry, p, c.retrain_cron)
             self._scheduler.start()
         if "sinks" in wanted:
             assert self.ch is not None
-            self._run(ClickHouseSink(self.ch), max_batch=5000)
-            self._run(BronzeSink(self.ch, Pseudonymizer(c.pseudonym_key)), max_batch=5000)
+            self._run(ClickHouseSink(self.ch, p), max_batch=5000)
+            self._run(BronzeSink(self.ch, Pseudonymizer(c.pseudonym_key), p), max_batch=5000)
 
-    def _start_inference(self) -> None:
+    def _start_learn(self, model: Model) -> None:
+        c = self.config
+        learner = RiverLearner(model.online_learner, seed=c.seed, task=model.task)
+        snaps = SignedSnapshots.from_url(self.endpoints.redis_url, c.pseudonym_key)  # the model survives a restart
+        challengers = {name: (RiverLearner(spec, seed=c.seed, task=model.task), online_version(spec))
+                       for name, spec in model.challengers}
+        self._run(LearnStage(self.project, model, learner, online_version(model.online_learner), snapshots=snaps,
+                             challengers=challengers, checkpoint_every_s=c.learn_checkpoint_s))
+
+    def _start_inference(self, model: Model) -> None:
         c, e = self.config, self.endpoints
-        slot = ModelSlot(RuleScorer(list(FEATURE_NAMES)))  # until model.events names a production version
+        rules = rules_for(model)
+        slot = ModelSlot(rules)  # until model.events names a production version
         # read when the model fails: a hung Redis must cost it no more than it costs the features
         snapshots = SignedSnapshots.from_url(e.redis_url, c.pseudonym_key,
                                              timeout_s=c.inference_redis_timeout_ms / 1000)
-        online = OnlineFallback(snapshots, SERVING_SNAPSHOT)
-        chain = ScoringChain(online=online, timeout_s=c.inference_model_timeout_ms / 1000,
+        online = OnlineFallback(snapshots, serving_snapshot(model), model.feature_names)
+        chain = ScoringChain(rules, online=online, timeout_s=c.inference_model_timeout_ms / 1000,
                              cooldown_s=c.inference_model_cooldown_s)
         cache = ResponseCache.from_url(e.redis_url, c.inference_cache_ttl_s) if c.inference_cache_ttl_s else None
         store = OnlineStore(e.redis_url, timeout_s=c.inference_redis_timeout_ms / 1000)
-        stage = InferenceStage(store, slot, max_batch=c.inference_max_batch, threshold=c.decision_threshold,
-                               chain=chain, cache=cache, audit_vectors=c.audit_vectors)
-        # a weir.scoring message carries up to batch_max_size payments: the runner gathers messages (8 per consume
+        stage = InferenceStage(self.project, model, store, slot, max_batch=c.inference_max_batch, chain=chain,
+                               cache=cache, audit_vectors=c.audit_vectors)
+        # a scoring message carries up to batch_max_size events: the runner gathers messages (8 per consume
         # call) until they hold one inference batch or the inference max wait passed
         self._run(stage, hot=True, max_batch=8, max_wait_ms=c.inference_max_wait_ms)
-        watch = ModelWatchStage(slot, canary_fraction=c.canary_fraction, backend=c.inference_backend)
-        self._run(watch, group_id=f"{c.group_prefix}-model-watch-{time.time_ns()}", max_wait_ms=200)
-        self.stages["slot"] = slot
+        watch = ModelWatchStage(model, slot, canary_fraction=c.canary_fraction, backend=c.inference_backend)
+        self._run(watch, group_id=f"{c.group_prefix}-{watch.step_id}-{time.time_ns()}", max_wait_ms=200)
+        self.stages[f"slot-{model.name}"] = slot
 
     def _run(self, stage: Stage, *, hot: bool = False, group_id: str | None = None, max_batch: int | None = None,
              max_wait_ms: int | None = None) -> None:
@@ -212,8 +217,9 @@ class Pipeline:
     def _start_cdc(self) -> None:
         from streams.cdc import CdcConnector
 
-        self.cdc = CdcConnector(self.endpoints.postgres_dsn, self.endpoints.kafka_bootstrap,
-                                list(self.config.cdc_tables), partitions=self.config.partitions)
+        tables = [f"{s.cdc.schema}.{s.cdc.table}" for s in self.project.cdc_sources if s.cdc is not None]
+        self.cdc = CdcConnector(self.endpoints.postgres_dsn, self.endpoints.kafka_bootstrap, tables,
+                                partitions=self.config.partitions)
         self.cdc.setup()
         thread = threading.Thread(target=self._cdc_loop, name="stage-cdc", daemon=True)
         thread.start()
@@ -255,8 +261,10 @@ class Pipeline:
             thread.join(30)
         if "retrain" in self.stages:
             self.stages["retrain"].close()
-        if "inference" in self.stages:
-            self.stages["inference"].close()
+        for model in self.project.models:
+            inference = self.stages.get(f"inference-{model.name}")
+            if inference is not None:
+                inference.close()
         if self.cdc is not None:
             self.cdc.close()
         if self.ch is not None:

@@ -34,7 +34,8 @@ from river import datasets, evaluate
 from river.datasets import synth
 
 from models.online import SPECS, RiverLearner
-from models.progressive import METRICS, ProgressiveEvaluator
+from models.progressive import CLASSIFICATION_METRICS as METRICS
+from models.progressive import ProgressiveEvaluator
 from streams import topics as T
 from streams.base import Message, StepResult
 from streams.codec import AvroCodec, decoded

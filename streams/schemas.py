@@ -1,10 +1,15 @@
-"""The Avro contracts in ``schemas/`` and the catalog that gives them schema ids.
+"""The Avro contracts and the catalog that gives them schema ids.
 
-Subjects follow Confluent's TopicNameStrategy: the folder ``schemas/<topic>/``
-holds every version of subject ``<topic>-value`` (``v1.avsc``, ``v2.avsc``, …;
-an optional file ``compatibility`` names the subject's level, BACKWARD when
-absent). The newest version is the topic's reader schema; a record written
-with any registered version decodes into it.
+Schemas live in folders of topics: Weir's own in ``schemas/`` (its internal
+topics, model events, alerts) and a project's in the folder it declares
+(:attr:`streams.project.Project.schemas`: its sources' topics and
+prediction topics). Subjects follow Confluent's TopicNameStrategy: the folder
+``<root>/<topic>/`` holds every version of subject ``<topic>-value``
+(``v1.avsc``, ``v2.avsc``, …; an optional file ``compatibility`` names the
+subject's level, BACKWARD when absent). The newest version is the topic's
+reader schema; a record written with any registered version decodes into it.
+:func:`set_roots` says which folders this process knows (Weir's own, plus
+the running project's).
 
 Schema ids come from a schema registry. :func:`use_registry` registers every
 version of every subject there (in order, so the registry checks each
@@ -54,7 +59,9 @@ def subject_name(topic: str) -> str:
 
 
 def topics(schema_dir: Path = SCHEMA_DIR) -> list[str]:
-    """Every topic that has a schema."""
+    """Every topic that has a schema under ``schema_dir`` (none when the folder does not exist)."""
+    if not schema_dir.is_dir():
+        return []
     return sorted(p.name for p in schema_dir.iterdir() if p.is_dir())
 
 
@@ -76,24 +83,45 @@ def compatibility(topic: str, schema_dir: Path = SCHEMA_DIR) -> str:
 class Catalog:
     """Schema ids for this process: the topics' reader schemas and every writer schema by id.
 
-    Without a registry it knows only ``schemas/`` (ids from :func:`schema_id_of`).
+    ``roots`` are the schema folders it knows (default: those :func:`set_roots` set).
+    Without a registry it knows only those folders (ids from :func:`schema_id_of`).
     With one, ids are the registry's and an id seen for the first time is
     fetched from it (then cached). ``writer`` returns ``None`` for an id no one
     registered; a registry that cannot be reached raises (that is an outage,
     not bad input).
     """
 
-    def __init__(self, registry: Any | None = None) -> None:
+    def __init__(self, registry: Any | None = None, roots: tuple[Path, ...] | None = None,
+                 generated: dict[str, dict[str, Any]] | None = None) -> None:
         self.registry = registry  # a confluent_kafka.schema_registry.SchemaRegistryClient
+        self.roots = roots if roots is not None else _roots
+        self.generated = dict(generated if generated is not None else _generated)
         self._current: dict[str, Subject] = {}
         self._writers: dict[int, Any] = {}
         self._lock = threading.Lock()
         if registry is None:
             self._index_local()
 
+    def local(self) -> list[tuple[str, tuple[dict[str, Any], ...], str]]:
+        """Every subject this catalog knows without a registry: (topic, its versions oldest first, compatibility
+        level), from the folders and the generated subjects. A topic defined twice is an error."""
+        seen: dict[str, str] = {}
+        out = []
+        for root in self.roots:
+            for topic in topics(root):
+                if topic in seen:
+                    raise ValueError(f"topic {topic!r} has schemas in both {seen[topic]} and {root}")
+                seen[topic] = str(root)
+                out.append((topic, local_versions(topic, root), compatibility(topic, root)))
+        for topic, raw in self.generated.items():
+            if topic in seen:
+                raise ValueError(f"topic {topic!r} has schemas in {seen[topic]} and generated ones")
+            out.append((topic, (raw,), DEFAULT_COMPATIBILITY))
+        return out
+
     def _index_local(self) -> None:
-        for topic in topics():
-            for version, raw in enumerate(local_versions(topic), start=1):
+        for topic, versions, _ in self.local():
+            for version, raw in enumerate(versions, start=1):
                 self._add(Subject(topic, version, schema_id_of(raw), raw, fastavro.parse_schema(raw)))
 
     def _add(self, sub: Subject) -> None:
@@ -102,14 +130,14 @@ class Catalog:
             self._current[sub.topic] = sub
 
     def register_local(self) -> None:
-        """Register every version of every subject in ``schemas/`` with the registry, oldest first."""
+        """Register every version of every subject in the known folders with the registry, oldest first."""
         from confluent_kafka.schema_registry import Schema
 
         assert self.registry is not None
-        for topic in topics():
+        for topic, versions, level in self.local():
             name = subject_name(topic)
-            self.registry.set_compatibility(name, compatibility(topic))
-            for version, raw in enumerate(local_versions(topic), start=1):
+            self.registry.set_compatibility(name, level)
+            for version, raw in enumerate(versions, start=1):
                 sid = self.registry.register_schema(name, Schema(json.dumps(raw), "AVRO"))
                 self._add(Subject(topic, version, sid, raw, fastavro.parse_schema(raw)))
 
@@ -118,7 +146,7 @@ class Catalog:
         try:
             return self._current[topic]
         except KeyError:
-            raise KeyError(f"no schema for topic {topic!r} under {SCHEMA_DIR}") from None
+            raise KeyError(f"no schema for topic {topic!r} under {', '.join(map(str, self.roots))}") from None
 
     def writer(self, schema_id: int) -> Any | None:
         """The parsed schema registered under ``schema_id``, or ``None`` if no such id exists."""
@@ -156,10 +184,37 @@ class Catalog:
 
 _catalog: Catalog | None = None
 _catalog_lock = threading.Lock()
+_roots: tuple[Path, ...] = (SCHEMA_DIR,)
+_generated: dict[str, dict[str, Any]] = {}
+
+
+def set_roots(*extra: Path) -> None:
+    """The schema folders this process knows: Weir's own ``schemas/`` plus ``extra`` (a project's). Drops a
+    catalog that knows only local folders (it is rebuilt over the new ones); a registry catalog stays."""
+    global _roots, _catalog
+    with _catalog_lock:
+        _roots = (SCHEMA_DIR, *(p.resolve() for p in extra if p.resolve() != SCHEMA_DIR))
+        if _catalog is not None and _catalog.registry is None:
+            _catalog = None
+
+
+def set_generated(subjects: dict[str, dict[str, Any]]) -> None:
+    """Subjects this process knows besides the folders' (topic -> schema, one version each): the ones a
+    project's contracts generate. Drops a catalog that knows only local subjects, as :func:`set_roots`."""
+    global _generated, _catalog
+    with _catalog_lock:
+        _generated = dict(subjects)
+        if _catalog is not None and _catalog.registry is None:
+            _catalog = None
+
+
+def roots() -> tuple[Path, ...]:
+    """The schema folders this process knows (see :func:`set_roots`)."""
+    return _roots
 
 
 def catalog() -> Catalog:
-    """This process's catalog: the one :func:`use_registry` set, else one over ``schemas/`` alone."""
+    """This process's catalog: the one :func:`use_registry` set, else one over the known folders alone."""
     global _catalog
     with _catalog_lock:
         if _catalog is None:
@@ -168,7 +223,7 @@ def catalog() -> Catalog:
 
 
 def set_catalog(cat: Catalog | None) -> Catalog | None:
-    """Make ``cat`` this process's catalog (``None``: back to ``schemas/`` alone); returns the previous one."""
+    """Make ``cat`` this process's catalog (``None``: back to the known folders alone); returns the previous one."""
     global _catalog
     with _catalog_lock:
         previous, _catalog = _catalog, cat
@@ -176,7 +231,7 @@ def set_catalog(cat: Catalog | None) -> Catalog | None:
 
 
 def use_registry(url: str) -> Catalog:
-    """Register ``schemas/`` with the registry at ``url`` and resolve ids through it from now on.
+    """Register the known folders' schemas with the registry at ``url`` and resolve ids through it from now on.
 
     Call before building codecs: a codec takes its writer id when it is made.
     Raises the registry's error when a local version is incompatible with

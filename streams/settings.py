@@ -18,6 +18,9 @@ class WeirSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="WEIR_", frozen=True, extra="ignore")
 
+    project: str | None = Field(
+        None, description="The project Weir runs: package.module:attribute (the current directory is importable) "
+        "or path/to/project.py[:attribute]; unset: project.py in the current directory. See docs/projects.md.")
     data_dir: Path = Field(Path(".weir"), description="Where embedded services and artifacts keep their data.")
     kafka_bootstrap: str | None = Field(None, description="Kafka bootstrap servers; unset starts embedded Tansu.")
     redis_url: str | None = Field(None, description="Redis URL; unset starts embedded valkey.")
@@ -42,19 +45,6 @@ class WeirSettings(BaseSettings):
     features_checkpoint_s: float = Field(
         5.0, gt=0, description="How often the features stage snapshots its window state to Redis (after a commit)."
     )
-    label_maturity_s: float = Field(
-        600.0, ge=0, description="Retraining leaves out payments younger than this before the newest label: "
-        "their frauds may not be labelled yet (the simulated shop labels frauds up to 600 s after payment)."
-    )
-    online_model: str = Field(
-        "logreg", description="The learn stage's river model: a name (logreg, hoeffding_adaptive, arf) or a declared "
-        "pipeline, e.g. 'preprocessing.StandardScaler() | linear_model.LogisticRegression(l2=0.001)'."
-    )
-    online_challengers: dict[str, str] = Field(
-        default_factory=dict, description="More online models beside WEIR_ONLINE_MODEL, as JSON: "
-        "{\"name\": \"<a named model or a declared pipeline>\"}; each scores and learns every payment and publishes "
-        "its predictions (model fraud-online-<name>) and progressive metric."
-    )
     learn_checkpoint_s: float = Field(
         30.0, gt=0, description="How often the learn stage snapshots its online model, metric and pending label "
         "joins to Redis (signed; after a commit)."
@@ -63,10 +53,9 @@ class WeirSettings(BaseSettings):
     batch_max_size: int = Field(500, ge=1, description="Max events per micro-batch in the hot path.")
     batch_max_wait_ms: int = Field(5, ge=1, description="Max time a hot-path micro-batch waits to fill.")
     fetch_wait_ms: int = Field(10, ge=1, description="Hot-path consumers' fetch.wait.max.ms (latency vs broker CPU).")
-    inference_max_batch: int = Field(256, ge=1, description="Max payments per inference batch (one model run). "
-                                     "An inference stage serves one model: these are that model's settings.")
-    inference_max_wait_ms: int = Field(5, ge=1, description="Max time a payment waits for its inference batch to "
-                                                            "fill (the inference consumer's batch wait).")
+    inference_max_batch: int = Field(256, ge=1, description="Max events per inference batch (one model run).")
+    inference_max_wait_ms: int = Field(5, ge=1, description="Max time a scored event waits for its inference batch "
+                                                            "to fill (the inference consumer's batch wait).")
     inference_backend: Literal["onnx", "torch"] = Field(
         "onnx", description="onnx: ONNX Runtime (CUDA EP with I/O binding when a GPU is present, else CPU); torch: "
         "the version's TorchScript companion (CUDA when present).")
@@ -82,7 +71,6 @@ class WeirSettings(BaseSettings):
         "disables it. It costs two Redis round trips per batch: enable it for models slower than that.")
     canary_fraction: float = Field(
         0.1, ge=0, le=1, description="Share of entities (by stable hash) a model version in stage canary serves.")
-    decision_threshold: float = Field(0.5, ge=0, le=1, description="A score at or above it flags the payment.")
     audit_features: Literal["vector", "hash"] = Field(
         "vector", description="What the prediction audit table keeps of each feature vector: the vector, or only "
         "its BLAKE2b hash (always kept).")

@@ -1,9 +1,11 @@
 """The services a Weir process talks to: embedded ones it starts, or external ones from settings.
 
 ``Stack.start()`` starts whatever is not configured (Tansu, valkey, chdb,
-PostgreSQL, Weir's schema registry), creates Weir's topics, registers the
-schemas in ``schemas/`` (this process's codecs then take their ids from the
-registry), and knows the endpoints; ``stop()``
+PostgreSQL, Weir's schema registry), creates the project's topics and Weir's
+own, registers the schemas of both (Weir's ``schemas/``, the project's folder
+and the subjects generated from it: this process's codecs then take their ids
+from the registry, and an incompatible change fails here, with the registry's
+explanation), and knows the endpoints; ``stop()``
 stops what it started, in reverse order, leaving no child process behind.
 """
 
@@ -18,6 +20,8 @@ from typing import Any
 from streams import schemas
 from streams import topics as T
 from streams.kafka import ensure_topics
+from streams.project.contracts import use_project
+from streams.project.spec import Project
 from streams.settings import WeirSettings
 
 log = logging.getLogger(__name__)
@@ -61,8 +65,12 @@ def endpoint(name: str, explicit: str | None, *, flag: str, data_dir: Path | Non
 
 
 class Stack:
-    def __init__(self, settings: WeirSettings, *, with_postgres: bool = True) -> None:
+    """The services a process running ``project`` needs (see the module docstring); without a project, only
+    Weir's own topics and schemas (``weir replay``)."""
+
+    def __init__(self, settings: WeirSettings, project: Project | None = None, *, with_postgres: bool = True) -> None:
         self.settings = settings
+        self.project = project
         self.with_postgres = with_postgres
         self.data_dir = settings.data_dir.resolve()
         self._started: list[Any] = []
@@ -80,9 +88,12 @@ class Stack:
             postgres = s.postgres_dsn.get_secret_value()
         elif self.with_postgres:
             postgres = self._start_postgres()
-        ensure_topics(kafka, T.ALL, s.partitions)
+        topics = T.all_topics(self.project) if self.project is not None else T.PUBLIC + T.INTERNAL
+        ensure_topics(kafka, topics, s.partitions)
         registry = s.schema_registry_url or self._start_registry(kafka)
         self._previous_catalog = schemas.set_catalog(None)
+        if self.project is not None:
+            use_project(self.project)
         schemas.use_registry(registry)
         self.endpoints = Endpoints(kafka, redis_url, clickhouse, postgres, registry)
         return self.endpoints

@@ -1,4 +1,10 @@
-"""The demo's summary: what went in, what came out, and how well the models did, read from ClickHouse."""
+"""The demo's summary: what went in, what came out, and how well a model did, read from ClickHouse.
+
+Every figure is of one model of the project: its predictions, its online
+learner's, and its quality against the labels the learn stage joined
+(the ``outcomes`` table): ROC AUC for a binary model, mean absolute error for
+a regression.
+"""
 
 from __future__ import annotations
 
@@ -9,72 +15,87 @@ import numpy as np
 
 from models.metrics import roc_auc
 from sinks.clickhouse import ClickHouse
-from streams.stages.inference import MODEL_NAME
-from streams.stages.learn import ONLINE_MODEL
+from streams.project.contracts import silver_table
+from streams.project.spec import Model, Project
 
 SCORED_LABELLED = """
-SELECT p.score, l.is_fraud, toUnixTimestamp64Milli(p.event_ts), p.model_version
-FROM (SELECT * FROM predictions FINAL WHERE model_name = {model:String}) AS p
-INNER JOIN (SELECT payment_id, is_fraud FROM labels FINAL) AS l ON p.payment_id = l.payment_id
+SELECT p.score, o.label, toUnixTimestamp64Milli(p.event_ts), p.model_version
+FROM (SELECT * FROM predictions FINAL WHERE model_name = {scored:String}) AS p
+INNER JOIN (SELECT event_id, label FROM outcomes FINAL WHERE model_name = {model:String}) AS o
+ON p.event_id = o.event_id
 """
 
 
-def auc(ch: ClickHouse, model: str, *, after_ms: int | None = None, before_ms: int | None = None,
-        exclude_version: str | None = None) -> float | None:
-    """ROC AUC of one model's scores against labels, over an event-time range; None if undefined."""
-    rows = ch.rows(SCORED_LABELLED, {"model": model})
-    sel = [
-        (s, y) for s, y, ts, v in rows
-        if (after_ms is None or ts >= after_ms) and (before_ms is None or ts < before_ms) and v != exclude_version
-    ]
+def quality_name(model: Model) -> str:
+    """``auc`` or ``mae``: how the summary names the model's quality."""
+    return "auc" if model.task == "binary" else "mae"
+
+
+def quality(ch: ClickHouse, model: Model, scored_by: str, *, after_ms: int | None = None,
+            before_ms: int | None = None, exclude_version: str | None = None) -> float | None:
+    """The quality of the scores ``scored_by`` (a model name: the champion's or its online learner's) gave
+    ``model`` 's labelled events, over an event-time range: ROC AUC (binary) or MAE (regression); None if
+    undefined."""
+    rows = ch.rows(SCORED_LABELLED, {"scored": scored_by, "model": model.name})
+    sel = [(s, y) for s, y, ts, v in rows
+           if (after_ms is None or ts >= after_ms) and (before_ms is None or ts < before_ms) and v != exclude_version]
     if not sel:
         return None
-    value = roc_auc(np.array([y for _, y in sel]), np.array([s for s, _ in sel]))
+    scores, labels = np.array([s for s, _ in sel]), np.array([y for _, y in sel])
+    value = roc_auc(labels >= 0.5, scores) if model.task == "binary" else float(np.mean(np.abs(labels - scores)))
     return None if np.isnan(value) else round(float(value), 4)
 
 
-def latency(ch: ClickHouse) -> dict[str, float]:
+def latency(ch: ClickHouse, model: Model) -> dict[str, float]:
     p50, p99 = ch.rows(
         "SELECT quantile(0.5)(latency_ms), quantile(0.99)(latency_ms) FROM predictions FINAL "
-        "WHERE model_name = {m:String}", {"m": MODEL_NAME})[0]
+        "WHERE model_name = {m:String}", {"m": model.name})[0]
     return {"p50": round(float(p50), 1), "p99": round(float(p99), 1)}
 
 
-def serving(ch: ClickHouse) -> dict[str, Any]:
-    """How the champion's predictions were served (path, route, degraded) and the audit's latency breakdown."""
+def serving(ch: ClickHouse, model: Model) -> dict[str, Any]:
+    """How the model's predictions were served (path, route, degraded) and the audit's latency breakdown."""
+    m = {"m": model.name}
     paths = dict(ch.rows("SELECT served_by, count() FROM predictions FINAL WHERE model_name = {m:String} "
-                         "GROUP BY served_by", {"m": MODEL_NAME}))
-    routes = dict(ch.rows("SELECT route, count() FROM prediction_audit FINAL GROUP BY route"))
-    degraded = ch.scalar("SELECT countIf(degraded = 1) FROM predictions FINAL WHERE model_name = {m:String}",
-                         {"m": MODEL_NAME})
+                         "GROUP BY served_by", m))
+    routes = dict(ch.rows("SELECT route, count() FROM prediction_audit FINAL WHERE model_name = {m:String} "
+                          "GROUP BY route", m))
+    degraded = ch.scalar("SELECT countIf(degraded = 1) FROM predictions FINAL WHERE model_name = {m:String}", m)
     parts = ch.rows("SELECT quantile(0.5)(queue_ms), quantile(0.5)(fetch_ms), quantile(0.5)(inference_ms), "
-                    "quantile(0.5)(publish_ms) FROM prediction_audit FINAL WHERE route != 'shadow'")
+                    "quantile(0.5)(publish_ms) FROM prediction_audit FINAL WHERE route != 'shadow' "
+                    "AND model_name = {m:String}", m)
     breakdown = {f"{k}_p50_ms": round(float(v), 2) for k, v in zip(("queue", "fetch", "inference", "publish"),
                                                                   parts[0] if parts else ()) if not math.isnan(v)}
     return {"served_by": {str(k): int(v) for k, v in paths.items()},
             "routes": {str(k): int(v) for k, v in routes.items()}, "degraded": int(degraded or 0), **breakdown}
 
 
-def counts(ch: ClickHouse) -> dict[str, int]:
-    q = {
-        "predictions": f"SELECT count() FROM predictions FINAL WHERE model_name = '{MODEL_NAME}'",
-        "predictions_online": f"SELECT count() FROM predictions FINAL WHERE model_name = '{ONLINE_MODEL}'",
-        "labels": "SELECT count() FROM labels FINAL",
-        "dlq": "SELECT count() FROM dlq FINAL",
-        "alerts": "SELECT count() FROM alerts FINAL",
-        "models_registered": "SELECT count() FROM model_events FINAL WHERE stage = 'candidate'",
-        "bronze_rows": "SELECT count() FROM bronze_events FINAL",
-        "silver_clicks": "SELECT count() FROM silver_clicks FINAL",
-        "silver_payments": "SELECT count() FROM silver_payments FINAL",
-        "feature_log_rows": "SELECT count() FROM feature_log FINAL",
+def counts(ch: ClickHouse, project: Project, model: Model) -> dict[str, int]:
+    """Rows per table: the model's predictions, its online learner's, its labels learnt from, and every
+    source's silver events (``silver_<source>``)."""
+    m = {"m": model.name, "o": model.online_name}
+    q: dict[str, tuple[str, dict[str, str]]] = {
+        "predictions": ("SELECT count() FROM predictions FINAL WHERE model_name = {m:String}", m),
+        "predictions_online": ("SELECT count() FROM predictions FINAL WHERE model_name = {o:String}", m),
+        "labels": ("SELECT count() FROM outcomes FINAL WHERE model_name = {m:String}", m),
+        "dlq": ("SELECT count() FROM dlq FINAL", {}),
+        "alerts": ("SELECT count() FROM alerts FINAL", {}),
+        "models_registered": ("SELECT count() FROM model_events FINAL WHERE stage = 'candidate' "
+                              "AND model_name = {m:String}", m),
+        "bronze_rows": ("SELECT count() FROM bronze_events FINAL", {}),
+        "feature_log_rows": ("SELECT count() FROM feature_log FINAL", {}),
     }
-    return {k: int(ch.scalar(sql) or 0) for k, sql in q.items()}
+    q |= {silver_table(s): (f"SELECT count() FROM {silver_table(s)} FINAL", {}) for s in project.sources}
+    return {k: int(ch.scalar(sql, params) or 0) for k, (sql, params) in q.items()}
 
 
-def drift_summary(ch: ClickHouse, drift_ms: int, rules_version: str) -> dict[str, Any]:
+def drift_summary(ch: ClickHouse, model: Model, drift_ms: int, rules_version: str) -> dict[str, Any]:
+    """The champion's and the online learner's quality before and after the event time ``drift_ms``."""
+    name = quality_name(model)
     return {
-        "auc_champion_before_drift": auc(ch, MODEL_NAME, before_ms=drift_ms, exclude_version=rules_version),
-        "auc_champion_after_drift": auc(ch, MODEL_NAME, after_ms=drift_ms),
-        "auc_online_before_drift": auc(ch, ONLINE_MODEL, before_ms=drift_ms),
-        "auc_online_after_drift": auc(ch, ONLINE_MODEL, after_ms=drift_ms),
+        f"{name}_champion_before_drift": quality(ch, model, model.name, before_ms=drift_ms,
+                                                 exclude_version=rules_version),
+        f"{name}_champion_after_drift": quality(ch, model, model.name, after_ms=drift_ms),
+        f"{name}_online_before_drift": quality(ch, model, model.online_name, before_ms=drift_ms),
+        f"{name}_online_after_drift": quality(ch, model, model.online_name, after_ms=drift_ms),
     }

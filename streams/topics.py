@@ -1,38 +1,47 @@
-"""Topic names and the partitioner internal micro-batch topics use."""
+"""Weir's own topic names, the topics of a project, and the partitioner internal micro-batch topics use.
+
+A project's topics (its sources', its models' prediction topics, and the
+internal ``weir.silver.*`` / ``weir.scoring.*`` ones generated from it) come
+from :func:`project_topics`; the names below are Weir's own, the same in
+every project.
+"""
 
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
-CLICKS = "clickstream.events"
-CDC_PAYMENTS = "cdc.payments"
-CDC_LABELS = "cdc.payment_labels"
-CDC_TABLES = ["customers", "merchants", "orders", "payments", "payment_labels"]
-LABELS = "labels.fraud"
-PREDICTIONS = "predictions.fraud"
-PREDICTIONS_ONLINE = "predictions.fraud.online"
-PREDICTIONS_SHADOW = "predictions.shadow.fraud"  # shadow challengers of the fraud model: nothing else
+if TYPE_CHECKING:
+    from streams.project.spec import Project
+
 ALERTS = "alerts"
 RETRAIN = "retrain"
 MODEL_EVENTS = "model.events"
 MODEL_METRICS = "model.metrics"
 MODEL_COMMANDS = "model.commands"
 
-# internal, micro-batched per partition (Weir's own business, see DESIGN.md)
-I_CLICKS = "weir.clicks"
-I_PAYMENTS = "weir.payments"
-I_SCORING = "weir.scoring"
-I_SCORED = "weir.scored"
-I_OUTCOMES = "weir.outcomes"
-I_FEATURE_LOG = "weir.feature_log"
+# internal (Weir's own business): micro-batched per partition, except outcomes
+I_SCORED = "weir.scored"  # inference -> learn: served vectors and scores, every model's
+I_OUTCOMES = "weir.outcomes"  # learn -> drift: scored events joined with their labels
+I_FEATURE_LOG = "weir.feature_log"  # features -> ClickHouse feature_log
 I_AUDIT = "weir.audit"  # prediction audit records, to ClickHouse prediction_audit
 REPLAY = "weir.replay"  # `weir replay`: river datasets, one partition, created on demand
 
-PUBLIC = [CLICKS, *(f"cdc.{t}" for t in CDC_TABLES), LABELS, PREDICTIONS, PREDICTIONS_ONLINE, PREDICTIONS_SHADOW, ALERTS, RETRAIN,
-          MODEL_EVENTS, MODEL_METRICS, MODEL_COMMANDS]
-INTERNAL = [I_CLICKS, I_PAYMENTS, I_SCORING, I_SCORED, I_OUTCOMES, I_FEATURE_LOG, I_AUDIT]
-DLQ = [f"dlq.{t}" for t in PUBLIC + INTERNAL]
-ALL = PUBLIC + INTERNAL + DLQ
+PUBLIC = [ALERTS, RETRAIN, MODEL_EVENTS, MODEL_METRICS, MODEL_COMMANDS]
+INTERNAL = [I_SCORED, I_OUTCOMES, I_FEATURE_LOG, I_AUDIT]
+
+
+def project_topics(project: Project) -> tuple[list[str], list[str]]:
+    """(public, internal) topics of ``project``, Weir's own included."""
+    from streams.project.contracts import internal_topics
+
+    return PUBLIC + project.public_topics(), INTERNAL + internal_topics(project)
+
+
+def all_topics(project: Project) -> list[str]:
+    """Every topic a stack running ``project`` creates: public, internal and a dead-letter topic for each."""
+    public, internal = project_topics(project)
+    return public + internal + [f"dlq.{t}" for t in public + internal]
 
 
 def partition_for(key: str, partitions: int) -> int:

@@ -2,11 +2,16 @@
 
 Set WEIR_KAFKA_BOOTSTRAP / WEIR_REDIS_URL / WEIR_POSTGRES_DSN to run the same
 tests against external services instead.
+
+The tests run the fraud shop (``examples/fraud_shop``) unless they declare a
+project of their own: it is ``WEIR_PROJECT`` for the whole session, and this
+process's schema catalog knows its schemas and generated contracts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +19,23 @@ from typing import Any
 
 import pytest
 
-from streams.settings import WeirSettings
-from streams.stack import Endpoints, Stack
+FRAUD_SHOP = "examples.fraud_shop.project:project"
+os.environ.setdefault("WEIR_PROJECT", FRAUD_SHOP)
+
+from streams.project.contracts import use_project  # noqa: E402
+from streams.project.load import load  # noqa: E402
+from streams.project.spec import Project  # noqa: E402
+from streams.settings import WeirSettings  # noqa: E402
+from streams.stack import Endpoints, Stack  # noqa: E402
+
+SHOP = load(FRAUD_SHOP)
+use_project(SHOP)
+
+
+@pytest.fixture(scope="session")
+def shop() -> Project:
+    """The fraud shop project (``examples/fraud_shop/project.py``)."""
+    return SHOP
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +62,7 @@ def clickhouse_client(chdb_path: Path, request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture(scope="session")
 def endpoints(weir_dir: Path) -> Iterator[Endpoints]:
-    stack = Stack(WeirSettings(data_dir=weir_dir / "stack"))
+    stack = Stack(WeirSettings(data_dir=weir_dir / "stack"), SHOP)
     try:
         yield stack.start()
     finally:

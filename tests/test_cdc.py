@@ -354,7 +354,10 @@ def test_kill_9_loses_nothing(db: Db, bootstrap: str) -> None:
     script = textwrap.dedent(f"""
         import sys, threading
         sys.path.insert(0, {str(REPO)!r})
+        from examples.fraud_shop.project import project
         from streams.cdc import CdcConnector
+        from streams.project.contracts import use_project
+        use_project(project)  # a fresh process: its catalog knows the shop's cdc.* schemas once told
         c = CdcConnector({db.dsn!r}, {bootstrap!r}, {TABLES!r}, slot="slot_{db.name}", partitions=2,
                          poll_interval_s=0.005, max_changes=7)
         c.setup()

@@ -11,9 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from examples.fraud_shop.project import project as SHOP
 from streams import schemas
 from streams.base import Reason
 from streams.codec import AvroCodec, DecodeError
+from streams.project.contracts import generated
 
 CLICK = {
     "event_id": "e1", "event_type": "login", "user_id": "u1", "session_id": "s1",
@@ -30,7 +32,7 @@ def test_round_trip_and_header() -> None:
 
 
 def test_a_record_written_with_an_older_version_decodes_into_the_current_one() -> None:
-    v1 = schemas.local_versions("clickstream.events")[0]
+    v1 = schemas.local_versions("clickstream.events", SHOP.schemas)[0]
     buf = io.BytesIO()
     buf.write(b"\x00" + struct.pack(">I", schemas.schema_id_of(v1)))
     fastavro.schemaless_writer(buf, fastavro.parse_schema(v1), CLICK)
@@ -40,11 +42,13 @@ def test_a_record_written_with_an_older_version_decodes_into_the_current_one() -
 
 
 def test_every_schema_parses_and_ids_are_unique() -> None:
-    ids = {}
-    for topic in schemas.topics():
+    ids: dict[int, set[str]] = {}
+    every = [*schemas.topics(), *schemas.topics(SHOP.schemas), *generated(SHOP)]  # Weir's, the shop's, generated
+    assert len(every) == len(set(every)) and {"alerts", "clickstream.events", "weir.silver.payments"} <= set(every)
+    for topic in every:
         sub = schemas.subject(topic)
         ids.setdefault(sub.schema_id, set()).add(sub.raw["name"])
-    # identical schemas (predictions.fraud and .online) may share an id, as a registry would give them
+    # identical schemas may share an id, as a registry would give them
     assert all(len(names) == 1 for names in ids.values())
 
 

@@ -23,8 +23,8 @@ import fastavro
 from hypothesis import given
 from hypothesis import strategies as st
 
+from examples.fraud_shop.project import project as SHOP
 from streams import schemas
-from streams import topics as T
 from streams.base import Message, Reason
 from streams.codec import AvroCodec
 from streams.dedup import MemoryDedup
@@ -36,6 +36,8 @@ PREFIX = "shop"  # Debezium's topic.prefix; a RegexRouter maps shop.public.payme
 NAMESPACE = f"{PREFIX}.public.payments"
 SNAPSHOT_VALUES = "true,first,first_in_data_collection,last_in_data_collection,last,false,incremental"
 NOW = 1_767_229_200.0  # 2026-01-01T01:00:00Z, the injected wall clock
+CDC_PAYMENTS = "cdc.payments"
+SILVER_PAYMENTS = "weir.silver.payments"  # what ingest makes of the shop's payments source
 
 
 def _optional(avro_type: Any) -> list[Any]:
@@ -210,7 +212,7 @@ KEY_WRITER = fastavro.parse_schema(DEBEZIUM_KEY)
 
 
 def _wire(record: dict[str, Any]) -> bytes:
-    return confluent_wire(schemas.register(T.CDC_PAYMENTS, DEBEZIUM_ENVELOPE), WRITER, record)
+    return confluent_wire(schemas.register(CDC_PAYMENTS, DEBEZIUM_ENVELOPE), WRITER, record)
 
 
 def _key(pid: str) -> bytes:
@@ -222,7 +224,7 @@ def _key(pid: str) -> bytes:
 
 
 def test_our_reader_schema_resolves_debeziums_writer_schema() -> None:
-    reader = schemas.subject(T.CDC_PAYMENTS).parsed
+    reader = schemas.subject(CDC_PAYMENTS).parsed
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, WRITER, debezium_event(snapshot="first_in_data_collection", op="r"))
     buf.seek(0)
@@ -250,7 +252,7 @@ def test_our_reader_schema_resolves_debeziums_writer_schema() -> None:
 
 
 def test_codec_decodes_debezium_messages_in_confluent_wire_format() -> None:
-    codec = AvroCodec(T.CDC_PAYMENTS)
+    codec = AvroCodec(CDC_PAYMENTS)
     before, after = row(device=None), row(amount=10.0) | {"status": "refunded"}
 
     update = codec.decode(_wire(debezium_event("u", before, after)))
@@ -268,7 +270,7 @@ def test_codec_decodes_debezium_messages_in_confluent_wire_format() -> None:
 )
 def test_any_debezium_row_decodes_to_the_same_row(amount: float, device: str | None, pid: str) -> None:
     written = row(pid, amount, device)
-    got = AvroCodec(T.CDC_PAYMENTS).decode(_wire(debezium_event("c", None, written)))["after"]
+    got = AvroCodec(CDC_PAYMENTS).decode(_wire(debezium_event("c", None, written)))["after"]
     assert got["amount"] == amount or (math.isnan(got["amount"]) and math.isnan(amount))
     got.pop("amount")
     written.pop("amount")
@@ -280,6 +282,7 @@ def test_any_debezium_row_decodes_to_the_same_row(amount: float, device: str | N
 
 def stage() -> IngestStage:
     return IngestStage(
+        SHOP,
         4,
         dedup=MemoryDedup(3_600_000, clock=lambda: NOW),
         pseudonymizer=Pseudonymizer(b"test-key"),
@@ -290,7 +293,7 @@ def stage() -> IngestStage:
 
 
 def message(offset: int, key: bytes, value: bytes | None) -> Message:
-    return Message(T.CDC_PAYMENTS, 0, offset, key, value, int(NOW * 1000))
+    return Message(CDC_PAYMENTS, 0, offset, key, value, int(NOW * 1000))
 
 
 def test_ingest_turns_a_debezium_create_into_a_payment_once() -> None:
@@ -305,8 +308,8 @@ def test_ingest_turns_a_debezium_create_into_a_payment_once() -> None:
 
     result = ingest.handle(batch)
 
-    (produced,) = [p for p in result.produce if p.topic == T.I_PAYMENTS]
-    (payment,) = AvroCodec(T.I_PAYMENTS).decode(produced.value)["items"]
+    (produced,) = [p for p in result.produce if p.topic == SILVER_PAYMENTS]
+    (payment,) = AvroCodec(SILVER_PAYMENTS).decode(produced.value)["items"]
     assert (payment["payment_id"], payment["card_id"], payment["amount"]) == ("p1", "card-1", 12.5)
     assert payment["ts_ms"] == 1_767_229_140_123  # created_at, the ZonedTimestamp string
     assert payment["device_id"] != "dev-1"  # PII: pseudonymized on the way in

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import psycopg
 
-from streams.demo import forget_previous_run, reset_shop
-from streams.scenario.driver import ShopDriver
+from examples.fraud_shop.driver import ShopDriver
+from examples.fraud_shop.scenario import ShopScenario
+from streams.demo import forget_previous_run
 from streams.settings import WeirSettings
 from streams.stack import Endpoints
 
@@ -21,7 +22,7 @@ def test_the_previous_runs_shop_tables_slot_and_publication_are_dropped(endpoint
                      "WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'weir_cdc')")
         conn.execute("DROP PUBLICATION IF EXISTS weir_cdc")
         conn.execute("CREATE PUBLICATION weir_cdc FOR TABLE merchants")
-    reset_shop(endpoints.postgres_dsn)
+    ShopScenario().reset(endpoints.postgres_dsn)
     with psycopg.connect(endpoints.postgres_dsn, autocommit=True) as conn:
         left = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename IN ('merchants', 'payments', "
                             "'weir_cdc_state')").fetchone()

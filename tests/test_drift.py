@@ -5,18 +5,22 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from examples.fraud_shop.project import fraud
 from streams.stages.drift import DriftDetector
+from tests.conftest import SHOP
+
+FRAUD: dict[str, Any] = {"threshold": fraud.threshold, "task": fraud.task}  # the fraud model's decision
 
 
 def outcomes(n: int, fraud_rate: float, miss_rate: float, rng: random.Random, version: str = "v1"):
     for i in range(n):
-        fraud = rng.random() < fraud_rate
-        if fraud:
+        is_fraud = rng.random() < fraud_rate
+        if is_fraud:
             score = 0.1 if rng.random() < miss_rate else 0.9
         else:
             score = 0.9 if rng.random() < 0.005 else 0.05
-        yield {"payment_id": str(i), "is_fraud": fraud, "ts_ms": i, "champion_score": score,
-               "champion_version": version, "online_score": 0.0}
+        yield {"event_id": str(i), "model_name": fraud.name, "label": 1.0 if is_fraud else 0.0, "ts_ms": i,
+               "champion_score": score, "champion_version": version, "online_score": 0.0}
 
 
 def run(stream: Any, det: DriftDetector) -> list[tuple[int, dict[str, Any]]]:
@@ -26,27 +30,27 @@ def run(stream: Any, det: DriftDetector) -> list[tuple[int, dict[str, Any]]]:
 def test_few_retrain_alerts_on_stationary_streams() -> None:
     false_alarms = 0
     for seed in range(10):
-        alerts = run(outcomes(6000, 0.045, 0.2, random.Random(seed)), DriftDetector(delta=0.002))
+        alerts = run(outcomes(6000, 0.045, 0.2, random.Random(seed)), DriftDetector(delta=0.002, **FRAUD))
         false_alarms += sum(1 for _, a in alerts if a["detector"] != "adwin_score")
     assert false_alarms <= 2, f"{false_alarms} false alarms over 10 stationary streams of 6000 outcomes"
 
 
-def test_a_new_fraud_pattern_raises_a_missed_fraud_alert_soon_after_it_starts() -> None:
+def test_a_new_fraud_pattern_raises_a_missed_positive_alert_soon_after_it_starts() -> None:
     rng = random.Random(2)
-    det = DriftDetector(delta=0.002)
+    det = DriftDetector(delta=0.002, **FRAUD)
     before = run(outcomes(3000, 0.045, 0.05, rng), det)
     after = run(outcomes(3000, 0.045, 0.6, rng), det)
-    assert [a for _, a in before if a["detector"] == "adwin_missed_fraud"] == []
-    missed = [(i, a) for i, a in after if a["detector"] == "adwin_missed_fraud"]
+    assert [a for _, a in before if a["detector"] == "adwin_missed_positive"] == []
+    missed = [(i, a) for i, a in after if a["detector"] == "adwin_missed_positive"]
     assert missed, "the drift was not detected"
     first_i, first = missed[0]
     assert first_i < 2000 and first["value"] > first["threshold"]
-    assert "missed_fraud_rate of model v1 changed" in first["message"]
+    assert "missed_positive_rate of model v1 changed" in first["message"]
 
 
 def test_detectors_restart_for_a_new_champion() -> None:
     rng = random.Random(3)
-    det = DriftDetector(delta=0.002)
+    det = DriftDetector(delta=0.002, **FRAUD)
     run(outcomes(3000, 0.045, 0.6, rng), det)
     run(outcomes(10, 0.045, 0.05, rng, version="v2"), det)
     assert det.state is not None and det.state.version == "v2" and det.state.seen == 10
@@ -54,7 +58,7 @@ def test_detectors_restart_for_a_new_champion() -> None:
 
 def test_a_model_deployed_after_the_drift_is_caught_by_its_validation_gap() -> None:
     rng = random.Random(4)
-    det = DriftDetector(delta=0.002)
+    det = DriftDetector(delta=0.002, **FRAUD)
     det.baselines["v1"] = 0.05  # it missed 5% of frauds on its validation split
     alerts = run(outcomes(3000, 0.045, 0.6, rng), det)  # live: misses 60% from its first outcome on
     gaps = [a for _, a in alerts if a["detector"] == "validation_gap"]
@@ -65,7 +69,7 @@ def test_a_model_deployed_after_the_drift_is_caught_by_its_validation_gap() -> N
 
 def test_no_validation_gap_when_live_matches_validation() -> None:
     for seed in range(10):
-        det = DriftDetector(delta=0.002)
+        det = DriftDetector(delta=0.002, **FRAUD)
         det.baselines["v1"] = 0.2
         alerts = run(outcomes(6000, 0.045, 0.2, random.Random(seed)), det)
         assert [a for _, a in alerts if a["detector"] == "validation_gap"] == []
@@ -74,9 +78,11 @@ def test_no_validation_gap_when_live_matches_validation() -> None:
 def test_baseline_is_the_upper_bound_of_a_small_validation_sample() -> None:
     from streams.stages.drift import DriftStage
 
-    stage = DriftStage(delta=0.002)
-    stage._baseline({"model_name": "fraud", "version": 2, "metrics": {"missed_fraud_val": 0.0, "frauds_val": 15.0}})
-    stage._baseline({"model_name": "fraud", "version": 3, "metrics": {"missed_fraud_val": 0.1, "frauds_val": 500.0}})
+    stage = DriftStage(SHOP, delta=0.002)
+    stage._baseline({"model_name": "fraud", "version": 2,
+                     "metrics": {"missed_positive_val": 0.0, "positives_val": 15.0}})
+    stage._baseline({"model_name": "fraud", "version": 3,
+                     "metrics": {"missed_positive_val": 0.1, "positives_val": 500.0}})
     # 0 of 15 missed is no proof of a 0% miss rate: the 95% bound is about 18%
-    assert 0.17 < stage.detector.baselines["fraud-v2"] < 0.19
-    assert 0.1 < stage.detector.baselines["fraud-v3"] < 0.13
+    assert 0.17 < stage.detectors["fraud"].baselines["fraud-v2"] < 0.19
+    assert 0.1 < stage.detectors["fraud"].baselines["fraud-v3"] < 0.13

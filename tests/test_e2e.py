@@ -25,18 +25,25 @@ from confluent_kafka import Consumer, DeserializingConsumer, Producer, Serializi
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 
+from examples.fraud_shop.project import card as CARD
+from examples.fraud_shop.project import fraud
+from examples.fraud_shop.scenario import ShopScenario
 from sinks.clickhouse import ClickHouse
 from sinks.redis_store import OnlineStore
 from streams import topics as T
 from streams.codec import AvroCodec, DecodeError
-from streams.demo import DemoOptions, pipeline_config, run_demo, shop_start
+from streams.demo import DemoOptions, pipeline_config, run_demo, timeline_start
 from streams.features import backfill, offline
-from streams.features.definitions import CARD
-from streams.scenario.shop import ShopConfig
+from streams.project.spec import ViewFeatures
 from streams.settings import WeirSettings
 from streams.stack import Endpoints
+from tests.conftest import SHOP
 
 pytestmark = pytest.mark.slow
+
+CLICKS, CDC_PAYMENTS, PREDICTIONS = "clickstream.events", "cdc.payments", fraud.prediction_topic
+# the shop's model with a quicker first model and a smaller retraining window than the shipped one: a short run
+FAST = replace(SHOP, models=(replace(fraud, trainer=replace(fraud.trainer, bootstrap_rows=300, window_rows=2000)),))
 
 BAD_RECORDS = [
     (b"not avro at all", "undecodable"),
@@ -47,7 +54,7 @@ BAD_RECORDS = [
 def _missing_field_record() -> bytes:
     rec = {"event_id": "bad-missing", "event_type": "login", "user_id": "", "session_id": "s",
            "ts": 0, "device_id": None, "ip": None, "page": None, "query": None, "product_id": None, "amount": None}
-    return AvroCodec(T.CLICKS).encode(rec)
+    return AvroCodec(CLICKS).encode(rec)
 
 
 def read_topic(bootstrap: str, topic: str | list[str], partitions: int, idle_s: float = 3.0) -> list[Any]:
@@ -66,7 +73,7 @@ def read_topic(bootstrap: str, topic: str | list[str], partitions: int, idle_s: 
     return out
 
 
-OPTS = DemoOptions(events=32_000, rate=1200, seed=11, drift_at=0.55, fraud_rate=0.15, progress=False)
+OPTS = DemoOptions(events=32_000, rate=1200, seed=11, shift_at=0.55, params={"fraud_rate": "0.15"}, progress=False)
 EXTERNAL_CLICKS = 40
 
 
@@ -74,11 +81,11 @@ def produce_like_a_user(endpoints: Endpoints, ts: datetime) -> None:
     """Clickstream events written the way a user's application would: confluent-kafka's own
     SerializingProducer and AvroSerializer against Weir's schema registry, nothing from Weir."""
     registry = SchemaRegistryClient({"url": endpoints.schema_registry_url})
-    schema = (Path(__file__).parent.parent / "schemas" / T.CLICKS / "v2.avsc").read_text()
+    schema = (SHOP.schemas / CLICKS / "v2.avsc").read_text()
     producer = SerializingProducer({"bootstrap.servers": endpoints.kafka_bootstrap,
                                     "value.serializer": AvroSerializer(registry, schema)})
     for i in range(EXTERNAL_CLICKS):
-        producer.produce(T.CLICKS, key=f"ext-user-{i % 7}".encode(), value={
+        producer.produce(CLICKS, key=f"ext-user-{i % 7}".encode(), value={
             "event_id": f"ext-{i}", "event_type": "page_view", "user_id": f"ext-user-{i % 7}", "session_id": "ext",
             "ts": ts + timedelta(seconds=i), "device_id": None, "ip": None, "page": "/", "query": None,
             "product_id": None, "amount": None, "user_agent": "curl/8"})
@@ -106,21 +113,21 @@ def demo(endpoints: Endpoints, weir_dir: Path, chdb_path: Path) -> Iterator[tupl
         logging.getLogger(name).setLevel(logging.INFO)
     producer = Producer({"bootstrap.servers": endpoints.kafka_bootstrap})
     for value, _ in BAD_RECORDS:
-        producer.produce(T.CLICKS, value, b"bad")
-    producer.produce(T.CLICKS, _missing_field_record(), b"bad")
+        producer.produce(CLICKS, value, b"bad")
+    producer.produce(CLICKS, _missing_field_record(), b"bad")
     producer.flush(10)
-    produce_like_a_user(endpoints, shop_start(OPTS.events, ShopConfig.events_per_hour) - timedelta(minutes=5))
+    produce_like_a_user(endpoints, timeline_start(OPTS.events, ShopScenario.events_per_hour) - timedelta(minutes=5))
     settings = WeirSettings(
         data_dir=weir_dir / "demo", kafka_bootstrap=endpoints.kafka_bootstrap, redis_url=endpoints.redis_url,
         postgres_dsn=endpoints.postgres_dsn, clickhouse_url=f"chdb://{chdb_path}",
         schema_registry_url=endpoints.schema_registry_url,
     )
-    config = replace(pipeline_config(settings), bootstrap_rows=300, drift_cooldown=300, retrain_window_rows=2000)
+    config = replace(pipeline_config(settings), drift_cooldown=300)
     # paced, so the model lifecycle (bootstrap, drift, retrain) happens while events still flow;
     # a high fraud rate gives the missed-fraud detector enough frauds in a short run
     opts = replace(OPTS, summary_json=weir_dir / "summary.json")
     try:
-        summary = run_demo(settings, opts, config)
+        summary = run_demo(settings, FAST, opts, config)
     finally:
         logging.getLogger().removeHandler(LOGS)
     ch = ClickHouse(f"chdb://{chdb_path}")
@@ -130,12 +137,12 @@ def demo(endpoints: Endpoints, weir_dir: Path, chdb_path: Path) -> Iterator[tupl
 
 def test_every_payment_gets_exactly_one_champion_prediction(demo: Any, endpoints: Endpoints) -> None:
     summary, ch = demo
-    preds = read_topic(endpoints.kafka_bootstrap, T.PREDICTIONS, 4)
-    codec = AvroCodec(T.PREDICTIONS)
+    preds = read_topic(endpoints.kafka_bootstrap, PREDICTIONS, 4)
+    codec = AvroCodec(PREDICTIONS)
     per_payment = Counter(codec.decode(m.value())["payment_id"] for m in preds)
-    assert len(per_payment) == summary["payments"]
+    assert len(per_payment) == summary["payments"] == summary["requests"]
     assert set(per_payment.values()) == {1}
-    stored = ch.scalar("SELECT uniqExact(payment_id) FROM predictions FINAL WHERE model_name = 'fraud'")
+    stored = ch.scalar("SELECT uniqExact(event_id) FROM predictions FINAL WHERE model_name = 'fraud'")
     assert stored == summary["payments"] == summary["predictions"]
 
 
@@ -147,7 +154,7 @@ def test_a_plain_confluent_kafka_client_produces_and_reads_predictions(demo: Any
     consumer = DeserializingConsumer({
         "bootstrap.servers": endpoints.kafka_bootstrap, "group.id": "a-subscriber", "auto.offset.reset": "earliest",
         "value.deserializer": AvroDeserializer(registry)})  # the writer schema comes from the registry, by id
-    consumer.assign([TopicPartition(T.PREDICTIONS, p, 0) for p in range(4)])
+    consumer.assign([TopicPartition(PREDICTIONS, p, 0) for p in range(4)])
     payments: set[str] = set()
     idle = 0
     while idle < 6:
@@ -169,13 +176,13 @@ def test_online_learner_scores_every_payment(demo: Any) -> None:
 
 def test_bad_records_reach_the_dlq_with_their_reason(demo: Any, endpoints: Endpoints) -> None:
     summary, ch = demo
-    dead = read_topic(endpoints.kafka_bootstrap, f"dlq.{T.CLICKS}", 4)
+    dead = read_topic(endpoints.kafka_bootstrap, f"dlq.{CLICKS}", 4)
     # at-least-once: a dead letter may be re-sent after a rebalance, never lost
     reasons = {dict(m.headers())["weir.reason"].decode() for m in dead}
     assert reasons == {"undecodable", "unknown_schema_id", "missing_field"}
     for m in dead:
         h = dict(m.headers())
-        assert h["weir.stage"] == b"ingest" and h["weir.topic"] == T.CLICKS.encode()
+        assert h["weir.stage"] == b"ingest" and h["weir.topic"] == CLICKS.encode()
         assert int(h["weir.offset"]) >= 0
     assert {v for v, _ in BAD_RECORDS} <= {m.value() for m in dead}
     stored = dict(ch.rows("SELECT reason, count() FROM dlq FINAL GROUP BY reason"))
@@ -187,14 +194,14 @@ def test_clickhouse_holds_the_rows(demo: Any) -> None:
     summary, ch = demo
     # bronze is the topic as received: every message, the three bad ones included, with its decode status
     bronze = dict(ch.rows("SELECT status, count() FROM bronze_events FINAL WHERE topic = {t:String} GROUP BY status",
-                          {"t": T.CLICKS}))
+                          {"t": CLICKS}))
     assert bronze == {"ok": summary["clicks"] + EXTERNAL_CLICKS + 1, "undecodable": 1, "unknown_schema_id": 1}
     assert ch.scalar("SELECT count() FROM bronze_events FINAL WHERE topic = {t:String} AND status = 'ok'",
-                     {"t": T.CDC_PAYMENTS}) >= summary["payments"]
+                     {"t": CDC_PAYMENTS}) >= summary["payments"]
     # silver is what ingest accepted: validated and deduped
     assert ch.scalar("SELECT count() FROM silver_clicks FINAL") == summary["clicks"] + EXTERNAL_CLICKS
     assert ch.scalar("SELECT count() FROM silver_payments FINAL") == summary["payments"]
-    assert ch.scalar("SELECT count() FROM labels FINAL") == summary["payments"]
+    assert ch.scalar("SELECT count() FROM silver_labels FINAL") == summary["payments"] == summary["labels"]
     assert ch.scalar("SELECT count() FROM scored_features FINAL") == summary["payments"]
     assert ch.scalar("SELECT count() FROM feature_log FINAL") > 0
     assert ch.scalar("SELECT countIf(length(features) != 13) FROM scored_features") == 0
@@ -266,9 +273,9 @@ def test_every_model_is_registered_gated_and_traceable(demo: Any) -> None:
 
 def raw_pii(endpoints: Endpoints) -> set[str]:
     """Every raw PII value the shop produced: device ids and IPs of its clicks, emails and payment devices."""
-    codec = AvroCodec(T.CLICKS)
+    codec = AvroCodec(CLICKS)
     values: set[str] = set()
-    for m in read_topic(endpoints.kafka_bootstrap, T.CLICKS, 4):
+    for m in read_topic(endpoints.kafka_bootstrap, CLICKS, 4):
         try:
             rec = codec.decode(m.value())
         except DecodeError:  # the bad records this module produced
@@ -294,7 +301,8 @@ def test_raw_pii_reaches_no_sink_topic_store_or_log(demo: Any, endpoints: Endpoi
     for (table,) in ch.rows("SELECT name FROM system.tables WHERE database = currentDatabase()"):
         if (hit := leaked("\n".join(map(repr, ch.rows(f"SELECT * FROM {table}"))))) is not None:
             leaks.append(f"ClickHouse table {table}: {hit}")
-    downstream = [t for t in T.PUBLIC + T.INTERNAL if t != T.CLICKS and not t.startswith("cdc.")]
+    public, internal = T.project_topics(SHOP)
+    downstream = [t for t in public + internal if SHOP.source_of_topic(t) is None]
     for m in read_topic(endpoints.kafka_bootstrap, downstream, 4):
         if (hit := leaked((m.key() or b"").decode("latin-1") + (m.value() or b"").decode("latin-1"))):
             leaks.append(f"topic {m.topic()}: {hit}")
@@ -312,7 +320,7 @@ def test_backfill_from_silver_equals_what_streaming_wrote_online(demo: Any, endp
     """Training–serving parity: the streaming code replayed over the silver tables gives, for every entity,
     the values the features stage left in the online store."""
     _, ch = demo
-    recomputed = backfill.recompute(ch)
+    recomputed = backfill.recompute(ch, SHOP)
     store = OnlineStore(endpoints.redis_url)
     compared = 0
     for view, entities in recomputed.items():
@@ -334,10 +342,11 @@ def test_each_payment_trains_on_the_card_values_it_was_served(demo: Any) -> None
     by the features stage, as of that payment) are the ones the point-in-time training set gives it, even for
     payments of one card that shared a micro-batch."""
     _, ch = demo
-    ts = offline.training_set(ch, views=(CARD,))
+    card_only = replace(fraud, features=(ViewFeatures(CARD),))
+    ts = offline.training_set(ch, SHOP, card_only)
     served = {pid: np.asarray(x[:len(CARD.features)], dtype=np.float32)
-              for pid, x in ch.rows("SELECT payment_id, features FROM scored_features FINAL")}
+              for pid, x in ch.rows("SELECT event_id, features FROM scored_features FINAL")}
     assert ts.rows > 1000 and not ts.defaulted.any()  # every accepted payment logged its card's row at its time
-    differ = [pid for pid, x in zip(ts.payment_ids, ts.X, strict=True)
+    differ = [pid for pid, x in zip(ts.event_ids, ts.X, strict=True)
               if not np.array_equal(x[:len(CARD.features)], served[pid])]
     assert differ == [], f"{len(differ)} of {ts.rows} payments trained on other card values, e.g. {differ[:3]}"

@@ -16,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.features.aggregations import Agg, Hopping, Sliding, Status, Tumbling
-from streams.features.definitions import CARD, USER, Feature, FeatureView, FirstSeen
+from examples.fraud_shop.project import card as CARD
+from examples.fraud_shop.project import user as USER
+from streams.features.definitions import Feature, FeatureView, FirstSeen
 from streams.features.engine import ViewState, compile_lanes
 
 LOGIN = ("type", "login")

@@ -13,14 +13,22 @@ import redis
 from sinks.redis_store import OnlineStore
 from streams.features import cli
 from streams.features.aggregations import Agg, Sliding
-from streams.features.definitions import CARD, DEFAULTS, MINUTE, USER, VIEWS, Feature, FeatureView
+from examples.fraud_shop.project import MINUTE
+from examples.fraud_shop.project import card as CARD
+from examples.fraud_shop.project import project as SHOP
+from examples.fraud_shop.project import user as USER
+from streams.features.definitions import Feature, FeatureView
 from streams.features.engine import ViewState
 from streams.stack import Endpoints
+
+VIEWS = SHOP.views
+DEFAULTS = {f.name: f.default for v in VIEWS for f in v.specs}
 
 # Each view's definition at its version. A failing entry means a definition changed without a new version:
 # bump the view's `version` (its Redis keys change with it, so old values are not read as new) and pin it here.
 PINNED = {("card", 1): "124520fa345c", ("user", 1): "ebf137b1b3cb",  # hand-written windows
-          ("card", 2): "90dcfd5ff44d", ("user", 2): "4cf40d73b908"}  # declared, compiled; late events refused
+          ("card", 2): "90dcfd5ff44d", ("user", 2): "4cf40d73b908",  # declared, compiled; late events refused
+          ("card", 3): "6bd7ca4322e6", ("user", 3): "f092be8169be"}  # declared in the shop's project (source names)
 
 
 @pytest.mark.parametrize("view", VIEWS, ids=lambda v: v.name)
@@ -54,16 +62,16 @@ def test_definitions_that_cannot_be_computed_are_refused() -> None:
 
 
 def test_list_and_describe(capsys: pytest.CaptureFixture[str], endpoints: Endpoints) -> None:
-    assert cli._list(argparse.Namespace()) == 0
+    assert cli._list(argparse.Namespace(project=None)) == 0
     out = capsys.readouterr().out
     assert all(f"v{v.version}" in out and v.fingerprint in out for v in VIEWS)
     store = OnlineStore(endpoints.redis_url)
     event_ts = int(time.time() * 1000) - 60_000
     store.write(CARD, [(f"fresh-{i}", event_ts + i, [1.0] * len(CARD.features)) for i in range(5)])
-    args = argparse.Namespace(name="card", redis=endpoints.redis_url, sample=100_000)
+    args = argparse.Namespace(name="card", redis=endpoints.redis_url, sample=100_000, project=None)
     assert cli._describe(args) == 0
     out = capsys.readouterr().out
-    assert "card_distinct_merchants_1h" in out and "weir:fv:card:v2:<card_id>" in out
+    assert "card_distinct_merchants_1h" in out and "weir:fv:card:v3:<card_id>" in out
     assert "newest values as of event time" in out and "last written" in out
 
 

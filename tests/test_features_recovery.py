@@ -29,7 +29,10 @@ from streams.base import Message
 from streams.codec import AvroCodec
 from streams.features.aggregations import plain_loads
 from streams.features.checkpoint import RedisSnapshots, SnapshotCodec, SnapshotError
-from streams.features.definitions import CARD, MINUTE, USER, FeatureView
+from examples.fraud_shop.project import MINUTE
+from examples.fraud_shop.project import card as CARD
+from examples.fraud_shop.project import user as USER
+from streams.features.definitions import FeatureView
 from streams.kafka import consumer_config, ensure_topics, producer_config
 from streams.stack import Endpoints
 from streams.stages.features import (
@@ -39,12 +42,15 @@ from streams.stages.features import (
     Touched,
     snapshot_codec,
 )
+from tests.conftest import SHOP
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
 T0 = 1_700_000_000_000
 EVENT_TYPES = ["page_view", "page_view", "search", "add_to_cart", "login", "checkout"]
 VIEW = {"card": CARD, "user": USER}
+VIEWS = (CARD, USER)
+PAYMENTS, CLICKS, SCORING = "weir.silver.payments", "weir.silver.clicks", "weir.scoring.payments"
 
 # ---------------------------------------------------------------- input
 
@@ -66,7 +72,7 @@ def events(tag: str, n: int = 3000, seed: int = 7) -> tuple[list[dict[str, Any]]
                          "source_ms": 0})
         clicks.append({"event_id": f"e{i}", "event_type": rng.choice(EVENT_TYPES), "user_id": user,
                        "session_id": f"s{i // 20}", "device_id": f"d{user}-{rng.randrange(3)}", "ts_ms": ts + 7,
-                       "amount": None})
+                       "source_ms": 0, "amount": None})
     return payments, clicks
 
 
@@ -88,8 +94,8 @@ def reference_rows(payments: dict[int, list[list[dict[str, Any]]]], clicks: dict
     rows: dict[tuple[str, str, str], tuple[int, list[float]]] = {}
     for p in range(PARTITIONS):
         for view, batches, key in (("card", payments, "card_id"), ("user", clicks, "user_id")):
-            computer = FeatureComputer()
-            source = T.I_PAYMENTS if view == "card" else T.I_CLICKS
+            computer = FeatureComputer(VIEWS)
+            source = "payments" if view == "card" else "clicks"
             for msg in batches[p]:
                 for item in msg:
                     for _, entity, eid, ts, values in computer.add(source, item):
@@ -130,8 +136,8 @@ def reference(payments: dict[int, list[list[dict[str, Any]]]],
     cards: Touched = {}
     users: Touched = {}
     for p in range(PARTITIONS):
-        for source, batches, out, view in ((T.I_PAYMENTS, payments, cards, CARD), (T.I_CLICKS, clicks, users, USER)):
-            computer = FeatureComputer()
+        for source, batches, out, view in (("payments", payments, cards, CARD), ("clicks", clicks, users, USER)):
+            computer = FeatureComputer(VIEWS)
             last: dict[FeatureView, Touched] = {}
             for msg in batches[p]:
                 for item in msg:
@@ -164,8 +170,8 @@ def _feed(computer: FeatureComputer, payments: list[dict[str, Any]], clicks: lis
           ) -> dict[FeatureView, Touched]:
     last: dict[FeatureView, Touched] = {}
     for p, c in zip(payments, clicks, strict=True):
-        computer.latest(computer.add(T.I_PAYMENTS, p), last)
-        computer.latest(computer.add(T.I_CLICKS, c), last)
+        computer.latest(computer.add("payments", p), last)
+        computer.latest(computer.add("clicks", c), last)
     return last
 
 
@@ -180,12 +186,12 @@ def _decoded(state: list[tuple[str, bytes]]) -> list[Any]:
 
 def test_snapshot_round_trip_continues_identically() -> None:
     payments, clicks = events("rt", n=1200)
-    codec = snapshot_codec()
-    live = FeatureComputer()
+    codec = snapshot_codec(VIEWS)
+    live = FeatureComputer(VIEWS)
     half = len(payments) // 2
     _feed(live, payments[:half], clicks[:half])
     offset, state = codec.decode(codec.encode(123, live.state()))
-    restored = FeatureComputer.from_state(state)
+    restored = FeatureComputer.from_state(state, VIEWS)
     assert offset == 123
     # every entity's events, seen ids and devices, the watermarks and the next sweeps (TTL eviction's clock)
     assert _decoded(restored.state()) == _decoded(live.state())
@@ -195,44 +201,44 @@ def test_snapshot_round_trip_continues_identically() -> None:
 
 
 def test_snapshot_refuses_foreign_definitions_and_code() -> None:
-    live = FeatureComputer()
+    live = FeatureComputer(VIEWS)
     _feed(live, *events("rf", n=50))
-    data = snapshot_codec().encode(5, live.state())
+    data = snapshot_codec(VIEWS).encode(5, live.state())
     with pytest.raises(SnapshotError, match="another feature definition"):
         SnapshotCodec(b"another view").decode(data)
     with pytest.raises(SnapshotError, match="format"):
-        snapshot_codec().decode(data[:3] + bytes([9]) + data[4:])
+        snapshot_codec(VIEWS).decode(data[:3] + bytes([9]) + data[4:])
     evil = data[:28] + pickle.dumps(os.getcwd)  # the 28-byte header, then a pickle that names a function
     with pytest.raises(SnapshotError, match="names"):
-        snapshot_codec().decode(evil)
+        snapshot_codec(VIEWS).decode(evil)
     with pytest.raises(SnapshotError):
-        snapshot_codec().decode(data[:40])
+        snapshot_codec(VIEWS).decode(data[:40])
     with pytest.raises(SnapshotError, match="not hold"):
-        FeatureComputer.from_state([("x", b"y")])
+        FeatureComputer.from_state([("x", b"y")], VIEWS)
     changed = dataclasses.replace(CARD, ttl_ms=CARD.ttl_ms + 1)  # a view snapshot names its definition
     with pytest.raises(SnapshotError, match="another definition"):
-        FeatureComputer.from_state(live.state(), views=(changed, USER))
+        FeatureComputer.from_state(live.state(), (changed, USER))
     (name, blob), user = live.state()
     flipped = blob[:-20] + bytes([blob[-20] ^ 1]) + blob[-19:]  # a bit flip inside a lane's payload
     with pytest.raises(SnapshotError):
-        FeatureComputer.from_state([(name, flipped), user])
+        FeatureComputer.from_state([(name, flipped), user], VIEWS)
 
 
 def test_state_only_replay_produces_nothing_and_rebuilds_the_state() -> None:
     payments, clicks = events("rp", n=600)
     pay = micro_batches(payments, "card_id")
     clk = micro_batches(clicks, "user_id")
-    msgs = (_messages(T.I_PAYMENTS, pay, AvroCodec(T.I_PAYMENTS))
-            + _messages(T.I_CLICKS, clk, AvroCodec(T.I_CLICKS)))
-    committed = {(T.I_PAYMENTS, 0): 10, (T.I_CLICKS, 1): 7}
-    bad = Message(T.I_PAYMENTS, 0, 3, None, b"not avro", 0)
-    msgs = [bad if (m.topic, m.partition, m.offset) == (T.I_PAYMENTS, 0, 3) else m for m in msgs]
+    msgs = (_messages(PAYMENTS, pay, AvroCodec(PAYMENTS))
+            + _messages(CLICKS, clk, AvroCodec(CLICKS)))
+    committed = {(PAYMENTS, 0): 10, (CLICKS, 1): 7}
+    bad = Message(PAYMENTS, 0, 3, None, b"not avro", 0)
+    msgs = [bad if (m.topic, m.partition, m.offset) == (PAYMENTS, 0, 3) else m for m in msgs]
 
     store = RecordingStore()
-    stage = FeaturesStage(store)  # type: ignore[arg-type]
-    starts = stage.on_assign([(T.I_PAYMENTS, 0), (T.I_CLICKS, 1), (T.I_CLICKS, 2)],
-                             {**committed, (T.I_CLICKS, 2): None})
-    assert starts == {(T.I_PAYMENTS, 0): OFFSET_BEGINNING, (T.I_CLICKS, 1): OFFSET_BEGINNING}
+    stage = FeaturesStage(SHOP, store)  # type: ignore[arg-type]
+    starts = stage.on_assign([(PAYMENTS, 0), (CLICKS, 1), (CLICKS, 2)],
+                             {**committed, (CLICKS, 2): None})
+    assert starts == {(PAYMENTS, 0): OFFSET_BEGINNING, (CLICKS, 1): OFFSET_BEGINNING}
     replay = [m for m in msgs if m.offset < committed.get((m.topic, m.partition), -1)]
     result = stage.handle(replay)
     assert result.produce == [] and result.rejected == [] and store.rows == []
@@ -267,40 +273,40 @@ class MemorySnapshots:
 
 def test_checkpoints_only_committed_state_on_the_clock() -> None:
     payments, _ = events("ck", n=200)
-    msgs = _messages(T.I_PAYMENTS, micro_batches(payments, "card_id"), AvroCodec(T.I_PAYMENTS))
+    msgs = _messages(PAYMENTS, micro_batches(payments, "card_id"), AvroCodec(PAYMENTS))
     p0 = [m for m in msgs if m.partition == 0]
     now = [100.0]
     snaps = MemorySnapshots()
-    stage = FeaturesStage(RecordingStore(), snapshots=snaps, checkpoint_every_s=5,  # type: ignore[arg-type]
+    stage = FeaturesStage(SHOP, RecordingStore(), snapshots=snaps, checkpoint_every_s=5,  # type: ignore[arg-type]
                           clock=lambda: now[0])
     stage.handle(p0[:4])
-    stage.on_revoke([(T.I_PAYMENTS, 0)])  # handled but not committed (a lost commit): nothing saved
+    stage.on_revoke([(PAYMENTS, 0)])  # handled but not committed (a lost commit): nothing saved
     assert snaps.data == {}
     stage.handle(p0[:4])
-    stage.after_commit({(T.I_PAYMENTS, 0): 4})
+    stage.after_commit({(PAYMENTS, 0): 4})
     assert snaps.data == {}  # not due yet
     now[0] += 5
     stage.after_commit({})
-    assert snapshot_codec().decode(snaps.data[(T.I_PAYMENTS, 0)])[0] == 4
+    assert snapshot_codec(VIEWS).decode(snaps.data[(PAYMENTS, 0)])[0] == 4
     stage.handle(p0[4:6])
-    stage.after_commit({(T.I_PAYMENTS, 0): 6})
-    stage.on_revoke([(T.I_PAYMENTS, 0)])  # clean handoff: saved at once, then dropped
-    assert snapshot_codec().decode(snaps.data[(T.I_PAYMENTS, 0)])[0] == 6 and stage.partitions == {}
+    stage.after_commit({(PAYMENTS, 0): 6})
+    stage.on_revoke([(PAYMENTS, 0)])  # clean handoff: saved at once, then dropped
+    assert snapshot_codec(VIEWS).decode(snaps.data[(PAYMENTS, 0)])[0] == 6 and stage.partitions == {}
 
     # the next owner restores it and replays nothing; a snapshot past the committed offset is not used
-    other = FeaturesStage(RecordingStore(), snapshots=snaps)  # type: ignore[arg-type]
-    assert other.on_assign([(T.I_PAYMENTS, 0)], {(T.I_PAYMENTS, 0): 6}) == {(T.I_PAYMENTS, 0): 6}
-    assert other.on_assign([(T.I_PAYMENTS, 0)], {(T.I_PAYMENTS, 0): 5}) == {(T.I_PAYMENTS, 0): OFFSET_BEGINNING}
+    other = FeaturesStage(SHOP, RecordingStore(), snapshots=snaps)  # type: ignore[arg-type]
+    assert other.on_assign([(PAYMENTS, 0)], {(PAYMENTS, 0): 6}) == {(PAYMENTS, 0): 6}
+    assert other.on_assign([(PAYMENTS, 0)], {(PAYMENTS, 0): 5}) == {(PAYMENTS, 0): OFFSET_BEGINNING}
 
 
 def test_values_do_not_depend_on_batching() -> None:
     """Late events: an entity's values are as of its newest event, however the messages were batched."""
     payments, _ = events("bt", n=800)
-    msgs = _messages(T.I_PAYMENTS, micro_batches(payments, "card_id"), AvroCodec(T.I_PAYMENTS))
+    msgs = _messages(PAYMENTS, micro_batches(payments, "card_id"), AvroCodec(PAYMENTS))
     finals = []
     for size in (1, 7, len(msgs)):
         store = RecordingStore()
-        stage = FeaturesStage(store)  # type: ignore[arg-type]
+        stage = FeaturesStage(SHOP, store)  # type: ignore[arg-type]
         for i in range(0, len(msgs), size):
             stage.handle(msgs[i:i + size])
         finals.append({k: (ts, v) for _, k, ts, v in store.rows})
@@ -314,6 +320,10 @@ import json, sys, time
 cfg = json.loads(sys.argv[1])
 sys.path.insert(0, cfg["root"])
 from streams import kafka, runtime, schemas
+from streams.project.contracts import use_project
+from streams.project.load import load
+project = load("examples.fraud_shop.project:project")
+use_project(project)
 schemas.use_registry(cfg["registry"])
 # small fetches, so the worker moves through every partition of both topics at once (not one after another)
 runtime.consumer_config = lambda b, g, **o: kafka.consumer_config(b, g, **o, **{"max.partition.fetch.bytes": 4096})
@@ -323,9 +333,9 @@ from streams.features.checkpoint import RedisSnapshots
 from streams.runtime import BatchRunner
 from streams.stages.features import FeaturesStage
 
-stage = FeaturesStage(OnlineStore(cfg["redis"]), snapshots=RedisSnapshots.from_url(cfg["redis"]),
-                      checkpoint_every_s=cfg["checkpoint_s"], clicks_topic=cfg["clicks"],
-                      payments_topic=cfg["payments"])
+stage = FeaturesStage(project, OnlineStore(cfg["redis"]), snapshots=RedisSnapshots.from_url(cfg["redis"]),
+                      checkpoint_every_s=cfg["checkpoint_s"],
+                      rename={"weir.silver.clicks": cfg["clicks"], "weir.silver.payments": cfg["payments"]})
 handle = stage.handle
 def slow(batch):
     time.sleep(cfg["delay_s"])
@@ -376,8 +386,8 @@ def test_kill_9_mid_stream_then_restart_equals_uninterrupted(endpoints: Endpoint
     ensure_topics(endpoints.kafka_bootstrap, [clicks_topic, payments_topic], PARTITIONS)
     payments, clicks = events(tag)
     pay, clk = micro_batches(payments, "card_id"), micro_batches(clicks, "user_id")
-    _produce(endpoints.kafka_bootstrap, payments_topic, pay, AvroCodec(T.I_PAYMENTS))
-    _produce(endpoints.kafka_bootstrap, clicks_topic, clk, AvroCodec(T.I_CLICKS))
+    _produce(endpoints.kafka_bootstrap, payments_topic, pay, AvroCodec(PAYMENTS))
+    _produce(endpoints.kafka_bootstrap, clicks_topic, clk, AvroCodec(CLICKS))
     ends = {payments_topic: {p: len(m) for p, m in pay.items()}, clicks_topic: {p: len(m) for p, m in clk.items()}}
     total = sum(e for per in ends.values() for e in per.values())
     group = f"recovery-{tag}"
@@ -410,7 +420,7 @@ def test_kill_9_mid_stream_then_restart_equals_uninterrupted(endpoints: Endpoint
         for p in range(PARTITIONS):
             raw = snaps.load(t, p)
             if raw is not None:
-                snapshot_at[(t, p)] = snapshot_codec().decode(raw)[0]
+                snapshot_at[(t, p)] = snapshot_codec(VIEWS).decode(raw)[0]
             if lose_snapshots:
                 snaps.delete(t, p)
     assert all(s <= committed[tp] for tp, s in snapshot_at.items())
@@ -424,7 +434,7 @@ def test_kill_9_mid_stream_then_restart_equals_uninterrupted(endpoints: Endpoint
     assert report["replayed"] == sum(c - starts[tp] for tp, c in committed.items())  # exactly S..C-1
     assert report["consumed"] == report["replayed"] + total - sum(committed.values())
     # it stopped cleanly: on leaving the group it saved every partition's state at the end of its log
-    final = {tp: snapshot_codec().decode(raw)[0] for tp in committed if (raw := snaps.load(*tp)) is not None}
+    final = {tp: snapshot_codec(VIEWS).decode(raw)[0] for tp in committed if (raw := snaps.load(*tp)) is not None}
     assert final == {(t, p): e for t, per in ends.items() for p, e in per.items()}
 
     # 3. every feature-log row (the killed worker's and the new one's) has the values of an uninterrupted run,
@@ -459,11 +469,11 @@ def test_each_payment_is_served_the_values_logged_for_it() -> None:
                  "merchant_id": f"m{i % 2}", "merchant_category": "retail", "amount": 10.0 * (i + 1),
                  "device_id": None, "ts_ms": T0 + 1000 * i, "source_ms": 0} for i in range(3)]
     store = RecordingStore()
-    result = FeaturesStage(store).handle(  # type: ignore[arg-type]
-        [Message(T.I_PAYMENTS, 0, 0, None, AvroCodec(T.I_PAYMENTS).encode({"items": payments}), 0)])
-    (scoring,) = [AvroCodec(T.I_SCORING).decode(p.value) for p in result.produce if p.topic == T.I_SCORING]
+    result = FeaturesStage(SHOP, store).handle(  # type: ignore[arg-type]
+        [Message(PAYMENTS, 0, 0, None, AvroCodec(PAYMENTS).encode({"items": payments}), 0)])
+    (scoring,) = [AvroCodec(SCORING).decode(p.value) for p in result.produce if p.topic == SCORING]
     (log,) = [AvroCodec(T.I_FEATURE_LOG).decode(p.value) for p in result.produce if p.topic == T.I_FEATURE_LOG]
-    served = [item["served"]["card:v2"] for item in scoring["items"]]
+    served = [item["served"]["card:v3"] for item in scoring["items"]]
     assert served == [[1.0, 10.0, 1.0, 10.0, 1.0], [2.0, 30.0, 2.0, 30.0, 2.0], [3.0, 60.0, 3.0, 60.0, 2.0]]
     assert log["event_ids"] == ["p0", "p1", "p2"] and log["ts_ms"] == [T0, T0 + 1000, T0 + 2000]
     assert [log["values"][i * 5:(i + 1) * 5] for i in range(3)] == served

@@ -2,7 +2,7 @@
 or scored by a model that is not wholly loaded; and the fold of the events into champion, canary and shadows.
 
 The session's broker is shared with the end-to-end demo, so the stages here read and write topics of this test's
-own (a thin subclass renames them); the stage logic is the pipeline's.
+own (the stages' ``rename``); the stage logic is the pipeline's.
 """
 
 from __future__ import annotations
@@ -17,21 +17,22 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from examples.fraud_shop.project import fraud
 from models.base import BatchScorer
 from models.export import sha256_file
-from models.scorer import RuleScorer
 from sinks.redis_store import OnlineStore
 from streams import topics as T
-from streams.base import Message, Produce, StepResult
+from streams.base import Message
 from streams.codec import AvroCodec
-from streams.features.definitions import FEATURE_NAMES
 from streams.kafka import ensure_topics, producer_config
 from streams.runtime import BatchRunner
+from streams.serving.resilience import rules_for
 from streams.serving.routing import ModelSlot
 from streams.stack import Endpoints
 from streams.stages.inference import InferenceStage
 from streams.stages.model_watch import ModelWatchStage, load_event_artifact
-from tests.test_inference import onnx_model, payment
+from tests.conftest import SHOP
+from tests.test_inference import PREDICTIONS, SCORING, SHADOW, onnx_model, payment
 
 PARTS = 4
 
@@ -40,21 +41,8 @@ def own(run: str, topic: str) -> str:
     return f"{run}.{topic}"
 
 
-class OwnTopics:
-    """Mixin: consume ``<run>.<topic>`` and produce to ``<run>.<topic>``."""
-
-    run = ""
-
-    def handle(self, batch: list[Message]) -> StepResult:
-        inner = [m._replace(topic=m.topic.split(".", 1)[1]) for m in batch]
-        result: StepResult = super().handle(inner)  # type: ignore[misc]
-        result.produce = [Produce(own(self.run, p.topic), p.key, p.value, p.headers, p.partition)
-                          for p in result.produce]
-        return result
-
-
 def event(version: int, stage: str, path: Path) -> dict[str, Any]:
-    return {"event_id": uuid.uuid4().hex, "ts": int(time.time() * 1000), "model_name": "fraud", "version": version,
+    return {"event_id": uuid.uuid4().hex, "ts": int(time.time() * 1000), "model_name": fraud.name, "version": version,
             "stage": stage, "artifact_uri": str(path), "sha256": sha256_file(path), "metrics": {},
             "actor": "test", "reason": "test", "lineage": {}}
 
@@ -77,8 +65,8 @@ def test_promotions_under_load_drop_nothing_duplicate_nothing_and_never_mix_vers
         endpoints: Endpoints, tmp_path: Path) -> None:
     run = "hs" + uuid.uuid4().hex[:8]
     boot = endpoints.kafka_bootstrap
-    ensure_topics(boot, [own(run, t) for t in (T.I_SCORING, T.MODEL_EVENTS, T.PREDICTIONS, T.I_SCORED,
-                                               T.I_AUDIT, T.PREDICTIONS_SHADOW, T.MODEL_METRICS)], PARTS)
+    inference_topics = (SCORING, PREDICTIONS, T.I_SCORED, T.I_AUDIT, SHADOW, T.MODEL_METRICS)
+    ensure_topics(boot, [own(run, t) for t in (*inference_topics, T.MODEL_EVENTS)], PARTS)
     v1, v2 = onnx_model(tmp_path, 1, "fraud-v1"), onnx_model(tmp_path, 2, "fraud-v2")
     loads: dict[int, tuple[float, float]] = {}
 
@@ -89,28 +77,24 @@ def test_promotions_under_load_drop_nothing_duplicate_nothing_and_never_mix_vers
         loads[ev["version"]] = (started, time.time())
         return scorer
 
-    class Inference(OwnTopics, InferenceStage):
-        topics = (own(run, T.I_SCORING),)
-
-    class Watch(OwnTopics, ModelWatchStage):
-        topics = (own(run, T.MODEL_EVENTS),)
-
-    Inference.run = Watch.run = run
-    slot = ModelSlot(RuleScorer(list(FEATURE_NAMES)))
-    inference = BatchRunner(Inference(OnlineStore(endpoints.redis_url), slot, max_batch=64), boot,
-                            group_id=f"{run}-inference", max_batch=8, max_wait_ms=5)
-    watch = BatchRunner(Watch(slot, loader=slow_loader), boot, group_id=f"{run}-watch", max_wait_ms=50)
-    for r in (inference, watch):
-        r.start()
+    slot = ModelSlot(rules_for(fraud))
+    stage = InferenceStage(SHOP, fraud, OnlineStore(endpoints.redis_url), slot, max_batch=64,
+                           rename={t: own(run, t) for t in inference_topics})
+    assert stage.topics == (own(run, SCORING),)
+    inference = BatchRunner(stage, boot, group_id=f"{run}-inference", max_batch=8, max_wait_ms=5)
+    watch_stage = ModelWatchStage(fraud, slot, loader=slow_loader, rename={T.MODEL_EVENTS: own(run, T.MODEL_EVENTS)})
+    watch = BatchRunner(watch_stage, boot, group_id=f"{run}-watch", max_wait_ms=50)
+    for runner in (inference, watch):
+        runner.start()
     producer = Producer(producer_config(boot))
-    codec, events = AvroCodec(T.I_SCORING), AvroCodec(T.MODEL_EVENTS)
+    codec, events = AvroCodec(SCORING), AvroCodec(T.MODEL_EVENTS)
     n_msgs, per_msg = 300, 10
     try:
-        for r in (inference, watch):
-            assert r.ready.wait(30)
+        for runner in (inference, watch):
+            assert runner.ready.wait(30)
         for i in range(n_msgs):  # ~1,000 payments/s for 3 s, two promotions on the way
             items = [payment(i * per_msg + j, run) | {"source_ms": int(time.time() * 1000)} for j in range(per_msg)]
-            producer.produce(own(run, T.I_SCORING), codec.encode({"items": items}), partition=i % PARTS)
+            producer.produce(own(run, SCORING), codec.encode({"items": items}), partition=i % PARTS)
             if i == 60:
                 producer.produce(own(run, T.MODEL_EVENTS), events.encode(event(1, "production", v1.path)), partition=0)
             if i == 180:
@@ -118,18 +102,18 @@ def test_promotions_under_load_drop_nothing_duplicate_nothing_and_never_mix_vers
             producer.poll(0)
             time.sleep(0.01)
         producer.flush(10)
-        preds = read_all(boot, own(run, T.PREDICTIONS), n_msgs * per_msg)
+        preds = read_all(boot, own(run, PREDICTIONS), n_msgs * per_msg)
         scored = read_all(boot, own(run, T.I_SCORED), 1, timeout=5)
     finally:
-        for r in (inference, watch):
-            r.stop()
+        for runner in (inference, watch):
+            runner.stop()
     assert inference.error is None and watch.error is None
-    pred_codec = AvroCodec(T.PREDICTIONS)
+    pred_codec = AvroCodec(PREDICTIONS)
     records = [pred_codec.decode(m.value()) for m in preds]
     ids = [r["event_id"] for r in records]
     assert len(ids) == len(set(ids)) == n_msgs * per_msg  # none dropped, none twice
     features = {i["event_id"]: i["features"] for m in scored for i in AvroCodec(T.I_SCORED).decode(m.value())["items"]}
-    models = {"fraud-v1": v1, "fraud-v2": v2, "rules-0": RuleScorer(list(FEATURE_NAMES))}
+    models: dict[str, BatchScorer] = {"fraud-v1": v1, "fraud-v2": v2, "rules-0": rules_for(fraud)}
     by_version: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_version[r["model_version"]].append(r)
@@ -176,7 +160,7 @@ def test_the_fold_of_model_events_gives_champion_canary_shadows_and_rollback(tmp
         return Named(f"fraud-v{ev['version']}")  # type: ignore[return-value]
 
     slot = ModelSlot(Named("rules-0"))  # type: ignore[arg-type]
-    watch = ModelWatchStage(slot, canary_fraction=0.25, loader=loader)
+    watch = ModelWatchStage(fraud, slot, canary_fraction=0.25, loader=loader)
     watch.handle(_events(event(1, "production", path), event(2, "canary", path), event(3, "shadow", path),
                          {**event(4, "refused", path), "artifact_uri": ""}))
     m = slot.models
@@ -199,5 +183,5 @@ def test_versions_outside_serving_stages_are_not_loaded(tmp_path: Path, stage: s
     path = tmp_path / "m.onnx"
     path.write_bytes(b"x")
     slot = ModelSlot(Named("rules-0"))  # type: ignore[arg-type]
-    ModelWatchStage(slot, loader=lambda ev: pytest.fail("loaded")).handle(_events(event(1, stage, path)))
+    ModelWatchStage(fraud, slot, loader=lambda ev: pytest.fail("loaded")).handle(_events(event(1, stage, path)))
     assert slot.models.champion.version == "rules-0" and slot.swaps == 0

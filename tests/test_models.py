@@ -21,7 +21,7 @@ from models.base import BatchScorer, InvalidModelInput, ModelIntegrityError, Onl
 from models.export import export_onnx, max_abs_diff_vs_torch, sha256_file
 from models.gates import expected_calibration_error
 from models.metrics import log_loss, roc_auc
-from models.online import SPECS, RiverLearner
+from models.online import REGRESSION_SPECS, SPECS, RiverLearner
 from models.registry import ModelRegistry
 from models.scorer import OnnxScorer, RuleScorer
 from models.train import MIN_ROWS, TrainResult, train_mlp
@@ -184,6 +184,10 @@ def test_river_learn_many_equals_learn_one_loop() -> None:
 def test_river_learner_rejects_unknown_spec_and_ragged_batches() -> None:
     with pytest.raises(ValueError, match="unknown online model 'svm'"):
         RiverLearner("svm")
+    with pytest.raises(ValueError, match="not a regressor"):
+        RiverLearner("preprocessing.StandardScaler() | linear_model.LogisticRegression()", task="regression")
+    with pytest.raises(ValueError, match="unknown online model 'logreg' for a regression model"):
+        RiverLearner("logreg", task="regression")
     with pytest.raises(ValueError, match="2 feature dicts but 1 labels"):
         RiverLearner().learn_many([{}, {}], [True])
 
@@ -304,15 +308,21 @@ def test_onnx_scorer_refuses_tampered_file(onnx_path: Path, tmp_path: Path) -> N
 
 def test_rule_scorer_is_a_deterministic_fallback() -> None:
     names = ["card_count_1m", "amount", "is_digital_goods", "unrelated"]
-    scorer = RuleScorer(names)
+    weights = {"card_count_1m": 0.9, "amount": 0.35, "is_digital_goods": 1.0}
+    scorer = RuleScorer(names, weights=weights, bias=-5.0)
     assert isinstance(scorer, BatchScorer) and scorer.version == "rules-0"
     X = np.array([[0, 10, 0, 5], [6, 900, 1, 5], [np.nan, 10, 0, 5]], dtype=np.float32)
     p = scorer.predict(X)
     assert p.shape == (3,) and ((p > 0) & (p < 1)).all()
     assert p[1] > p[0] == p[2]
-    np.testing.assert_array_equal(p, RuleScorer(names).predict(X))
+    np.testing.assert_array_equal(p, RuleScorer(names, weights=weights, bias=-5.0).predict(X))
     with pytest.raises(ValueError, match="unknown features"):
         RuleScorer(names, weights={"nope": 1.0})
+    linear = RuleScorer(["distance_km", "items"], weights={"distance_km": 2.0, "items": 0.5}, bias=10.0,
+                        link="identity")  # a regression's fallback: a linear formula in the label's units
+    np.testing.assert_allclose(linear.predict(np.array([[3, 4], [0, 0]], dtype=np.float32)), [18.0, 10.0])
+    with pytest.raises(ValueError, match="link"):
+        RuleScorer(names, link="softmax")
 
 
 # -- registry --------------------------------------------------------------------
@@ -378,3 +388,68 @@ def test_registry_rejects_bad_names(registry: ModelRegistry, onnx_path: Path, tm
         registry.register("fraud", tmp_path / "nope.onnx", metrics={}, lineage={})
     with pytest.raises(ValueError, match="identifier"):
         ModelRegistry(registry.client, tmp_path, table="x; DROP TABLE y")
+
+
+# -- regression ------------------------------------------------------------------
+
+
+def regression_dataset(n: int = 1500, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """y = 3 + 2 x0 - x1 + noise, in minutes; event times increasing."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 4)).astype(np.float32) * np.array([1, 2, 1, 1], dtype=np.float32)
+    y = (30.0 + 8.0 * X[:, 0] - 3.0 * X[:, 1] + rng.normal(0, 1.0, size=n)).astype(np.float64)
+    return X, y, np.arange(n, dtype=np.int64)
+
+
+def test_train_mlp_fits_a_regression_in_the_labels_units() -> None:
+    X, y, ts = regression_dataset()
+    r = train_mlp(X, y, ts, task="regression", seed=0, max_epochs=60, patience=10)
+    assert r.module.task == "regression" and "auc_val" not in r.metrics
+    with torch.no_grad():
+        pred = r.module(torch.from_numpy(X)).numpy()
+    baseline = float(np.mean(np.abs(y - y.mean())))  # predicting the mean: ~7 minutes
+    assert r.metrics["mae_val"] < 0.3 * baseline and r.metrics["rmse_val"] >= r.metrics["mae_val"]
+    n_val = int(r.metrics["n_val"])
+    assert abs(float(np.mean(np.abs(pred[-n_val:] - y[-n_val:]))) - r.metrics["mae_val"]) < 1e-4
+    with pytest.raises(ValueError, match="NaN"):
+        train_mlp(X, np.where(ts == 3, np.nan, y), ts, task="regression", max_epochs=1)
+    with pytest.raises(ValueError, match="task"):
+        train_mlp(X, y, ts, task="ranking", max_epochs=1)
+
+
+def test_river_regressor_learns_and_scores_values() -> None:
+    X, y, _ = regression_dataset(2000, seed=3)
+    learner = RiverLearner("linreg", seed=1, task="regression")
+    assert learner.score({"a": 1.0}) == 0.0  # before learning anything
+    errors = []
+    for row, target in zip(X, y, strict=True):
+        x = {f"x{j}": float(v) for j, v in enumerate(row)}
+        errors.append(abs(learner.score(x) - target))
+        learner.learn_one(x, float(target))
+    assert np.mean(errors[-500:]) < 0.25 * np.mean(errors[:100])
+    clone = learner.clone()
+    assert clone.task == "regression" and clone.score({"x0": 1.0}) == 0.0
+
+
+@pytest.mark.parametrize("model", [*sorted(REGRESSION_SPECS),
+                                   "preprocessing.StandardScaler() | linear_model.LinearRegression()"])
+def test_river_regressor_conformance(model: str) -> None:
+    """Every regression learner: scores a float, never mutates its input, pickles and clones identically."""
+    X, y, _ = regression_dataset(600, seed=5)
+    stream = [({f"x{j}": float(v) for j, v in enumerate(row)}, float(t)) for row, t in zip(X, y, strict=True)]
+    learner = RiverLearner(model, seed=7, task="regression")
+    assert isinstance(learner, OnlineLearner)
+    for x, target in stream:
+        before = dict(x)
+        assert np.isfinite(learner.score(x))
+        learner.learn_one(x, target)
+        assert x == before, "learner mutated its input"
+    probe = [x for x, _ in stream[:50]]
+    expected = learner.predict_many(probe)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(learner)).predict_many(probe), expected)
+    twin = learner.clone()
+    assert twin.n_learned == 0 and (twin.model, twin.seed, twin.task) == (model, 7, "regression")
+    for x, target in stream:
+        twin.score(x)
+        twin.learn_one(x, target)
+    np.testing.assert_array_equal(twin.predict_many(probe), expected)

@@ -20,6 +20,7 @@ from streams.codec import AvroCodec
 from streams.kafka import producer_config
 from streams.stack import Endpoints
 from streams.stages.retrain import RetrainStage
+from tests.conftest import SHOP
 
 GATES_OK = {"auc_val": 0.93, "gates_passed": 1.0}
 GATES_FAILED = {"auc_val": 0.81, "gates_passed": 0.0}
@@ -31,7 +32,7 @@ def lifecycle(tmp_path: Path, clickhouse_client: Any, chdb_path: Path) -> Any:
     ch.ensure_schema()
     registry = ModelRegistry(clickhouse_client, tmp_path / "artifacts")
     registry.ensure_schema()
-    stage = RetrainStage(ch, registry)
+    stage = RetrainStage(ch, registry, SHOP)
     yield ch, registry, stage
     stage.close()
 

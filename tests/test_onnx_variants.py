@@ -15,7 +15,7 @@ import torch
 from models.base import InvalidModelInput
 from models.export import export_onnx, sha256_file
 from models.scorer import OnnxScorer
-from models.train import FraudMLP, TrainResult, train_mlp
+from models.train import ScoreMLP, TrainResult, train_mlp
 from models.variants import VariantReport, evaluate_variants, latency_ms, quantize_int8, report_metrics
 
 N_FEATURES = 7
@@ -177,7 +177,7 @@ def test_int8_weights_are_a_quarter_but_small_mlp_file_is_larger(reports: dict[s
 def test_int8_file_is_smaller_once_weights_dominate(tmp_path: Path) -> None:
     """From hidden=(64, 32) on, the weights outweigh the graph overhead. Sizes do
     not depend on training, so an untrained module will do."""
-    module = FraudMLP(N_FEATURES, (64, 32), torch.zeros(N_FEATURES), torch.ones(N_FEATURES)).eval()
+    module = ScoreMLP(N_FEATURES, (64, 32), torch.zeros(N_FEATURES), torch.ones(N_FEATURES)).eval()
     fp32, int8 = tmp_path / "wide.onnx", tmp_path / "wide.int8.onnx"
     export_onnx(module, N_FEATURES, fp32)
     quantize_int8(fp32, int8)
@@ -191,7 +191,7 @@ def test_int8_file_is_smaller_once_weights_dominate(tmp_path: Path) -> None:
 
 def test_report_metrics_has_one_key_per_variant_and_figure(reports: dict[str, VariantReport]) -> None:
     metrics = report_metrics(list(reports.values()))
-    figures = ["size_bytes", "weight_bytes", "max_abs_diff", "p50_ms", "p99_ms", "roc_auc", "log_loss"]
+    figures = ["size_bytes", "weight_bytes", "max_abs_diff", "p50_ms", "p99_ms", "roc_auc", "log_loss", "mae"]
     assert set(metrics) == {f"{v}_{f}" for v in ("fp32", "int8") for f in figures}
     assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
     assert 0.0 < metrics["int8_p50_ms"] <= metrics["int8_p99_ms"]  # recorded, never compared: not a benchmark

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from models.online import RiverLearner
-from models.progressive import METRICS, ProgressiveEvaluator
+from models.progressive import CLASSIFICATION_METRICS as METRICS
+from models.progressive import REGRESSION_METRICS, ProgressiveEvaluator
 from streams import cli
 from streams.replay import examples, replay, river_metric
 from streams.stack import Endpoints
@@ -20,6 +21,19 @@ def test_the_evaluator_is_rivers_progressive_validation(metric: str) -> None:
     for x, y in rows:
         ev.train(x, y, ev.test(x))
     assert ev.value == river_metric(rows, "hoeffding_adaptive", metric, seed=3)
+
+
+@pytest.mark.parametrize("metric", sorted(REGRESSION_METRICS))
+def test_a_regressors_evaluator_is_rivers_progressive_validation(metric: str) -> None:
+    from river import datasets, evaluate
+
+    rows = list(datasets.TrumpApproval())
+    ev = ProgressiveEvaluator(RiverLearner("linreg", seed=3, task="regression"), metric)
+    for x, y in rows:
+        ev.train(x, y, ev.test(x))
+    reference = RiverLearner("linreg", seed=3, task="regression")._pipeline
+    expected = evaluate.progressive_val_score(iter(rows), reference, REGRESSION_METRICS[metric]())
+    assert ev.n == len(rows) and ev.value == pytest.approx(float(expected.get()), rel=1e-12)
 
 
 def test_a_different_order_gives_a_different_metric() -> None:

@@ -21,7 +21,7 @@ from models.export import export_onnx, export_torchscript
 from models.registry import ModelRegistry
 from models.scorer import CUDA_EP, OnnxScorer, load_scorer
 from models.torch_scorer import TorchScorer
-from models.train import FraudMLP
+from models.train import ScoreMLP
 
 N_FEATURES = 7
 TOL = 1e-5
@@ -34,13 +34,13 @@ BATCHES = [1, 7, 256, 4096]
 
 
 @pytest.fixture(scope="module")
-def module() -> FraudMLP:
+def module() -> ScoreMLP:
     """An untrained MLP with fixed weights and standardization that matters (column scales 1 .. 1000); its
     weights are scaled up so its scores spread over (0, 1) (std 0.19 over :func:`features`, not 0.01)."""
     with torch.random.fork_rng(devices=[]):  # leave the global RNG as it was
         torch.manual_seed(0)
         scale = torch.logspace(0, 3, N_FEATURES)
-        mlp = FraudMLP(N_FEATURES, [16, 8], mean=0.1 * scale, std=scale).eval()
+        mlp = ScoreMLP(N_FEATURES, [16, 8], mean=0.1 * scale, std=scale).eval()
     with torch.no_grad():
         for param in mlp.net.parameters():
             param.mul_(3.0)
@@ -48,7 +48,7 @@ def module() -> FraudMLP:
 
 
 @pytest.fixture(scope="module")
-def artifacts(module: FraudMLP, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+def artifacts(module: ScoreMLP, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """``(model.onnx, its sha256, the sha256 of its companion model.pt)``."""
     path = tmp_path_factory.mktemp("backends") / "model.onnx"
     pt_sha = export_torchscript(module, N_FEATURES, path.with_suffix(".pt"))
@@ -60,7 +60,7 @@ def features(n: int, seed: int = 3) -> npt.NDArray[np.float32]:
     return (rng.normal(size=(n, N_FEATURES)) * np.logspace(0, 3, N_FEATURES)).astype(np.float32)
 
 
-def torch_scores(module: FraudMLP, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def torch_scores(module: ScoreMLP, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     with torch.no_grad():
         out: npt.NDArray[np.float32] = module(torch.from_numpy(X)).numpy()
     return out
@@ -78,7 +78,7 @@ def copy_of(artifacts: tuple[Path, str, str], folder: Path, *suffixes: str) -> P
 
 
 @pytest.mark.parametrize(("backend", "provider"), [("onnx", "CPUExecutionProvider"), ("torch", "torch-cpu")])
-def test_backend_scores_like_torch(module: FraudMLP, artifacts: tuple[Path, str, str], backend: str,
+def test_backend_scores_like_torch(module: ScoreMLP, artifacts: tuple[Path, str, str], backend: str,
                                    provider: str) -> None:
     path, onnx_sha, torch_sha = artifacts
     scorer = load_scorer(path, "fraud-v1", backend=backend, expected_sha256=onnx_sha, torch_sha256=torch_sha,
@@ -106,7 +106,7 @@ def test_backend_rejects_a_wrong_width(artifacts: tuple[Path, str, str], backend
             scorer.predict(bad)
 
 
-def test_onnx_io_binding_gives_what_run_gives(module: FraudMLP, artifacts: tuple[Path, str, str]) -> None:
+def test_onnx_io_binding_gives_what_run_gives(module: ScoreMLP, artifacts: tuple[Path, str, str]) -> None:
     """The I/O-binding path predict takes on CUDA, run here bound to the CPU (the same calls, another device)."""
     scorer = OnnxScorer(artifacts[0], "v", prefer_gpu=False)
     for n in (1, 7, 256):
@@ -145,7 +145,7 @@ def test_unknown_backend_is_a_value_error(artifacts: tuple[Path, str, str]) -> N
         load_scorer(artifacts[0], "v", backend="tensorrt")
 
 
-def test_torch_scorer_checks_its_file(module: FraudMLP, artifacts: tuple[Path, str, str], tmp_path: Path) -> None:
+def test_torch_scorer_checks_its_file(module: ScoreMLP, artifacts: tuple[Path, str, str], tmp_path: Path) -> None:
     with pytest.raises(ModelIntegrityError, match="TorchScript model not found"):
         TorchScorer(tmp_path / "missing.pt", "v")
     with pytest.raises(InvalidModelInput, match="threads"):
@@ -157,8 +157,8 @@ def test_torch_scorer_checks_its_file(module: FraudMLP, artifacts: tuple[Path, s
         TorchScorer(bare, "v", prefer_gpu=False)
 
 
-def test_export_torchscript_leaves_the_module_alone(module: FraudMLP, tmp_path: Path) -> None:
-    training = FraudMLP(N_FEATURES, [4], mean=torch.zeros(N_FEATURES), std=torch.ones(N_FEATURES))
+def test_export_torchscript_leaves_the_module_alone(module: ScoreMLP, tmp_path: Path) -> None:
+    training = ScoreMLP(N_FEATURES, [4], mean=torch.zeros(N_FEATURES), std=torch.ones(N_FEATURES))
     assert training.training
     export_torchscript(training, N_FEATURES, tmp_path / "t.pt")
     assert training.training  # an eval copy was traced
@@ -176,7 +176,7 @@ def registry(tmp_path: Path, clickhouse_client: Any) -> ModelRegistry:
     return reg
 
 
-def test_registry_keeps_the_companion_next_to_the_artifact(module: FraudMLP, artifacts: tuple[Path, str, str],
+def test_registry_keeps_the_companion_next_to_the_artifact(module: ScoreMLP, artifacts: tuple[Path, str, str],
                                                            registry: ModelRegistry) -> None:
     path, _, torch_sha = artifacts
     companion = path.with_suffix(".pt")

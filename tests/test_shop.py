@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from streams.codec import AvroCodec
-from streams.scenario.shop import PATTERNS, Click, Row, ShopConfig, ShopEvent, ShopSimulator
+from examples.fraud_shop.simulator import PATTERNS, Click, Row, ShopConfig, ShopEvent, ShopSimulator
 
 N = 30_000
 CDC_TABLES = ("customers", "merchants", "orders", "payments", "payment_labels")
@@ -120,7 +120,7 @@ def test_users_and_cards_refer_to_customers(run: tuple[ShopSimulator, list[ShopE
 
 
 def test_ddl_columns_are_the_cdc_after_records() -> None:
-    sql = (Path(__file__).parent.parent / "streams/scenario/shop.sql").read_text()
+    sql = (Path(__file__).parent.parent / "examples/fraud_shop/shop.sql").read_text()
     for table in CDC_TABLES:
         block = re.search(rf"CREATE TABLE IF NOT EXISTS {table} \((.*?)\n\);", sql, re.DOTALL)
         assert block is not None
@@ -264,7 +264,7 @@ def test_driver_writes_rows_to_postgres_and_clicks_to_kafka(tmp_path: Path) -> N
     import psycopg
     from confluent_kafka import Consumer, TopicPartition
 
-    from streams.scenario.driver import ShopDriver
+    from examples.fraud_shop.driver import ShopDriver
 
     cfg = ShopConfig(n_customers=100, n_merchants=10)
     sim = ShopSimulator(cfg)
@@ -324,7 +324,7 @@ def test_driver_writes_rows_to_postgres_and_clicks_to_kafka(tmp_path: Path) -> N
 
 
 def test_driver_rejects_a_bad_rate() -> None:
-    from streams.scenario.driver import ShopDriver
+    from examples.fraud_shop.driver import ShopDriver
 
     with pytest.raises(ValueError):
         ShopDriver("postgresql://x", "127.0.0.1:1", rate=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,16 +21,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from examples.fraud_shop.project import card as CARD
+from examples.fraud_shop.project import fraud
+from examples.fraud_shop.project import user as USER
 from sinks.clickhouse import ClickHouse
-from sinks.events import FLOG_COLS, LABEL_COLS, SILVER_PAYMENT_COLS
+from sinks.events import FLOG_COLS
 from streams.cli import parser
 from streams.features import offline
-from streams.features.definitions import CARD, DEFAULTS, FEATURE_NAMES, USER, request_features
-from streams.features.offline import training_set
+from streams.project.contracts import tables
+from tests.conftest import SHOP
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 HOUR = 3_600_000
 DAY = 24 * HOUR
+FEATURE_NAMES = fraud.feature_names
+DEFAULTS = {f.name: f.default for v in (CARD, USER) for f in v.specs} | {r.name: r.default for r in fraud.request}
+SILVER_PAYMENT_COLS = ("event_id", "ts", "source_ts", *SHOP.source("payments").fields)
+SILVER_LABEL_COLS = ("event_id", "ts", "source_ts", *SHOP.source("labels").fields)
 CARD_V, USER_V = offline.view_key(CARD), offline.view_key(USER)
 CARD_DEFAULTS = [DEFAULTS[f] for f in CARD.features]
 USER_DEFAULTS = [DEFAULTS[f] for f in USER.features]
@@ -39,10 +47,20 @@ def _dt(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
+def request_features(amount: float, merchant_category: str) -> list[float]:
+    """The fraud model's request features, by hand: amount, log(1 + amount), digital goods."""
+    return [amount, math.log1p(max(amount, 0.0)), 1.0 if merchant_category == "digital_goods" else 0.0]
+
+
+def training_set(ch: ClickHouse, **kwargs: Any) -> offline.TrainingSet:
+    """The fraud model's training set."""
+    return offline.training_set(ch, SHOP, fraud, **kwargs)
+
+
 @pytest.fixture
 def ch(clickhouse_client: Any, chdb_path: Path) -> ClickHouse:
     handle = ClickHouse(f"chdb://{chdb_path}", database=clickhouse_client.database)
-    handle.ensure_schema()
+    handle.ensure_schema(tables(SHOP))
     return handle
 
 
@@ -53,14 +71,14 @@ def log(ch: ClickHouse, rows: Sequence[tuple[str, str, str, int, Sequence[float]
 
 def pay(ch: ClickHouse, rows: Sequence[tuple[str, str, str, int, float, str]]) -> None:
     """Silver payments (payment id, card, customer, ts ms, amount, merchant category)."""
-    ch.insert("silver_payments", [[pid, pid, card, cust, "m1", cat, amount, None, _dt(ts), _dt(ts)]
+    ch.insert("silver_payments", [[pid, _dt(ts), _dt(ts), pid, card, cust, "m1", cat, amount, None]
                                   for pid, card, cust, ts, amount, cat in rows], SILVER_PAYMENT_COLS)
 
 
 def label(ch: ClickHouse, rows: Sequence[tuple[str, int, int, int]]) -> None:
-    """Labels (payment id, is_fraud, payment ts ms, label ts ms)."""
-    ch.insert("labels", [[f"label:{pid}", pid, fraud, _dt(pts), _dt(lts)] for pid, fraud, pts, lts in rows],
-              LABEL_COLS)
+    """Labels (payment id, is_fraud, payment ts ms, label ts ms): silver events of the label source."""
+    ch.insert("silver_labels", [[pid, _dt(lts), _dt(lts), pid, bool(y), _dt(pts).isoformat()]
+                                for pid, y, pts, lts in rows], SILVER_LABEL_COLS)
 
 
 def vec(x: float, n: int = 5) -> list[float]:
@@ -68,7 +86,7 @@ def vec(x: float, n: int = 5) -> list[float]:
 
 
 def row_of(ts: offline.TrainingSet, pid: str) -> int:
-    (i,) = np.flatnonzero(ts.payment_ids == pid)
+    (i,) = np.flatnonzero(ts.event_ids == pid)
     return int(i)
 
 
@@ -136,7 +154,7 @@ def adversarial(ch: ClickHouse) -> ClickHouse:
 def test_as_of_rule_with_adversarial_timestamps(adversarial: ClickHouse) -> None:
     ts = training_set(adversarial, since_ms=T - HOUR, until_ms=T + 2 * HOUR)
 
-    assert sorted(ts.payment_ids) == ["p1", "p2", "p3", "p4", "p5"]  # one row each, in range, labelled
+    assert sorted(ts.event_ids) == ["p1", "p2", "p3", "p4", "p5"]  # one row each, in range, labelled
     assert ts.rows == 5 and ts.X.shape == (5, len(FEATURE_NAMES)) and ts.X.dtype == np.float32
     assert ts.feature_names == FEATURE_NAMES and ts.views == (CARD_V, USER_V)
     assert (ts.event_ts == T).all() and ts.ts_min_ms == ts.ts_max_ms == T
@@ -159,7 +177,7 @@ def test_as_of_rule_with_adversarial_timestamps(adversarial: ClickHouse) -> None
 
 def test_open_range_and_limit(adversarial: ClickHouse) -> None:
     everything = training_set(adversarial)
-    assert sorted(everything.payment_ids) == ["p-early", "p-until", "p1", "p2", "p3", "p4", "p5"]
+    assert sorted(everything.event_ids) == ["p-early", "p-until", "p1", "p2", "p3", "p4", "p5"]
     assert list(everything.event_ts) == sorted(everything.event_ts)
     early = everything.X[row_of(everything, "p-early")]
     np.testing.assert_array_equal(early[:5], CARD_DEFAULTS)  # c1 has no row 2 h before T
@@ -168,7 +186,7 @@ def test_open_range_and_limit(adversarial: ClickHouse) -> None:
     np.testing.assert_array_equal(late[:5], np.asarray(vec(1e6), dtype=np.float32))  # T + 1 is before it: fine
 
     newest = training_set(adversarial, limit=2)
-    assert list(newest.payment_ids) == ["p5", "p-until"]  # the newest two, oldest first (ties by id)
+    assert list(newest.event_ids) == ["p5", "p-until"]  # the newest two, oldest first (ties by id)
 
 
 def test_a_row_after_the_payment_is_never_read_even_when_written_first(ch: ClickHouse) -> None:
@@ -238,7 +256,7 @@ def reference(sc: dict[str, Any]) -> dict[str, tuple[list[float], tuple[bool, bo
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sc=scenarios())
 def test_matches_brute_force_reference(ch: ClickHouse, sc: dict[str, Any]) -> None:
-    for table in ("feature_log", "silver_payments", "labels"):
+    for table in ("feature_log", "silver_payments", "silver_labels"):
         ch.command(f"TRUNCATE TABLE {table}")
     log(ch, [(v, e, eid, T0 + ts * UNIT, vals) for (v, e, ts, eid), vals in sc["logs"].items()])
     log(ch, [(v, e, eid, T0 + ts * UNIT, sc["logs"][(v, e, ts, eid)]) for (v, e, ts, eid) in sc["redelivered"]])
@@ -251,10 +269,10 @@ def test_matches_brute_force_reference(ch: ClickHouse, sc: dict[str, Any]) -> No
                        until_ms=None if until is None else T0 + until * UNIT)
 
     want = reference(sc)
-    assert sorted(got.payment_ids) == sorted(want)
+    assert sorted(got.event_ids) == sorted(want)
     order = sorted(want, key=lambda pid: (sc["payments"][pid][2], pid))
-    assert list(got.payment_ids) == order
-    for i, pid in enumerate(got.payment_ids):
+    assert list(got.event_ids) == order
+    for i, pid in enumerate(got.event_ids):
         vector, flags, y = want[pid]
         np.testing.assert_array_equal(got.X[i], np.asarray(vector, dtype=np.float32), err_msg=pid)
         assert tuple(got.defaulted[i]) == flags and got.y[i] == y
@@ -309,11 +327,11 @@ def test_cli_writes_csv(adversarial: ClickHouse, clickhouse_client: Any, chdb_pa
 
     with out.open() as f:
         rows = list(csv.reader(f))
-    assert rows[0] == [*FEATURE_NAMES, "label", "payment_id", "event_ts"]
+    assert rows[0] == [*FEATURE_NAMES, "label", "event_id", "event_ts"]
     assert len(rows) == 1 + 5
     expected = training_set(adversarial, since_ms=T0, until_ms=T0 + 3 * HOUR)
     by_id = {r[-2]: r for r in rows[1:]}
-    for i, pid in enumerate(expected.payment_ids):
+    for i, pid in enumerate(expected.event_ids):
         r = by_id[pid]
         np.testing.assert_array_equal(np.asarray(r[:len(FEATURE_NAMES)], dtype=np.float32), expected.X[i])
         assert int(r[len(FEATURE_NAMES)]) == expected.y[i] and r[-1] == "2026-01-01T01:00:00.000Z"
@@ -329,7 +347,7 @@ def test_cli_writes_parquet_and_defaults(adversarial: ClickHouse, clickhouse_cli
                   "--database", clickhouse_client.database, "--out", str(out)])
     assert args.handler(args) == 0
     table = pq.read_table(out)
-    assert table.column_names == [*FEATURE_NAMES, "label", "payment_id", "event_ts"]
+    assert table.column_names == [*FEATURE_NAMES, "label", "event_id", "event_ts"]
     assert table.num_rows == 7
     assert table.schema.metadata[b"weir.sha256"].decode() == training_set(adversarial).sha256
 

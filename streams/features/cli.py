@@ -14,17 +14,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from streams.features.aggregations import Sliding, Tumbling, WindowSpec
-from streams.features.definitions import VIEWS, Feature, FeatureView
+from streams.features.definitions import Feature, FeatureView
+from streams.project.load import project_of
 from streams.stack import EndpointNotFound, endpoint
 
 _HEADER = struct.Struct("<qq")  # event time, write time (ms): the head of every stored value
 
 
-def view_named(name: str) -> FeatureView:
-    for view in VIEWS:
+def view_named(views: tuple[FeatureView, ...], name: str) -> FeatureView:
+    for view in views:
         if view.name == name:
             return view
-    raise SystemExit(f"weir features: no view named {name!r}; known: {', '.join(v.name for v in VIEWS)}")
+    raise SystemExit(f"weir features: no view named {name!r}; known: {', '.join(v.name for v in views)}")
 
 
 def _window(w: WindowSpec) -> str:
@@ -88,15 +89,17 @@ def _redis_url(args: argparse.Namespace) -> str | None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    print(f"{'view':<8} {'version':<8} {'fingerprint':<13} {'entity':<9} {'source':<14} features  ttl")
-    for v in VIEWS:
-        print(f"{v.name:<8} v{v.version:<7} {v.fingerprint:<13} {v.entity:<9} {v.source:<14} "
+    project = project_of(args)
+    print(f"project {project.name}")
+    print(f"{'view':<12} {'version':<8} {'fingerprint':<13} {'entity':<14} {'source':<14} features  ttl")
+    for v in project.views:
+        print(f"{v.name:<12} v{v.version:<7} {v.fingerprint:<13} {v.entity:<14} {v.source:<14} "
               f"{len(v.features):>8}  {v.ttl_ms // 1000} s")
     return 0
 
 
 def _describe(args: argparse.Namespace) -> int:
-    view = view_named(args.name)
+    view = view_named(project_of(args).views, args.name)
     print("\n".join(describe(view)))
     url = _redis_url(args)
     if url is None:

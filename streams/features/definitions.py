@@ -1,24 +1,23 @@
-"""The fraud model's feature views, declared: what is aggregated, over which window, per which entity.
+"""Feature views, declared: what is aggregated, over which window, per which entity.
 
-A :class:`FeatureView` is data, not code: its source topic, entity key,
-event-time rules (allowed lateness, TTL) and a tuple of :class:`Feature` s,
-each an aggregation (:class:`~streams.features.aggregations.Agg`) of one
-event field over one window, optionally only over events matching equality
-conditions. :mod:`streams.features.engine` compiles a view into
+A :class:`FeatureView` is data, not code: the project source its events come
+from, its entity key, event-time rules (allowed lateness, TTL) and a tuple of
+:class:`Feature` s, each an aggregation (:class:`~streams.features.aggregations.Agg`)
+of one event field over one window, optionally only over events matching
+equality conditions. A project declares its views (:mod:`streams.project`);
+:mod:`streams.features.engine` compiles a view into
 :class:`~streams.features.aggregations.Aggregators`; the features stage,
-backfill, the offline store and serving all read these same objects, so
-they cannot disagree. How to add a feature: ``docs/features.md``.
-
-The feature vector the models see is ``FEATURE_NAMES`` in this order: the
-card view, the user view, then request features computed from the payment
-itself.
+backfill, the offline store and serving all read these same objects, so they
+cannot disagree. How to add a feature: ``docs/features.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
 import json
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -93,12 +92,12 @@ class FeatureView:
     name: str
     entity: str  # the entity's name, and the source event field holding its id
     version: int
-    source: str  # the topic (after ingest) the events come from
+    source: str  # the project source (by name) whose events feed it; every view over a source is keyed alike
     specs: tuple[Feature, ...]
     ttl_ms: int  # online values older than this at read time are stale; idle entities' state is dropped
     allowed_lateness_ms: int = 10 * MINUTE  # events further behind the partition's newest are refused (LATE)
     derive: tuple[FirstSeen, ...] = ()
-    owner: str = "fraud-team"
+    owner: str = ""
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -125,68 +124,29 @@ class FeatureView:
     @property
     def fingerprint(self) -> str:
         """SHA-256 (12 hex digits) of the whole definition."""
-        return hashlib.sha256(json.dumps(_canonical(self), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(canonical(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _canonical(obj: object) -> object:
-    """A JSON-able form of a definition: dataclasses as {type, fields}, enums by value, tuples as lists."""
-    if isinstance(obj, Agg):
+def canonical(obj: object) -> object:
+    """A JSON-able form of a declaration, for fingerprints: dataclasses as {type, fields} (or their own
+    ``_canonical()``), enums by value, tuples as lists, mappings sorted, floats exactly (hex)."""
+    own = getattr(obj, "_canonical", None)
+    if own is not None:
+        return own()
+    if isinstance(obj, enum.Enum):
         return obj.value
-    if isinstance(obj, (Feature, FirstSeen, FeatureView, Sliding, Tumbling, Hopping)):
-        return {"type": type(obj).__name__} | {k: _canonical(getattr(obj, k)) for k in obj.__dataclass_fields__}
-    if isinstance(obj, tuple):
-        return [_canonical(x) for x in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"type": type(obj).__name__} | {f.name: canonical(getattr(obj, f.name))
+                                               for f in dataclasses.fields(obj) if f.compare}
+    if isinstance(obj, (tuple, list)):
+        return [canonical(x) for x in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): canonical(v) for k, v in sorted(obj.items())}
     if isinstance(obj, float):
         return obj.hex()
     return obj
 
 
-CARD = FeatureView(
-    "card", "card_id", 2, source="weir.payments",
-    specs=(
-        Feature("card_count_1m", Agg.COUNT, Sliding(MINUTE), "count of the card's payments, sliding 1 min"),
-        Feature("card_amount_1m", Agg.SUM, Sliding(MINUTE), "sum of their amounts, sliding 1 min", value="amount"),
-        Feature("card_count_1h", Agg.COUNT, Sliding(HOUR), "count of the card's payments, sliding 1 h"),
-        Feature("card_amount_1h", Agg.SUM, Sliding(HOUR), "sum of their amounts, sliding 1 h", value="amount"),
-        Feature("card_distinct_merchants_1h", Agg.DISTINCT, Sliding(HOUR),
-                "distinct merchants the card paid, sliding 1 h", distinct="merchant_id"),
-    ),
-    ttl_ms=2 * HOUR,
-    description="Velocity of one card: how often, how much and where it paid lately (the payment itself included).",
-)
-LOGIN: Condition = ("event_type", "login")
-USER = FeatureView(
-    "user", "user_id", 2, source="weir.clicks",
-    specs=(
-        Feature("user_clicks_30m", Agg.COUNT, Sliding(30 * MINUTE),
-                "count of the user's clickstream events, sliding 30 min"),
-        Feature("user_searches_30m", Agg.COUNT, Sliding(30 * MINUTE), "count of its searches, sliding 30 min",
-                where=(("event_type", "search"),)),
-        Feature("user_add_to_cart_30m", Agg.COUNT, Sliding(30 * MINUTE),
-                "count of its add-to-cart events, sliding 30 min", where=(("event_type", "add_to_cart"),)),
-        Feature("user_new_device_logins_1h", Agg.COUNT, Sliding(HOUR),
-                "logins from a device the user was not seen logging in with before, sliding 1 h",
-                where=(LOGIN, ("new_device", True))),
-        Feature("user_secs_since_login", Agg.SINCE_LAST, Sliding(HOUR),
-                "seconds since the user's last login; 3600 when none in the last hour", where=(LOGIN,),
-                default=3600.0),
-    ),
-    ttl_ms=2 * HOUR,
-    derive=(FirstSeen("device_id", "new_device", where=(LOGIN,)),),
-    description="What the user did on the site before paying (keyed by user id = the payment's customer id).",
-)
-VIEWS = (CARD, USER)
-REQUEST = ("amount", "log_amount", "is_digital_goods")
-FEATURE_NAMES: tuple[str, ...] = CARD.features + USER.features + REQUEST
-
-
 def view_key(view: FeatureView) -> str:
     """``<name>:v<version>``: how the feature log and scoring records name a view's values."""
     return f"{view.name}:v{view.version}"
-
-
-def request_features(amount: float, merchant_category: str) -> list[float]:
-    return [amount, math.log1p(max(amount, 0.0)), 1.0 if merchant_category == "digital_goods" else 0.0]
-
-
-DEFAULTS: dict[str, float] = {f.name: f.default for v in VIEWS for f in v.specs} | {name: 0.0 for name in REQUEST}

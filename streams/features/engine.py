@@ -34,13 +34,18 @@ computed before the lanes, from per-entity sets forgotten after ``ttl_ms`` of
 the entity's own event time (exact: a forgotten set and an expired one give
 the same answers).
 
->>> from streams.features.definitions import CARD
->>> state = ViewState(CARD)
+>>> from streams.features.aggregations import Agg, Sliding
+>>> from streams.features.definitions import Feature, FeatureView
+>>> card = FeatureView("card", "card_id", 1, source="payments", ttl_ms=7_200_000, specs=(
+...     Feature("n", Agg.COUNT, Sliding(60_000), "payments, 1 min"),
+...     Feature("total", Agg.SUM, Sliding(60_000), "their amounts", value="amount"),
+...     Feature("merchants", Agg.DISTINCT, Sliding(60_000), "distinct merchants", distinct="merchant_id")))
+>>> state = ViewState(card)
 >>> for i, (merchant, amount) in enumerate([("m1", 5.0), ("m2", 7.5), ("m1", 1.0)]):
 ...     _ = state.add({"event_id": f"p{i}", "card_id": "c1", "ts_ms": 1_000 * i, "amount": amount,
 ...                    "merchant_id": merchant})
 >>> state.values("c1")
-(2000, [3.0, 13.5, 3.0, 13.5, 2.0])
+(2000, [3.0, 13.5, 2.0])
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""``weir schemas check``: the repository's ``schemas/`` folder obeys the registry's compatibility rules.
+"""``weir schemas check``: Weir's ``schemas/`` and the project's schema folder obey the registry's rules.
 
-Each folder ``schemas/<topic>/`` is one subject (``<topic>-value``) with files
+Each folder ``<root>/<topic>/`` is one subject (``<topic>-value``) with files
 ``v1.avsc`` … ``vN.avsc``, numbered without gaps, and an optional file
 ``compatibility`` holding its level (default BACKWARD). Every version must
 parse and be compatible with the earlier ones under that level, exactly as
@@ -79,11 +79,18 @@ def check_repository(schema_dir: Path) -> list[str]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    schema_dir: Path = args.dir
-    if not schema_dir.is_dir():
-        print(f"{schema_dir}: not a directory")
+    if args.dir is not None:
+        dirs: list[Path] = [args.dir]
+    else:  # Weir's own and the project's
+        from streams.project.load import project_of
+        from streams.schemas import SCHEMA_DIR
+
+        dirs = [SCHEMA_DIR, project_of(args).schemas]
+    missing = [d for d in dirs if not d.is_dir()]
+    if missing:
+        print(f"{missing[0]}: not a directory")
         return 1
-    folders = sorted(p for p in schema_dir.iterdir() if p.is_dir())
+    folders = sorted(p for d in dirs for p in d.iterdir() if p.is_dir())
     results = [check_subject(folder) for folder in folders]
     found = [p for _, problems in results for p in problems]
     for problem in found:
@@ -96,10 +103,9 @@ def _check(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``schemas check [--dir DIR]`` to a CLI; its handler (``args.handler(args) -> int``) is the exit code."""
-    from streams.schemas import SCHEMA_DIR
-
-    schemas = sub.add_parser("schemas", help="work with the Avro contracts in schemas/")
+    schemas = sub.add_parser("schemas", help="work with the Avro contracts: Weir's schemas/ and the project's")
     commands = schemas.add_subparsers(dest="schemas_command", required=True)
     check = commands.add_parser("check", help="check every subject's versions parse and are compatible")
-    check.add_argument("--dir", type=Path, default=SCHEMA_DIR, help=f"schema folder (default {SCHEMA_DIR})")
+    check.add_argument("--dir", type=Path, default=None,
+                       help="one schema folder (default: Weir's schemas/ and the project's schemas folder)")
     check.set_defaults(handler=_check)

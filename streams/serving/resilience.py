@@ -32,7 +32,9 @@ import redis
 from models.base import BatchScorer, InvalidModelInput
 from models.scorer import RuleScorer
 from sinks.redis_store import OnlineStore
-from streams.features.definitions import FEATURE_NAMES, FeatureView, request_features, view_key
+from streams.features.definitions import FeatureView, view_key
+from streams.project.expr import RowFn
+from streams.project.spec import Model
 from streams.state import SignedSnapshots, StateError
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "ScoringChain",
     "ServedFeatures",
     "Submitted",
+    "rules_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,40 +107,47 @@ class Breaker:
 
 
 class ServedFeatures:
-    """The served feature matrix of a batch of payments, degraded rather than stalled when Redis fails.
+    """The served feature matrix of a batch of scored events, degraded rather than stalled when Redis fails.
 
-    A view whose values the features stage attached to the payment (``served``)
-    is taken from there; the others are read from the online store as of the
-    payment's event time, in one ``MGET`` for the whole batch.
+    ``views`` are the model's views with the event field holding each one's entity id, in vector order;
+    ``request`` its request features (functions of the event), after them. A view whose values the
+    features stage attached to the event (``served``) is taken from there; the others are read from the
+    online store as of the event's time, in one ``MGET`` for the whole batch.
     """
 
-    def __init__(self, store: OnlineStore, views: Sequence[tuple[FeatureView, str]], *,
-                 breaker: Breaker | None = None, last_known_limit: int = 200_000) -> None:
+    def __init__(self, store: OnlineStore, views: Sequence[tuple[FeatureView, str]], request: Sequence[RowFn] = (),
+                 *, breaker: Breaker | None = None, last_known_limit: int = 200_000) -> None:
         self.store = store
         self.views = tuple(views)
+        self.request = tuple(request)
+        self.width = sum(len(v.features) for v, _ in self.views) + len(self.request)
         self.breaker = breaker or Breaker("online feature store (Redis)")
         self.last_known: dict[tuple[str, str], list[float]] = {}
         self.last_known_limit = last_known_limit
 
-    def fetch(self, payments: Sequence[dict[str, Any]]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-        """``(X, degraded)``: X is ``(n, len(FEATURE_NAMES))`` float32, ``degraded[i]`` marks row i served
-        without the online store."""
+    def fetch(self, events: Sequence[dict[str, Any]]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """``(X, degraded)``: X is ``(n, width)`` float32 (the model's vector), ``degraded[i]`` marks row i
+        served without the online store. An event without a view's key gets the view's defaults."""
         parts: list[list[list[float] | None]] = []
         requests: list[tuple[FeatureView, str]] = []
         slots: list[tuple[int, int]] = []
         as_of: list[int] = []
-        for i, p in enumerate(payments):
+        for i, p in enumerate(events):
             served = p.get("served") or {}
             row: list[list[float] | None] = []
             for j, (view, field) in enumerate(self.views):
                 values = served.get(view_key(view))
                 if values is None or len(values) != len(view.features):
-                    requests.append((view, p[field]))
-                    slots.append((i, j))
-                    as_of.append(p["ts_ms"])
+                    entity = p.get(field)
+                    if entity is None:
+                        values = view.defaults
+                    else:
+                        requests.append((view, str(entity)))
+                        slots.append((i, j))
+                        as_of.append(p["ts_ms"])
                 row.append(values)
             parts.append(row)
-        degraded = np.zeros(len(payments), dtype=np.bool_)
+        degraded = np.zeros(len(events), dtype=np.bool_)
         got = self._read(requests, as_of)
         if got is None:
             for (i, j), (view, entity) in zip(slots, requests, strict=True):
@@ -147,9 +157,10 @@ class ServedFeatures:
             for (i, j), (view, entity), values in zip(slots, requests, got, strict=True):
                 parts[i][j] = values
                 self._remember(view_key(view), entity, values)
-        rows = [[x for values in row for x in values or ()] + request_features(p["amount"], p["merchant_category"])
-                for row, p in zip(parts, payments, strict=True)]
-        return np.asarray(rows, dtype=np.float32).reshape(len(payments), len(FEATURE_NAMES)), degraded
+        request = self.request
+        rows = [[x for values in row for x in values or ()] + [f(p) for f in request]
+                for row, p in zip(parts, events, strict=True)]
+        return np.asarray(rows, dtype=np.float32).reshape(len(events), self.width), degraded
 
     def _read(self, requests: list[tuple[FeatureView, str]], as_of: list[int]) -> list[list[float]] | None:
         if not requests:
@@ -164,14 +175,16 @@ class ServedFeatures:
 
 
 class OnlineScorer:
-    """A river learner as a :class:`BatchScorer` (a frozen copy: it does not learn here)."""
+    """A river learner as a :class:`BatchScorer` (a frozen copy: it does not learn here); ``names`` are
+    the model's feature names, in vector order."""
 
-    def __init__(self, learner: Any, version: str) -> None:
+    def __init__(self, learner: Any, version: str, names: Sequence[str]) -> None:
         self.learner = learner
         self.version = version
+        self.names = tuple(names)
 
     def predict(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        names = FEATURE_NAMES
+        names = self.names
         return np.asarray(self.learner.predict_many(dict(zip(names, map(float, row))) for row in X),
                           dtype=np.float64)
 
@@ -180,12 +193,14 @@ class OnlineFallback:
     """The learn stage's newest online model, read from its signed serving snapshot when needed.
 
     Loaded lazily (the first time the chain falls back) and refreshed at most every
-    ``refresh_s``; a Redis or signature failure keeps the copy already held (or none)."""
+    ``refresh_s``; a Redis or signature failure keeps the copy already held (or none).
+    ``features`` are the model's feature names, in vector order."""
 
-    def __init__(self, snapshots: SignedSnapshots, name: str, *, refresh_s: float = 60.0,
+    def __init__(self, snapshots: SignedSnapshots, name: str, features: Sequence[str], *, refresh_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.snapshots = snapshots
         self.name = name
+        self.features = tuple(features)
         self.refresh_s = refresh_s
         self.clock = clock
         self._scorer: OnlineScorer | None = None
@@ -200,7 +215,7 @@ class OnlineFallback:
                 log.warning("online fallback: snapshot %s not loaded (%s)", self.name, type(exc).__name__)
             else:
                 if isinstance(state, dict) and "learner" in state:
-                    self._scorer = OnlineScorer(state["learner"], str(state["version"]))
+                    self._scorer = OnlineScorer(state["learner"], str(state["version"]), self.features)
         return self._scorer
 
 
@@ -263,10 +278,10 @@ class ScoringChain:
     is skipped for ``cooldown_s``, then probed.
     """
 
-    def __init__(self, rules: BatchScorer | None = None, online: OnlineFallback | None = None, *,
+    def __init__(self, rules: BatchScorer, online: OnlineFallback | None = None, *,
                  timeout_s: float = 0.5, cooldown_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.rules = rules or RuleScorer(list(FEATURE_NAMES))
+        self.rules = rules
         self.online = online
         self.timeout_s = timeout_s
         self.cooldown_s = cooldown_s
@@ -329,6 +344,12 @@ class ScoringChain:
             except Exception as exc:  # a broken snapshot must not take the last resort with it
                 log.warning("online fallback failed (%s): rule score", _why(exc))
         return Scored(self.rules.predict(X), SERVED_BY_RULES, self.rules.version)
+
+
+def rules_for(model: Model) -> RuleScorer:
+    """The rule scorer a model declares as its fallback (:class:`~streams.project.spec.Rules`)."""
+    return RuleScorer(model.feature_names, weights=dict(model.fallback.weights), bias=model.fallback.bias,
+                      link="logistic" if model.task == "binary" else "identity")
 
 
 def _why(exc: BaseException) -> str:

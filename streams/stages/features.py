@@ -1,20 +1,23 @@
 """Features: per-entity windowed aggregates into the online store, the feature log, and on to scoring.
 
-Inputs: ``weir.clicks`` (user view) and ``weir.payments`` (card view) micro-batches;
-the views are the declarations of :mod:`streams.features.definitions`, compiled
-by :mod:`streams.features.engine`. For each batch it feeds the events in
+Inputs: the ``weir.silver.<source>`` micro-batches of every source a feature
+view reads or a model scores; the views are the project's declarations
+(:class:`~streams.features.definitions.FeatureView`), compiled by
+:mod:`streams.features.engine`. For each batch it feeds the events in
 partition order, appends one feature-log row per accepted event (the entity's
 values as of that event's time) to ``weir.feature_log`` (the ClickHouse sink
 writes it), writes each touched entity's newest values to Redis (one pipelined
-round trip), and forwards the payments to ``weir.scoring`` on the same
-partition, each carrying its own card-view row (``served``), which inference
-uses, so serving and the training set agree per payment. Redis is written
-before the payments are forwarded, so inference's user-view reads are at least
-as new as the batch.
+round trip), and forwards the events of a scored source to
+``weir.scoring.<source>`` on the same partition, each carrying the values of
+the views over its own source (``served``), which inference uses, so serving
+and the training set agree per event. Redis is written before the events are
+forwarded, so inference's reads of the other views are at least as new as the
+batch.
 
-**State and recovery.** Ingest partitions ``weir.payments`` by card and
-``weir.clicks`` by user, so every entity's events are in one partition and the
-window state is partition-local: one :class:`FeatureComputer` per input
+**State and recovery.** Ingest partitions each ``weir.silver.<source>`` by the
+source's partition key, the key of every view over it, so every entity's
+events are in one partition and the window state is partition-local: one
+:class:`FeatureComputer` per input
 (topic, partition), a function of that partition's log alone. After a
 successful commit, at most every ``checkpoint_every_s``, the stage saves each
 changed partition's state with the offset it is the state *after* (a
@@ -49,8 +52,10 @@ from streams.base import Message, Produce, Rejected, StepResult
 from streams.codec import AvroCodec, DecodeError
 from streams.features.aggregations import SnapshotError, Status
 from streams.features.checkpoint import RedisSnapshots, SnapshotCodec
-from streams.features.definitions import VIEWS, FeatureView, view_key
+from streams.features.definitions import FeatureView, view_key
 from streams.features.engine import ViewState
+from streams.project.contracts import scoring_topic, silver_topic
+from streams.project.spec import Project
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +73,13 @@ class FeatureComputer:
     ``add`` feeds one source record to every view computed from its topic and
     returns, per view that accepted it, the entity's values right after it, as
     of the record's own event time (an out-of-order record sees nothing later
-    than itself): what serving gets for a payment and what the feature log
+    than itself): what serving gets for a scored event and what the feature log
     records. ``current`` gives an entity's values as of its newest event, what
     the online store holds. Both depend only on the order of the entity's
     events, never on how they were batched.
     """
 
-    def __init__(self, views: Sequence[FeatureView] = VIEWS, states: Sequence[ViewState] | None = None) -> None:
+    def __init__(self, views: Sequence[FeatureView], states: Sequence[ViewState] | None = None) -> None:
         """Empty states for ``views``, or the given ``states`` (restored ones)."""
         built = states if states is not None else [ViewState(view) for view in views]
         self.states = {state.view.name: state for state in built}
@@ -83,7 +88,7 @@ class FeatureComputer:
             self._by_source.setdefault(state.view.source, []).append(state)
 
     def add(self, source: str, item: Mapping[str, Any], *, values: bool = True) -> list[LogRow]:
-        """Feed a record of topic ``source``; ``values`` False (replay): update the state only."""
+        """Feed a record of the source named ``source``; ``values`` False (replay): update the state only."""
         rows: list[LogRow] = []
         for state in self._by_source.get(source, ()):
             if state.add(item) is Status.ACCEPTED and values:
@@ -118,7 +123,7 @@ class FeatureComputer:
         return [(name, s.snapshot()) for name, s in self.states.items()]
 
     @classmethod
-    def from_state(cls, state: Any, views: Sequence[FeatureView] = VIEWS) -> FeatureComputer:
+    def from_state(cls, state: Any, views: Sequence[FeatureView]) -> FeatureComputer:
         """The inverse of :meth:`state`; raises :class:`SnapshotError` on anything else."""
         if not (isinstance(state, list) and [n for n, _ in state] == [v.name for v in views]):
             raise SnapshotError("snapshot does not hold these feature views")
@@ -135,14 +140,26 @@ class PartitionState:
     saved: int = -1  # position of the last snapshot written
 
 
-def snapshot_codec() -> SnapshotCodec:
+def snapshot_codec(views: Sequence[FeatureView]) -> SnapshotCodec:
     """Snapshots name the feature views' definitions: a changed view invalidates them."""
-    return SnapshotCodec(("features:" + ":".join(v.fingerprint for v in VIEWS)).encode())
+    return SnapshotCodec(("features:" + ":".join(v.fingerprint for v in views)).encode())
+
+
+@dataclass(frozen=True, slots=True)
+class _Input:
+    """One input topic: the source it carries, its decoder, and where its events go on to be scored."""
+
+    source: str
+    codec: AvroCodec
+    scoring: tuple[str, AvroCodec] | None
 
 
 class FeaturesStage:
     """The features stage: see the module docstring for what it writes and how it recovers.
 
+    ``project`` gives the views and the sources; ``rename`` maps a default topic name
+    (``weir.silver.<source>``, ``weir.scoring.<source>``, ``weir.feature_log``) to the one
+    actually used (tests run on topics of their own).
     ``snapshots`` None: no checkpoints, every assignment of a partition that has a
     committed offset replays its log from the beginning (correct, slower).
     ``clock`` is the wall clock checkpoints are paced by (seconds, monotonic).
@@ -152,26 +169,34 @@ class FeaturesStage:
 
     step_id = "features"
 
-    def __init__(self, store: OnlineStore, *, snapshots: RedisSnapshots | None = None,
+    def __init__(self, project: Project, store: OnlineStore, *, snapshots: RedisSnapshots | None = None,
                  checkpoint_every_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 clicks_topic: str = T.I_CLICKS, payments_topic: str = T.I_PAYMENTS,
+                 rename: Mapping[str, str] | None = None,
                  after_commit_hook: Callable[[], None] | None = None) -> None:
         self.store = store
+        self.views = project.views
         self._after_commit_hook = after_commit_hook
         self.snapshots = snapshots
         self.checkpoint_every_s = checkpoint_every_s
         self._clock = clock
         self._next_checkpoint = clock() + checkpoint_every_s
-        self.clicks_topic, self.payments_topic = clicks_topic, payments_topic
-        self.topics: tuple[str, ...] = (clicks_topic, payments_topic)
+        names = dict(rename or {})
+        scored = {m.source for m in project.models}
+        self._inputs: dict[str, _Input] = {}  # input topic -> what it carries
+        for source in project.sources:
+            if source.name not in scored and not any(v.source == source.name for v in self.views):
+                continue
+            out = scoring_topic(source)
+            scoring = (names.get(out, out), AvroCodec(out)) if source.name in scored else None
+            topic = silver_topic(source)
+            self._inputs[names.get(topic, topic)] = _Input(source.name, AvroCodec(topic), scoring)
+        self.topics: tuple[str, ...] = tuple(self._inputs)
         self.partitions: dict[TopicPartition, PartitionState] = {}
         self.replayed = 0  # messages applied in replay (state only), for tests and metrics
         self.late = self.duplicates = 0  # events the views refused (outside replay), for tests and metrics
-        self._sources = {clicks_topic: T.I_CLICKS, payments_topic: T.I_PAYMENTS}  # input topic -> views' source
         self._all_committed = True  # nothing handled since the last successful commit
-        self._codecs = {clicks_topic: AvroCodec(T.I_CLICKS), payments_topic: AvroCodec(T.I_PAYMENTS)}
-        self._snapshot = snapshot_codec()
-        self._scoring = AvroCodec(T.I_SCORING)
+        self._snapshot = snapshot_codec(self.views)
+        self._log_topic = names.get(T.I_FEATURE_LOG, T.I_FEATURE_LOG)
         self._log = AvroCodec(T.I_FEATURE_LOG)
 
     def handle(self, batch: list[Message]) -> StepResult:
@@ -182,36 +207,36 @@ class FeaturesStage:
         for msg in batch:
             part = self.partitions.get((msg.topic, msg.partition))
             if part is None:  # assigned without on_assign (a runner without the hook): start where it starts
-                part = self.partitions[(msg.topic, msg.partition)] = PartitionState(FeatureComputer(), msg.offset)
+                part = self.partitions[(msg.topic, msg.partition)] = PartitionState(FeatureComputer(self.views),
+                                                                                    msg.offset)
             if msg.offset < part.position:
                 log.warning("features: %s[%d] offset %d is already in the state (at %d), skipped",
                             msg.topic, msg.partition, msg.offset, part.position)
                 continue
             part.position = msg.offset + 1
             replay = msg.offset < part.replay_until
+            source = self._inputs[msg.topic]
             try:
-                record = self._codecs[msg.topic].decode(msg.value)
+                record = source.codec.decode(msg.value)
             except DecodeError as exc:
                 if not replay:  # a replayed one was dead-lettered the first time
                     result.rejected.append(Rejected(msg, exc))
                 continue
             items = record["items"]
-            source = self._sources[msg.topic]
             if replay:
                 for item in items:
-                    part.computer.add(source, item, values=False)
+                    part.computer.add(source.source, item, values=False)
                 self.replayed += 1
                 continue
-            payments = msg.topic == self.payments_topic
             rows = rows_of.setdefault((msg.topic, msg.partition), [])
             for item in items:
-                got = part.computer.add(source, item)
+                got = part.computer.add(source.source, item)
                 rows.extend(got)
-                if payments:  # serving uses the values as of this payment, as the feature log records them
+                if source.scoring is not None:  # serving uses the values as of this event, as logged
                     item["served"] = {view_key(view): values for view, _, _, _, values in got} or None
-            if payments:
-                result.produce.append(Produce(T.I_SCORING, None, self._scoring.encode({"items": items}),
-                                              partition=msg.partition))
+            if source.scoring is not None:
+                topic, codec = source.scoring
+                result.produce.append(Produce(topic, None, codec.encode({"items": items}), partition=msg.partition))
         last: dict[FeatureView, Touched] = {}
         for tp, rows in rows_of.items():
             self.partitions[tp].computer.latest(rows, last)
@@ -255,7 +280,7 @@ class FeaturesStage:
                 continue
             restored = self._restore(tp, c)
             if restored is None:
-                self.partitions[tp] = PartitionState(FeatureComputer(), 0, replay_until=c)
+                self.partitions[tp] = PartitionState(FeatureComputer(self.views), 0, replay_until=c)
                 starts[tp] = OFFSET_BEGINNING
                 log.info("features: %s[%d] has no usable snapshot, replaying from the beginning to %d", *tp, c)
             else:
@@ -323,7 +348,7 @@ class FeaturesStage:
             return None
         try:
             offset, state = self._snapshot.decode(raw)
-            computer = FeatureComputer.from_state(state)
+            computer = FeatureComputer.from_state(state, self.views)
         except SnapshotError as exc:
             log.warning("features: snapshot of %s[%d] refused: %s", *tp, exc)
             return None
@@ -339,4 +364,4 @@ class FeaturesStage:
             "entity_ids": [r[1] for r in rows], "event_ids": [r[2] for r in rows], "ts_ms": [r[3] for r in rows],
             "values": [x for r in rows for x in r[4]],
         }
-        return Produce(T.I_FEATURE_LOG, None, self._log.encode(record))
+        return Produce(self._log_topic, None, self._log.encode(record))

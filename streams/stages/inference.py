@@ -1,29 +1,32 @@
-"""Inference: score every payment, micro-batched, routed, and answered even when a dependency fails.
+"""Inference: score every event of one model, micro-batched, routed, and answered even when a dependency fails.
 
-Input: ``weir.scoring`` micro-batches. The runner gathers messages across
-every assigned partition until they hold ``PIPELINE_DEPTH`` batches of
-``max_batch`` payments (``WEIR_INFERENCE_MAX_BATCH``;
-:class:`streams.runtime.Batching`) or its max wait passed
-(``WEIR_INFERENCE_MAX_WAIT_MS``: the longest a payment waits for its batch to
-fill); the stage pools their payments and scores them in batches of at most
-``max_batch``. Per batch:
+Input: the ``weir.scoring.<source>`` micro-batches of the model's scored
+source. The runner gathers messages across every assigned partition until
+they hold ``PIPELINE_DEPTH`` batches of ``max_batch`` events
+(``WEIR_INFERENCE_MAX_BATCH``; :class:`streams.runtime.Batching`) or its max
+wait passed (``WEIR_INFERENCE_MAX_WAIT_MS``: the longest an event waits for
+its batch to fill); the stage pools their events and scores them in batches
+of at most ``max_batch``. Per batch:
 
-1. features: one Redis round trip (:class:`~streams.serving.resilience.ServedFeatures`);
-   Redis down gives last-known values or defaults, flagged ``degraded``;
+1. features: the views over the scored source come with each event; the
+   others in one Redis round trip; request features from the event itself
+   (:class:`~streams.serving.resilience.ServedFeatures`); Redis down gives
+   last-known values or defaults, flagged ``degraded``;
 2. routing: the :class:`~streams.serving.routing.ModelSet` read once (one
-   version per route for the whole batch); each entity goes to the canary or
-   the champion by a stable hash; one model run per route;
+   version per route for the whole batch); each entity (the model's key) goes
+   to the canary or the champion by a stable hash; one model run per route;
 3. scoring through the response cache (when enabled) and the
    :class:`~streams.serving.resilience.ScoringChain` (model, else online learner, else rules);
-4. shadows score the same batch and publish only to ``predictions.shadow.fraud``.
+4. shadows score the same batch and publish only to ``predictions.shadow.<model>``.
 
 Model runs go to the chain's model thread; batches are pipelined (batch k's
 model run overlaps batch k-1's encoding and batch k+1's feature read).
 
-Outputs, in input order per partition: one ``predictions.fraud`` record per
-payment (key card id) naming its route, model version, serving path,
-decision and degraded flag; a ``weir.scored`` batch per input partition with
-the served feature vectors (the learner's and the training sets' input); a
+Outputs, in input order per partition: one ``predictions.<model>`` record per
+event (keyed by the model's key) naming its route, model version, serving
+path, decision (a binary model's) and degraded flag, with the fields the model
+carries; a ``weir.scored`` batch per input partition with the served feature
+vectors (the online learner's input); a
 ``weir.audit`` batch per input partition (ClickHouse ``prediction_audit``)
 with the latency breakdown; every ``metrics_every_s`` the serving counters
 to ``model.metrics``. The runner commits the input offsets only after all of
@@ -47,7 +50,8 @@ from sinks.redis_store import OnlineStore
 from streams import topics as T
 from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded, leading_array_length
-from streams.features.definitions import CARD, USER
+from streams.project.contracts import scoring_topic
+from streams.project.spec import LabelField, Model, Project
 from streams.serving.cache import ResponseCache, feature_hash
 from streams.serving.resilience import (
     SERVED_BY_CACHE,
@@ -57,32 +61,26 @@ from streams.serving.resilience import (
     ScoringChain,
     ServedFeatures,
     Submitted,
+    rules_for,
 )
 from streams.serving.routing import CANARY, CHAMPION, SHADOW, ModelSet, ModelSlot
 
-__all__ = ["DECISION_THRESHOLD", "MODEL_NAME", "SERVING_VIEWS", "InferenceStage", "ModelSet", "ModelSlot",
-           "model_version_name"]
+__all__ = ["InferenceStage", "ModelSet", "ModelSlot"]
 
-MODEL_NAME = "fraud"
-DECISION_THRESHOLD = 0.5  # a score at or above it flags the payment as fraud (WEIR_DECISION_THRESHOLD)
-SERVING_VIEWS = ((CARD, "card_id"), (USER, "customer_id"))  # the model's views, in order, and the payment's key
 SERVED_PATHS = (SERVED_BY_MODEL, SERVED_BY_CACHE, SERVED_BY_ONLINE, SERVED_BY_RULES)
-AUDIT_COLUMNS = ("event_ids", "entity_ids", "payment_ids", "ts_ms", "queue_ms", "scores", "decisions",
-                 "model_versions", "routes", "served_by", "degraded", "feature_hashes", "features")
+AUDIT_COLUMNS = ("event_ids", "entity_ids", "ts_ms", "queue_ms", "scores", "decisions", "model_versions", "routes",
+                 "served_by", "degraded", "feature_hashes", "features")
 PIPELINE_DEPTH = 4  # inference batches gathered per handle, so that their model runs overlap the stage's work
 
 
-def model_version_name(version: int) -> str:
-    """How predictions name a registered version of the champion model."""
-    return f"{MODEL_NAME}-v{version}"
-
-
 class Pending(NamedTuple):
-    """A payment waiting in an inference batch: its input partition and arrival time on ``weir.scoring``."""
+    """An event waiting in an inference batch: its input partition, arrival time on the scoring topic, and
+    the prediction's key."""
 
     partition: int
     arrived_ms: int
-    payment: dict[str, Any]
+    event: dict[str, Any]
+    key: str
 
 
 @dataclass
@@ -126,18 +124,29 @@ class Job:
 
 
 class InferenceStage:
-    step_id = "inference"
-    topics = (T.I_SCORING,)
+    """Scores the events of one model of ``project`` (see the module docstring).
 
-    def __init__(self, store: OnlineStore, slot: ModelSlot, *, max_batch: int = 1024,
-                 threshold: float = DECISION_THRESHOLD, chain: ScoringChain | None = None,
-                 cache: ResponseCache | None = None, audit_vectors: bool = True, metrics_every_s: float = 10.0,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.served = ServedFeatures(store, SERVING_VIEWS)
+    ``slot`` holds the versions that serve (the rules until ``model.events`` names one); ``chain`` the
+    fallbacks (by default: the model's rules); ``rename`` maps a default topic name to the one actually
+    used (tests run on topics of their own)."""
+
+    def __init__(self, project: Project, model: Model, store: OnlineStore, slot: ModelSlot, *,
+                 max_batch: int = 1024, chain: ScoringChain | None = None, cache: ResponseCache | None = None,
+                 audit_vectors: bool = True, metrics_every_s: float = 10.0, clock: Callable[[], float] = time.time,
+                 rename: dict[str, str] | None = None) -> None:
+        names = rename or {}
+        self.model = model
+        self.step_id = f"inference-{model.name}"
+        source = project.source(model.source)
+        self.key_field = model.key or source.partition_key
+        self.carry = tuple(n for n in model.carry if n not in (self.key_field, "event_id"))
+        self.label_field = model.label.field if isinstance(model.label, LabelField) else None
+        self.served = ServedFeatures(store, [(ref.view, ref.key_field) for ref in model.views],
+                                     [r.compute for r in model.request])
         self.slot = slot
         self.max_batch = max_batch
-        self.threshold = threshold
-        self.chain = chain or ScoringChain()
+        self.threshold: float | None = model.threshold if model.task == "binary" else None
+        self.chain = chain or ScoringChain(rules_for(model))
         self.cache = cache
         self.audit_vectors = audit_vectors
         self.metrics_every_s = metrics_every_s
@@ -145,9 +154,13 @@ class InferenceStage:
         self.scored = 0
         self.counts: Counter[str] = Counter()  # served_by paths, routes, degraded rows, failed shadows
         self._next_metrics = clock() + metrics_every_s
-        self._in = {T.I_SCORING: AvroCodec(T.I_SCORING)}
-        self._pred = AvroCodec(T.PREDICTIONS)
-        self._shadow = AvroCodec(T.PREDICTIONS_SHADOW)
+        scoring = scoring_topic(source)
+        self.topics: tuple[str, ...] = (names.get(scoring, scoring),)
+        self._in = {self.topics[0]: AvroCodec(scoring)}
+        self._out = {t: names.get(t, t) for t in (model.prediction_topic, model.shadow_topic, T.I_SCORED, T.I_AUDIT,
+                                                   T.MODEL_METRICS)}
+        self._pred = AvroCodec(model.prediction_topic)
+        self._shadow = AvroCodec(model.shadow_topic)
         self._scored = AvroCodec(T.I_SCORED)
         self._audit = AvroCodec(T.I_AUDIT)
         self._metric = AvroCodec(T.MODEL_METRICS)
@@ -168,8 +181,9 @@ class InferenceStage:
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         pending: list[Pending] = []
+        key = self.key_field
         for msg, record in decoded(batch, self._in, result):
-            pending.extend(Pending(msg.partition, msg.timestamp_ms, p) for p in record["items"])
+            pending.extend(Pending(msg.partition, msg.timestamp_ms, e, str(e.get(key) or "")) for e in record["items"])
         # pipelined: while the model thread runs batch k, this thread encodes batch k-1's outputs and reads
         # batch k+1's features (the model runtimes release the GIL); outputs stay in input order
         inflight: Job | None = None
@@ -192,12 +206,12 @@ class InferenceStage:
         can, and hand the model runs to the model thread."""
         started_ms = self.clock() * 1000
         t0 = time.perf_counter()
-        X, degraded = self.served.fetch([p.payment for p in batch])
+        X, degraded = self.served.fetch([p.event for p in batch])
         t1 = time.perf_counter()
         hashes = [feature_hash(row) for row in X]
         models = self.slot.models
         n = X.shape[0]
-        served = Served(np.empty(n), [""] * n, [""] * n, [models.route(p.payment["card_id"]) for p in batch], [])
+        served = Served(np.empty(n), [""] * n, [""] * n, [models.route(p.key) for p in batch], [])
         runs = []
         for route in (CHAMPION, CANARY):
             rows = [i for i, r in enumerate(served.routes) if r == route]
@@ -257,36 +271,50 @@ class InferenceStage:
 
     # --- what a batch publishes ---
 
-    def _prediction(self, p: dict[str, Any], score: float, version: str, route: str, served_by: str,
+    def _decision(self, score: float) -> bool | None:
+        return None if self.threshold is None else score >= self.threshold
+
+    def _prediction(self, p: Pending, score: float, version: str, route: str, served_by: str,
                     degraded: bool, now_ms: int) -> dict[str, Any]:
-        return {
-            "event_id": p["event_id"], "payment_id": p["payment_id"], "card_id": p["card_id"],
-            "customer_id": p["customer_id"], "score": score, "model_name": MODEL_NAME, "model_version": version,
-            "latency_ms": float(now_ms - p["source_ms"]), "event_ts": p["ts_ms"], "predicted_ts": now_ms,
-            "decision": score >= self.threshold, "threshold": self.threshold, "route": route,
-            "served_by": served_by, "degraded": degraded,
-        }
+        e = p.event
+        out = {"event_id": e["event_id"], self.key_field: p.key}
+        for name in self.carry:
+            out[name] = e.get(name)
+        out.update(score=score, model_name=self.model.name, model_version=version,
+                   latency_ms=float(now_ms - e["source_ms"]), event_ts=e["ts_ms"], predicted_ts=now_ms,
+                   decision=self._decision(score), threshold=self.threshold, route=route, served_by=served_by,
+                   degraded=degraded)
+        return out
+
+    def _label(self, e: dict[str, Any]) -> float | None:
+        if self.label_field is None:
+            return None
+        value = e.get(self.label_field)
+        return None if value is None else float(value)
 
     def _outputs(self, job: Job, now_ms: int) -> list[Produce]:
         batch, X, degraded, served = job.batch, job.X, job.degraded, job.served
         produce: list[Produce] = []
         scored: dict[int, list[dict[str, Any]]] = {}
-        for i, (part, _, p) in enumerate(batch):
+        pred_topic, shadow_topic = self._out[self.model.prediction_topic], self._out[self.model.shadow_topic]
+        for i, p in enumerate(batch):
             score = float(served.scores[i])
             pred = self._prediction(p, score, served.versions[i], served.routes[i], served.served_by[i],
                                     bool(degraded[i]), now_ms)
-            key = p["card_id"].encode()
-            produce.append(Produce(T.PREDICTIONS, key, self._pred.encode(pred)))
+            key = p.key.encode()
+            produce.append(Produce(pred_topic, key, self._pred.encode(pred)))
             for version, scores in served.shadows:
                 shadow = self._prediction(p, float(scores[i]), version, SHADOW, SERVED_BY_MODEL, bool(degraded[i]),
                                           now_ms)
-                produce.append(Produce(T.PREDICTIONS_SHADOW, key, self._shadow.encode(shadow)))
-            scored.setdefault(part, []).append({
-                "event_id": p["event_id"], "payment_id": p["payment_id"], "card_id": p["card_id"],
-                "ts_ms": p["ts_ms"], "features": X[i].tolist(), "score": score, "model_version": served.versions[i],
+                produce.append(Produce(shadow_topic, key, self._shadow.encode(shadow)))
+            scored.setdefault(p.partition, []).append({
+                "event_id": p.event["event_id"], "model_name": self.model.name, "entity_id": p.key,
+                "ts_ms": p.event["ts_ms"], "features": X[i].tolist(), "score": score,
+                "model_version": served.versions[i], "label": self._label(p.event),
             })
+        topic = self._out[T.I_SCORED]
         for part, rows in scored.items():
-            produce.append(Produce(T.I_SCORED, None, self._scored.encode({"items": rows}), partition=part))
+            produce.append(Produce(topic, None, self._scored.encode({"items": rows}), partition=part))
         return produce
 
     def _audit_batches(self, job: Job, now_ms: int, timings: dict[str, float]) -> list[Produce]:
@@ -296,20 +324,20 @@ class InferenceStage:
         answers = [(served.scores, served.versions, served.routes, served.served_by)]
         answers += [(scores, [v] * len(batch), [SHADOW] * len(batch), [SERVED_BY_MODEL] * len(batch))
                     for v, scores in served.shadows]
-        for i, (part, arrived_ms, p) in enumerate(batch):
+        for i, (part, arrived_ms, e, key) in enumerate(batch):
             cols = per_part.get(part)
             if cols is None:
                 cols = per_part[part] = {name: [] for name in AUDIT_COLUMNS} | {
-                    "n_features": X.shape[1], "threshold": self.threshold, "predicted_ms": now_ms, **timings}
+                    "model_name": self.model.name, "n_features": X.shape[1], "threshold": self.threshold,
+                    "predicted_ms": now_ms, **timings}
             for scores, versions, routes, paths in answers:
                 score = float(scores[i])
-                cols["event_ids"].append(p["event_id"])
-                cols["entity_ids"].append(p["card_id"])
-                cols["payment_ids"].append(p["payment_id"])
-                cols["ts_ms"].append(p["ts_ms"])
+                cols["event_ids"].append(e["event_id"])
+                cols["entity_ids"].append(key)
+                cols["ts_ms"].append(e["ts_ms"])
                 cols["queue_ms"].append(max(0.0, job.started_ms - arrived_ms))
                 cols["scores"].append(score)
-                cols["decisions"].append(score >= self.threshold)
+                cols["decisions"].append(bool(self._decision(score)))
                 cols["model_versions"].append(versions[i])
                 cols["routes"].append(routes[i])
                 cols["served_by"].append(paths[i])
@@ -317,7 +345,8 @@ class InferenceStage:
                 cols["feature_hashes"].append(job.hashes[i])
                 if self.audit_vectors:
                     cols["features"].extend(X[i].tolist())
-        return [Produce(T.I_AUDIT, None, self._audit.encode(cols), partition=part) for part, cols in per_part.items()]
+        topic = self._out[T.I_AUDIT]
+        return [Produce(topic, None, self._audit.encode(cols), partition=part) for part, cols in per_part.items()]
 
     def metric_records(self) -> list[Produce]:
         """The serving counters as ``model.metrics`` records: the share of predictions per serving path and
@@ -330,7 +359,8 @@ class InferenceStage:
         values.append(("degraded", self.counts["degraded"] / self.scored if self.scored else 0.0, self.scored))
         if self.cache is not None:
             values.append(("cache_hit_rate", self.cache.hit_rate, self.cache.lookups))
-        return [Produce(T.MODEL_METRICS, MODEL_NAME.encode(), self._metric.encode({
-            "metric_id": f"inference:{metric}:{now_ms}", "ts": now_ms, "model_name": MODEL_NAME,
+        name = self.model.name
+        return [Produce(self._out[T.MODEL_METRICS], name.encode(), self._metric.encode({
+            "metric_id": f"inference:{name}:{metric}:{now_ms}", "ts": now_ms, "model_name": name,
             "model_version": version, "metric": metric, "value": value, "labels": count}))
             for metric, value, count in values]

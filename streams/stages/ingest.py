@@ -1,20 +1,25 @@
 """Ingest: decode, validate, check event time, pseudonymize, dedup, re-key into internal micro-batches.
 
-Inputs: ``clickstream.events`` (one event per message) and the Debezium
-topics ``cdc.payments`` and ``cdc.payment_labels``. Outputs: ``weir.clicks``
-and ``weir.payments`` (Avro micro-batches, one message per destination
-partition per batch, partitioned by user id / card id) and ``labels.fraud``
-(public, one label per message): the *silver* stream — validated, deduped,
-and with every PII field replaced by its token. Every refused record goes to
-``dlq.<topic>`` with its reason (see :class:`streams.base.Reason`); every
-consumed message is either accepted, skipped (a CDC update, delete or
-tombstone, which ingest does not score), or dead-lettered.
+Inputs: every source topic of the project (one event per message; a CDC
+source's messages are Debezium envelopes). Outputs: per source,
+``weir.silver.<source>`` (:mod:`streams.project.contracts`): Avro micro-batches,
+one message per destination partition per batch, partitioned by the source's
+partition key, each event its id, event time, the produce time of its message
+and the fields the source keeps, every PII field replaced by its token: the
+*silver* stream. Every refused record goes to ``dlq.<topic>`` with its reason
+(see :class:`streams.base.Reason`); every consumed message is either accepted,
+skipped (a CDC update, delete or tombstone, which ingest does not pass on), or
+dead-lettered.
 
-Dedup keys: a click's ``event_id``; a CDC change's (topic, key, op,
+Checks, in order, each naming the field it refuses: the event id and the
+partition key are present and non-empty, so is every ``required`` field;
+every ``ranges`` rule holds; the event time parses and is plausible and not
+late (:class:`EventTimeGuard`, per source partition). Snapshot reads
+(``op="r"``) are history and skip the event-time checks.
+
+Dedup keys: a plain event's id; a CDC change's (topic, key, op,
 ``source.lsn``, ``source.txId``), which a connector re-sending after a crash
-repeats exactly. Snapshot reads (``op="r"``) are history and skip the
-event-time checks; everything else is checked by :class:`EventTimeGuard`
-per source partition.
+repeats exactly.
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, StepR
 from streams.codec import AvroCodec
 from streams.dedup import DedupStore
 from streams.event_time import EventTimeGuard
+from streams.project.contracts import silver_topic, source_fields
+from streams.project.spec import Project, Source
 from streams.pseudonymize import Pseudonymizer, topic_pii
-
-MAX_AMOUNT = 1_000_000.0
 
 
 def iso_ms(value: str) -> int:
@@ -40,47 +45,21 @@ def iso_ms(value: str) -> int:
     except (TypeError, ValueError) as exc:
         raise InvalidEvent(Reason.OUT_OF_RANGE, f"not an ISO-8601 timestamp: {value!r}") from exc
     if dt.tzinfo is None:
-        raise InvalidEvent(Reason.OUT_OF_RANGE, "timestamp without a time zone")
+        raise InvalidEvent(Reason.OUT_OF_RANGE, f"timestamp {value!r} has no time zone")
     return int(dt.timestamp() * 1000)
 
 
-def require(record: dict[str, Any], *names: str) -> None:
-    for name in names:
-        if record.get(name) in (None, ""):
-            raise InvalidEvent(Reason.MISSING_FIELD, f"required field {name!r} is missing or empty")
-
-
-def to_click(rec: dict[str, Any]) -> dict[str, Any]:
-    require(rec, "event_id", "user_id", "session_id")
-    amount = rec.get("amount")
-    if amount is not None and not 0 <= amount <= MAX_AMOUNT:
-        raise InvalidEvent(Reason.OUT_OF_RANGE, f"amount {amount} outside [0, {MAX_AMOUNT:g}]")
-    return {
-        "event_id": rec["event_id"], "event_type": rec["event_type"], "user_id": rec["user_id"],
-        "session_id": rec["session_id"], "device_id": rec.get("device_id"),
-        "ts_ms": int(rec["ts"].timestamp() * 1000), "amount": amount,
-    }
-
-
-def to_payment(row: dict[str, Any], source_ms: int) -> dict[str, Any]:
-    require(row, "payment_id", "card_id", "customer_id", "merchant_id", "created_at")
-    amount = row["amount"]
-    if not 0 < amount <= MAX_AMOUNT:
-        raise InvalidEvent(Reason.OUT_OF_RANGE, f"amount {amount} outside (0, {MAX_AMOUNT:g}]")
-    return {
-        "event_id": row["payment_id"], "payment_id": row["payment_id"], "card_id": row["card_id"],
-        "customer_id": row["customer_id"], "merchant_id": row["merchant_id"],
-        "merchant_category": row["merchant_category"], "amount": float(amount), "device_id": row.get("device_id"),
-        "ts_ms": iso_ms(row["created_at"]), "source_ms": source_ms,
-    }
-
-
-def to_label(row: dict[str, Any]) -> dict[str, Any]:
-    require(row, "payment_id", "payment_created_at", "labelled_at")
-    return {
-        "event_id": f"label:{row['payment_id']}", "payment_id": row["payment_id"], "is_fraud": bool(row["is_fraud"]),
-        "payment_ts": iso_ms(row["payment_created_at"]), "label_ts": iso_ms(row["labelled_at"]),
-    }
+def epoch_ms(value: Any, name: str) -> int:
+    """Epoch milliseconds of an event-time value: an aware datetime (Avro ``timestamp-millis``), an integer of
+    epoch ms, or an ISO-8601 string with offset."""
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1000)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return iso_ms(value)
+    raise InvalidEvent(Reason.MISSING_FIELD if value is None else Reason.OUT_OF_RANGE,
+                       f"event time {name!r} is {'missing' if value is None else type(value).__name__}")
 
 
 class Accepted(NamedTuple):
@@ -88,12 +67,54 @@ class Accepted(NamedTuple):
 
     message: Message
     dedup_id: str
-    kind: str  # "click" | "payment" | "label"
+    source: SourcePlan
     record: dict[str, Any]
 
 
+class SourcePlan:
+    """One source, compiled for ingest: its codecs, checks, PII fields and what it keeps."""
+
+    def __init__(self, project: Project, source: Source, pseudonymizer: Pseudonymizer) -> None:
+        self.source = source
+        self.cdc = source.cdc is not None
+        self.codec = AvroCodec(source.topic)
+        self.out = AvroCodec(silver_topic(source))
+        self.out_topic = silver_topic(source)
+        types = source_fields(project, source)
+        self.timestamps = [f for f in source.fields if types[f].logical == "timestamp-millis"]
+        self.must = list(dict.fromkeys((source.event_id, source.partition_key, *source.required)))
+        pii = topic_pii(source.topic)
+        self.pii = frozenset(f for f in source.fields if f in pii)
+        self.token_id = source.event_id in pii
+        self._pseudo = pseudonymizer
+
+    def check(self, rec: dict[str, Any]) -> None:
+        """Raise :class:`InvalidEvent` naming the field when a required one is missing or a range is violated."""
+        for name in self.must:
+            if rec.get(name) in (None, ""):
+                raise InvalidEvent(Reason.MISSING_FIELD, f"required field {name!r} is missing or empty")
+        for rule in self.source.ranges:
+            value = rec.get(rule.field)
+            if value is not None and rule.violated(value):
+                raise InvalidEvent(Reason.OUT_OF_RANGE, f"{rule.field} {value} outside {rule.describe()}")
+
+    def silver(self, rec: dict[str, Any], ts_ms: int, source_ms: int) -> dict[str, Any]:
+        """The record ingest emits (after :meth:`check`): id, event time, produce time and the kept fields,
+        PII as tokens."""
+        event_id = rec[self.source.event_id]
+        out: dict[str, Any] = {"event_id": self._pseudo.token(str(event_id)) if self.token_id else str(event_id),
+               "ts_ms": ts_ms, "source_ms": source_ms}
+        for name in self.source.fields:
+            out[name] = rec.get(name)
+        for name in self.timestamps:
+            if isinstance(out[name], datetime):
+                out[name] = int(out[name].timestamp() * 1000)
+        self._pseudo.in_place(self.pii, out)
+        return out
+
+
 class IngestStage:
-    """Validation, event time, pseudonymization, dedup and re-keying.
+    """Validation, event time, pseudonymization, dedup and re-keying of every source of a project.
 
     State: event-time watermarks in memory (see :mod:`streams.event_time`) and
     the dedup store, which survives restarts when it is Redis. ``counts`` tallies
@@ -101,20 +122,15 @@ class IngestStage:
     """
 
     step_id = "ingest"
-    topics = (T.CLICKS, T.CDC_PAYMENTS, T.CDC_LABELS)
 
-    def __init__(self, partitions: int, *, dedup: DedupStore, pseudonymizer: Pseudonymizer,
+    def __init__(self, project: Project, partitions: int, *, dedup: DedupStore, pseudonymizer: Pseudonymizer,
                  event_time: EventTimeGuard) -> None:
         self.partitions = partitions
         self.dedup = dedup
         self.event_time = event_time
         self.counts: Counter[str] = Counter()
-        self._pseudo = pseudonymizer
-        self._in = {t: AvroCodec(t) for t in self.topics}
-        self._pii = {t: topic_pii(t) for t in self.topics}
-        self._clicks = AvroCodec(T.I_CLICKS)
-        self._payments = AvroCodec(T.I_PAYMENTS)
-        self._labels = AvroCodec(T.LABELS)
+        self._plans = {s.topic: SourcePlan(project, s, pseudonymizer) for s in project.sources}
+        self.topics: tuple[str, ...] = tuple(self._plans)
 
     @property
     def duplicates(self) -> int:
@@ -136,23 +152,17 @@ class IngestStage:
                 accepted.append(item)
         fresh = self.dedup.first_seen([(a.dedup_id, f"{a.message.topic}:{a.message.partition}:{a.message.offset}")
                                        for a in accepted])
-        clicks: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        payments: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        out: dict[tuple[SourcePlan, int], list[dict[str, Any]]] = defaultdict(list)
         for item, first in zip(accepted, fresh, strict=True):
             if not first:
                 self._reject(result, item.message, InvalidEvent(
                     Reason.DUPLICATE, f"event {item.dedup_id!r} was already ingested within the dedup horizon"))
                 continue
             self.counts["accepted"] += 1
-            rec = item.record
-            if item.kind == "click":
-                clicks[T.partition_for(rec["user_id"], self.partitions)].append(rec)
-            elif item.kind == "payment":
-                payments[T.partition_for(rec["card_id"], self.partitions)].append(rec)
-            else:
-                result.produce.append(Produce(T.LABELS, rec["payment_id"].encode(), self._labels.encode(rec)))
-        result.produce.extend(self._batches(T.I_CLICKS, self._clicks, clicks))
-        result.produce.extend(self._batches(T.I_PAYMENTS, self._payments, payments))
+            key = item.record[item.source.source.partition_key]
+            out[(item.source, T.partition_for(str(key), self.partitions))].append(item.record)
+        result.produce.extend(Produce(plan.out_topic, None, plan.out.encode({"items": items}), partition=p)
+                              for (plan, p), items in out.items())
         return result
 
     def _reject(self, result: StepResult, msg: Message, exc: InvalidEvent) -> None:
@@ -162,31 +172,26 @@ class IngestStage:
     def _validate(self, msg: Message, now_ms: int) -> Accepted | None:
         """The accepted record of ``msg``, ``None`` to skip it, or :class:`InvalidEvent`.
 
-        PII is tokenized in the record ingest emits (fields it drops, such as a click's IP,
-        never leave at all), so each raw value is hashed once and only if it travels on."""
-        source = (msg.topic, msg.partition)
-        if msg.topic == T.CLICKS:
-            click = to_click(self._in[msg.topic].decode(msg.value))
-            self.event_time.check(source, click["ts_ms"], now_ms)
-            self._pseudo.in_place(self._pii[msg.topic], click)
-            return Accepted(msg, click["event_id"], "click", click)
+        PII is tokenized in the record ingest emits (fields it does not keep never leave at all), so each
+        raw value is hashed once and only if it travels on."""
+        plan = self._plans[msg.topic]
+        source = plan.source
+        if not plan.cdc:
+            rec = plan.codec.decode(msg.value)
+            plan.check(rec)
+            ts = epoch_ms(rec.get(source.event_time), source.event_time)
+            self.event_time.check((msg.topic, msg.partition), ts, now_ms)
+            return Accepted(msg, str(rec.get(source.event_id)), plan, plan.silver(rec, ts, msg.timestamp_ms))
         if msg.value is None:  # Debezium tombstone after a delete: nothing to ingest
             return None
-        envelope = self._in[msg.topic].decode(msg.value)
+        envelope = plan.codec.decode(msg.value)
         if envelope["op"] not in ("c", "r") or envelope["after"] is None:
-            return None  # updates and deletes are kept in bronze, not scored or labelled
-        src = envelope["source"]
+            return None  # updates and deletes are kept in bronze, not passed on
+        src, row = envelope["source"], envelope["after"]
+        plan.check(row)
         change_id = f"{msg.topic}|{(msg.key or b'').decode(errors='replace')}|{envelope['op']}|" \
                     f"{src.get('lsn')}|{src.get('txId')}"
-        if msg.topic == T.CDC_PAYMENTS:
-            rec, kind, ts = to_payment(envelope["after"], msg.timestamp_ms), "payment", "ts_ms"
-        else:
-            rec, kind, ts = to_label(envelope["after"]), "label", "label_ts"
+        ts = epoch_ms(row.get(source.event_time), source.event_time) if source.event_time else int(src["ts_ms"])
         if envelope["op"] != "r":  # snapshot reads are history: no lateness or age limits
-            self.event_time.check(source, rec[ts], now_ms)
-        self._pseudo.in_place(self._pii[msg.topic], rec)
-        return Accepted(msg, change_id, kind, rec)
-
-    @staticmethod
-    def _batches(topic: str, codec: AvroCodec, groups: dict[int, list[dict[str, Any]]]) -> list[Produce]:
-        return [Produce(topic, None, codec.encode({"items": items}), partition=p) for p, items in groups.items()]
+            self.event_time.check((msg.topic, msg.partition), ts, now_ms)
+        return Accepted(msg, change_id, plan, plan.silver(row, ts, msg.timestamp_ms))

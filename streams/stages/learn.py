@@ -1,17 +1,21 @@
-"""Learn: the online learner, trained on each payment's label with the features served when it was scored.
+"""Learn: a model's online learner, trained on each scored event's label with the features served for it.
 
-Inputs: ``weir.scored`` (served feature vectors and the champion's score)
-and ``labels.fraud``. For every scored payment it publishes the online
-learner's score (test, then train) to ``predictions.fraud.online``; when the
-label arrives it learns from the served features and emits an outcome
-(label, champion score, online score) to ``weir.outcomes`` for the drift
-stage. A label may arrive before its scored record: it waits. Both waits are
-bounded: by count (``max_pending``) and by ``join_horizon_ms`` of event time (a
-scored payment still without a label when newer payments are that much later,
-or a label without its scored record, is given up and counted in ``expired``).
+Inputs: ``weir.scored`` (served feature vectors and the champion's score,
+every model's: this stage keeps its model's) and, for a model whose label is a
+stream of its own (:class:`~streams.project.spec.LabelStream`), that source's
+``weir.silver.<source>``. For every scored event it publishes the online
+learner's score (test, then train) to ``predictions.<model>.online``; when the
+label arrives it learns from the served features and emits an outcome (label,
+champion score, online score) to ``weir.outcomes`` for the drift stage. A label
+may arrive before its scored record: it waits. Both waits are bounded: by count
+(``max_pending``) and by the label's ``horizon_s`` of event time (a scored
+event still without a label when newer events are that much later, or a label
+without its scored record, is given up and counted in ``expired``). A model
+whose label is a field of the scored event
+(:class:`~streams.project.spec.LabelField`) learns as soon as it is scored.
 
-Co-partitioning: both inputs must reach the same worker for a payment; with
-one learn worker (the default) that always holds.
+Co-partitioning: both inputs must reach the same worker for an event; with
+one learn worker per model (the default) that always holds.
 
 **Recovery.** After a commit, at most every ``checkpoint_every_s``, the stage
 saves its whole state (the river model, the progressive metric, the pending
@@ -43,7 +47,8 @@ from models.progressive import Prediction, ProgressiveEvaluator
 from streams import topics as T
 from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded
-from streams.features.definitions import FEATURE_NAMES
+from streams.project.contracts import silver_topic
+from streams.project.spec import LabelStream, Model, Project
 from streams.state import SignedSnapshots, StateError
 
 log = logging.getLogger(__name__)
@@ -51,20 +56,16 @@ log = logging.getLogger(__name__)
 TopicPartition = tuple[str, int]
 OFFSET_BEGINNING = -2  # librdkafka's logical offset: the log's first retained record
 
-ONLINE_MODEL = "fraud-online"
-SERVING_SNAPSHOT = f"serving:{ONLINE_MODEL}"  # the primary learner alone, for inference's fallback
-CHAMPION_MODEL = "fraud"  # the batch model inference serves (streams.stages.inference.MODEL_NAME)
+
+def serving_snapshot(model: Model) -> str:
+    """The snapshot inference's fallback reads: the model's primary online learner alone."""
+    return f"serving:{model.online_name}"
 
 
 def _clip(p: float) -> float:
     """A probability for a prediction record: NaN as 0, clipped to [0, 1]."""
     p = float(p)
     return 0.0 if math.isnan(p) else min(1.0, max(0.0, p))
-
-
-def _ms(ts: datetime | int) -> int:
-    """Milliseconds since the epoch of a decoded ``timestamp-millis`` (fastavro gives aware datetimes)."""
-    return ts if isinstance(ts, int) else int(ts.timestamp() * 1000)
 
 
 class BoundedMap(OrderedDict[str, Any]):
@@ -93,29 +94,33 @@ class BoundedMap(OrderedDict[str, Any]):
 
 
 class LearnStage:
-    """Scores every served payment with the online learner, learns on its label, keeps its progressive metric.
+    """Scores every served event of one model with its online learner, learns on its label, keeps its
+    progressive metric.
 
-    The metric (``metric``, river's definition) is updated at each label with
-    the prediction made when the payment was scored: river's delayed
-    progressive validation. Every ``publish_every`` labels it is published to
-    ``model.metrics`` (and from there to the ClickHouse table ``model_metrics``),
-    with the ROC AUC of each champion version's served scores on the same labels.
+    The metric (``metric``, river's definition; by default the model's: ROC AUC or MAE) is updated at each
+    label with the prediction made when the event was scored: river's delayed progressive validation.
+    Every ``publish_every`` labels it is published to ``model.metrics`` (and from there to the ClickHouse
+    table ``model_metrics``), with the same metric of each champion version's served scores on the same
+    labels. ``rename`` maps a default topic name to the one actually used (tests).
     """
 
-    step_id = "learn"
-    topics = (T.I_SCORED, T.LABELS)
-
-    def __init__(self, learner: RiverLearner, version: str, *, metric: str = "rocauc", publish_every: int = 500,
+    def __init__(self, project: Project, model: Model, learner: RiverLearner, version: str, *,
+                 metric: str | None = None, publish_every: int = 500,
                  challengers: dict[str, tuple[RiverLearner, str]] | None = None,
-                 max_pending: int = 500_000, join_horizon_ms: int = 24 * 3_600_000,
-                 clock: Callable[[], float] = time.time,
+                 max_pending: int = 500_000, clock: Callable[[], float] = time.time,
                  snapshots: SignedSnapshots | None = None, checkpoint_every_s: float = 30.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, rename: dict[str, str] | None = None) -> None:
+        names = rename or {}
+        self.model = model
+        self.step_id = f"learn-{model.name}"
+        self.features = model.feature_names
+        self.key_field = model.key or project.source(model.source).partition_key
+        metric = metric or model.metric
         self.evaluator = ProgressiveEvaluator(learner, metric)
         # more online models beside the primary: model name -> (version, their evaluator); they score and learn
-        # the same payments, publish their own predictions and metrics, and feed nothing downstream
+        # the same events, publish their own predictions and metrics, and feed nothing downstream
         self.challengers: dict[str, tuple[str, ProgressiveEvaluator]] = {
-            f"{ONLINE_MODEL}-{name}": (v, ProgressiveEvaluator(lr, metric))
+            f"{model.online_name}-{name}": (v, ProgressiveEvaluator(lr, metric))
             for name, (lr, v) in (challengers or {}).items()}
         self.snapshots = snapshots
         self.checkpoint_every_s = checkpoint_every_s
@@ -129,15 +134,25 @@ class LearnStage:
         self.publish_every = publish_every
         self.version = version
         self.clock = clock
-        self.pending: BoundedMap = BoundedMap(max_pending)  # payment id -> scored record + online score
-        self.early_labels: BoundedMap = BoundedMap(max_pending)  # payment id -> label
-        self.join_horizon_ms = join_horizon_ms
-        self.champions: dict[str, list[Any]] = {}  # champion version -> [ROC AUC of its served scores, labels]
+        self.pending: BoundedMap = BoundedMap(max_pending)  # event id -> scored record + online score
+        self.early_labels: BoundedMap = BoundedMap(max_pending)  # event id -> (label, label time)
+        label = model.label
+        self.label = label if isinstance(label, LabelStream) else None
+        self.join_horizon_ms = int(label.horizon_s * 1000) if isinstance(label, LabelStream) else 0
+        self.champions: dict[str, list[Any]] = {}  # champion version -> [metric of its served scores, labels]
         self.expired = {"unlabelled": 0, "unscored_labels": 0}  # joins given up after the horizon
+        self.unlabelled_values = 0  # label records whose value was null
         self._newest_scored = self._newest_label = 0
         self.learned = 0
-        self._codecs = {T.I_SCORED: AvroCodec(T.I_SCORED), T.LABELS: AvroCodec(T.LABELS)}
-        self._pred = AvroCodec(T.PREDICTIONS_ONLINE)
+        scored = names.get(T.I_SCORED, T.I_SCORED)
+        self._codecs = {scored: AvroCodec(T.I_SCORED)}
+        self._scored_topic = scored
+        if self.label is not None:
+            labels = silver_topic(project.source(self.label.source))
+            self._codecs[names.get(labels, labels)] = AvroCodec(labels)
+        self.topics: tuple[str, ...] = tuple(self._codecs)
+        self._out = {t: names.get(t, t) for t in (model.online_topic, T.I_OUTCOMES, T.MODEL_METRICS)}
+        self._pred = AvroCodec(model.online_topic)
         self._outcome = AvroCodec(T.I_OUTCOMES)
         self._metric = AvroCodec(T.MODEL_METRICS)
 
@@ -154,11 +169,13 @@ class LearnStage:
             self.replayed += replay
             out = scratch if replay else result
             for _, record in decoded([msg], self._codecs, out):
-                if msg.topic == T.I_SCORED:
+                if msg.topic == self._scored_topic:
                     for item in record["items"]:
-                        self._scored(item, out)
+                        if item["model_name"] == self.model.name:
+                            self._scored(item, out)
                 else:
-                    self._label(record, out)
+                    for item in record["items"]:
+                        self._label(item, out)
         return result
 
     @property
@@ -170,7 +187,7 @@ class LearnStage:
 
     @property
     def snapshot_name(self) -> str:
-        return f"learn:{ONLINE_MODEL}:{self.version}"
+        return f"learn:{self.model.online_name}:{self.version}"
 
     def on_assign(self, assigned: list[TopicPartition],
                   committed: dict[TopicPartition, int | None]) -> dict[TopicPartition, int]:
@@ -198,7 +215,7 @@ class LearnStage:
             self.restored_from = "log"
             starts = dict.fromkeys(done, OFFSET_BEGINNING)
         self.replay_until = done
-        log.info("learn: state from %s, replaying %s", self.restored_from,
+        log.info("learn %s: state from %s, replaying %s", self.model.name, self.restored_from,
                  {f"{t}[{p}]": (starts[(t, p)], c) for (t, p), c in done.items()})
         return starts
 
@@ -224,9 +241,9 @@ class LearnStage:
         try:
             self.snapshots.save(self.snapshot_name, state)
             # inference's fallback when its model fails: the primary learner alone (streams.serving.resilience)
-            self.snapshots.save(SERVING_SNAPSHOT, {"version": self.version, "learner": self.learner})
+            self.snapshots.save(serving_snapshot(self.model), {"version": self.version, "learner": self.learner})
         except redis.RedisError as exc:
-            log.warning("learn: snapshot not saved (%s); retried at the next checkpoint", exc)
+            log.warning("learn %s: snapshot not saved (%s); retried at the next checkpoint", self.model.name, exc)
             return False
         return True
 
@@ -255,77 +272,105 @@ class LearnStage:
                 log.warning("learn: challenger %s is not in the snapshot: it starts untrained", name)
         self._newest_scored, self._newest_label = state.get("newest", (0, 0))
 
+    # --- the join and the learning ---
+
+    def _score(self, ev: ProgressiveEvaluator, x: dict[str, float]) -> tuple[float, Prediction]:
+        """(the score a prediction record carries, the test-time prediction the metric will get)."""
+        if self.model.task == "binary":
+            proba = ev.learner.predict_proba_dict(x)
+            return _clip(proba.get(True, 0.0)), ev.prediction(proba)
+        score = ev.learner.score(x)
+        return score, score
+
     def _scored(self, item: dict[str, Any], result: StepResult) -> None:
-        x = dict(zip(FEATURE_NAMES, item["features"]))
-        proba = self.learner.predict_proba_dict(x)
-        online = _clip(proba.get(True, 0.0))
+        x = dict(zip(self.features, item["features"]))
+        online, prediction = self._score(self.evaluator, x)
         now_ms = int(self.clock() * 1000)
+        key = item["entity_id"]
         pred = {
-            "event_id": item["event_id"], "payment_id": item["payment_id"], "card_id": item["card_id"],
-            "customer_id": "", "score": online, "model_name": ONLINE_MODEL, "model_version": self.version,
-            "latency_ms": 0.0, "event_ts": item["ts_ms"], "predicted_ts": now_ms,
+            "event_id": item["event_id"], self.key_field: key, "score": online, "model_name": self.model.online_name,
+            "model_version": self.version, "latency_ms": 0.0, "event_ts": item["ts_ms"], "predicted_ts": now_ms,
+            "decision": online >= self.model.threshold if self.model.task == "binary" else None,
+            "threshold": self.model.threshold if self.model.task == "binary" else None,
         }
-        result.produce.append(Produce(T.PREDICTIONS_ONLINE, item["card_id"].encode(), self._pred.encode(pred)))
+        topic = self._out[self.model.online_topic]
+        result.produce.append(Produce(topic, key.encode(), self._pred.encode(pred)))
         others: dict[str, Prediction] = {}
         for name, (version, ev) in self.challengers.items():
-            their = ev.learner.predict_proba_dict(x)
-            others[name] = ev.prediction(their)
-            record = pred | {"score": _clip(their.get(True, 0.0)), "model_name": name, "model_version": version}
-            result.produce.append(Produce(T.PREDICTIONS_ONLINE, item["card_id"].encode(), self._pred.encode(record)))
-        entry = (x, item, online, self.evaluator.prediction(proba), others)
-        label = self.early_labels.pop(item["payment_id"], None)
-        if label is None:
-            self.pending.put(item["payment_id"], entry)
+            score, others[name] = self._score(ev, x)
+            record = pred | {"score": score, "model_name": name, "model_version": version}
+            result.produce.append(Produce(topic, key.encode(), self._pred.encode(record)))
+        entry = (x, item, online, prediction, others)
+        if item.get("label") is not None:  # the label is a field of the scored event: learn now
+            self._learn(entry, float(item["label"]), item["ts_ms"], result)
+            return
+        early = self.early_labels.pop(item["event_id"], None)
+        if early is None:
+            self.pending.put(item["event_id"], entry)
             if item["ts_ms"] > self._newest_scored:
                 self._newest_scored = item["ts_ms"]
                 self.expired["unlabelled"] += self.pending.expire(
                     self._newest_scored - self.join_horizon_ms, lambda e: int(e[1]["ts_ms"]))
         else:
-            self._learn(entry, label, result)
+            self._learn(entry, early[0], early[1], result)
 
-    def _label(self, label: dict[str, Any], result: StepResult) -> None:
-        entry = self.pending.pop(label["payment_id"], None)
+    def _label(self, record: dict[str, Any], result: StepResult) -> None:
+        """A label source's event: its key names the scored event, its value is the label."""
+        assert self.label is not None
+        event_id, value = record.get(self.label.key), record.get(self.label.value)
+        if event_id is None or value is None:
+            self.unlabelled_values += 1
+            return
+        y, label_ms = float(value), int(record["ts_ms"])
+        entry = self.pending.pop(str(event_id), None)
         if entry is None:
-            self.early_labels.put(label["payment_id"], label)
-            label_ms = _ms(label["label_ts"])
+            self.early_labels.put(str(event_id), (y, label_ms))
             if label_ms > self._newest_label:
                 self._newest_label = label_ms
                 self.expired["unscored_labels"] += self.early_labels.expire(
-                    label_ms - self.join_horizon_ms, lambda lb: _ms(lb["label_ts"]))
+                    label_ms - self.join_horizon_ms, lambda lb: int(lb[1]))
         else:
-            self._learn(entry, label, result)
+            self._learn(entry, y, label_ms, result)
 
     def _learn(self, entry: tuple[dict[str, float], dict[str, Any], float, Prediction, dict[str, Prediction]],
-               label: dict[str, Any], result: StepResult) -> None:
+               y: float, label_ms: int, result: StepResult) -> None:
         x, item, online, prediction, others = entry
-        fraud = bool(label["is_fraud"])
-        self.evaluator.train(x, fraud, prediction)  # the metric, then learn_one
+        target: bool | float = y >= 0.5 if self.model.task == "binary" else y
+        self.evaluator.train(x, target, prediction)  # the metric, then learn_one
         for name, (_, ev) in self.challengers.items():
-            ev.train(x, fraud, others.get(name))  # none: added after this payment was scored, learn only
+            ev.train(x, target, others.get(name))  # none: added after this event was scored, learn only
         self.learned += 1
-        champion = self.champions.setdefault(item["model_version"], [metrics.ROCAUC(), 0])  # type: ignore[no-untyped-call]
-        champion[0].update(fraud, {True: item["score"], False: 1.0 - item["score"]})  # the served score
+        champion = self.champions.setdefault(item["model_version"], [self._champion_metric(), 0])
+        if self.model.task == "binary":
+            champion[0].update(target, {True: item["score"], False: 1.0 - item["score"]})  # the served score
+        else:
+            champion[0].update(target, item["score"])
         champion[1] += 1
         if self.learned % self.publish_every == 0:
             result.produce.append(self.metric_record())
             result.produce += [self._record(name, v, ev.metric_name, ev.value, ev.n)
                                for name, (v, ev) in self.challengers.items()]
-            result.produce += [self._record(CHAMPION_MODEL, v, "rocauc", float(m.get()), n)
+            result.produce += [self._record(self.model.name, v, self.model.metric, float(m.get()), n)
                                for v, (m, n) in self.champions.items()]
         outcome = {
-            "payment_id": item["payment_id"], "is_fraud": bool(label["is_fraud"]), "ts_ms": item["ts_ms"],
-            "champion_score": item["score"], "champion_version": item["model_version"], "online_score": online,
+            "event_id": item["event_id"], "model_name": self.model.name, "label": y, "ts_ms": item["ts_ms"],
+            "label_ts_ms": label_ms, "champion_score": item["score"], "champion_version": item["model_version"],
+            "online_score": online,
         }
-        result.produce.append(Produce(T.I_OUTCOMES, item["payment_id"].encode(), self._outcome.encode(outcome)))
+        result.produce.append(Produce(self._out[T.I_OUTCOMES], item["event_id"].encode(),
+                                      self._outcome.encode(outcome)))
+
+    def _champion_metric(self) -> Any:
+        return metrics.ROCAUC() if self.model.task == "binary" else metrics.MAE()  # type: ignore[no-untyped-call]
 
     def metric_record(self) -> Produce:
         """The online model's progressive metric now, as a ``model.metrics`` record."""
         ev = self.evaluator
-        return self._record(ONLINE_MODEL, self.version, ev.metric_name, ev.value, ev.n)
+        return self._record(self.model.online_name, self.version, ev.metric_name, ev.value, ev.n)
 
     def _record(self, model: str, version: str, metric: str, value: float, labels: int) -> Produce:
         record = {
             "metric_id": f"{model}:{version}:{metric}:{labels}", "ts": datetime.fromtimestamp(self.clock(), UTC),
             "model_name": model, "model_version": version, "metric": metric, "value": value, "labels": labels,
         }
-        return Produce(T.MODEL_METRICS, model.encode(), self._metric.encode(record))
+        return Produce(self._out[T.MODEL_METRICS], model.encode(), self._metric.encode(record))

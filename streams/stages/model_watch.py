@@ -24,8 +24,8 @@ from models.scorer import load_scorer
 from streams import topics as T
 from streams.base import Message, StepResult
 from streams.codec import AvroCodec, decoded
+from streams.project.spec import Model
 from streams.serving.routing import ModelSet, ModelSlot
-from streams.stages.inference import MODEL_NAME, model_version_name
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ Loader = Callable[[dict[str, Any]], BatchScorer]
 
 
 def load_event_artifact(event: dict[str, Any], backend: str = "onnx") -> BatchScorer:
-    """The scorer of a ``model.events`` record's artifact, loaded, checksum verified and warmed."""
-    scorer = load_scorer(Path(event["artifact_uri"]), model_version_name(event["version"]), backend=backend,
+    """The scorer of a ``model.events`` record's artifact, loaded, checksum verified and warmed; named
+    ``<model>-v<version>``."""
+    scorer = load_scorer(Path(event["artifact_uri"]), f"{event['model_name']}-v{event['version']}", backend=backend,
                          expected_sha256=event["sha256"],
                          torch_sha256=(event.get("lineage") or {}).get("torchscript_sha256"))
     warmup = getattr(scorer, "warmup", None)
@@ -45,16 +46,19 @@ def load_event_artifact(event: dict[str, Any], backend: str = "onnx") -> BatchSc
 
 
 class ModelWatchStage:
-    step_id = "model-watch"
-    topics = (T.MODEL_EVENTS,)
+    """Keeps one model's serving set current (see the module docstring). ``rename`` maps the default topic
+    name to the one actually used (tests)."""
 
-    def __init__(self, slot: ModelSlot, *, canary_fraction: float = 0.1, backend: str = "onnx",
-                 loader: Loader | None = None) -> None:
+    def __init__(self, model: Model, slot: ModelSlot, *, canary_fraction: float = 0.1, backend: str = "onnx",
+                 loader: Loader | None = None, rename: dict[str, str] | None = None) -> None:
+        self.model = model
+        self.step_id = f"model-watch-{model.name}"
+        self.topics: tuple[str, ...] = ((rename or {}).get(T.MODEL_EVENTS, T.MODEL_EVENTS),)
         self.slot = slot
         self.canary_fraction = canary_fraction
         self.backend = backend
         self._load = loader or (lambda event: load_event_artifact(event, backend))
-        self._in = {T.MODEL_EVENTS: AvroCodec(T.MODEL_EVENTS)}
+        self._in = {self.topics[0]: AvroCodec(T.MODEL_EVENTS)}
         self.stages: dict[int, dict[str, Any]] = {}  # version -> its latest model.events record
         self._loaded: dict[tuple[int, str], BatchScorer] = {}  # (version, sha256) -> scorer
         self._broken: set[tuple[int, str]] = set()
@@ -63,7 +67,8 @@ class ModelWatchStage:
         result = StepResult()
         changed = False
         for _, event in decoded(batch, self._in, result):
-            if event["model_name"] != MODEL_NAME or event["stage"] not in (*SERVING_STAGES, "candidate", "archived"):
+            if event["model_name"] != self.model.name or \
+                    event["stage"] not in (*SERVING_STAGES, "candidate", "archived"):
                 continue  # another model, or a refused command (it changed nothing)
             if event["stage"] == "production":
                 for other in self.stages.values():
@@ -100,6 +105,6 @@ class ModelWatchStage:
                 self._loaded[key] = self._load(event)
             except Exception as exc:  # a bad artifact must not stop serving what already serves
                 self._broken.add(key)
-                log.error("%s v%d (%s) not loaded, left out of serving: %s", MODEL_NAME, event["version"],
+                log.error("%s v%d (%s) not loaded, left out of serving: %s", self.model.name, event["version"],
                           event["stage"], exc)
         return self._loaded.get(key)

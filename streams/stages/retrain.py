@@ -1,19 +1,21 @@
 """Retrain: train a challenger from ClickHouse, export it to ONNX, register it, gate it, announce it.
 
-Input: ``retrain`` requests (from the drift stage, the apscheduler cron, the
-bootstrap check, or a person). The training set is the feature platform's
-point-in-time set of the newest ``window_rows`` labelled payments: each
-payment's feature values as of its event time from ``feature_log``
-(:func:`streams.features.offline.training_set`; the card view is exactly what
-inference scored the payment with). Requests in one batch coalesce into one
-training run, in a child process (seeded, early stopping, class weights,
-progress logged every 5 epochs: :func:`models.train.train_mlp`).
+Input: ``retrain`` requests, each naming a model of the project (from the
+drift stage, the apscheduler cron, the bootstrap check, or a person). The
+training set is the feature platform's point-in-time set of the model's newest
+``window_rows`` labelled events (its trainer's): each event's feature values
+as of its time from ``feature_log`` (:func:`streams.features.offline.training_set`;
+the views over the scored source are exactly what inference scored it with).
+Requests for one model in one batch coalesce into one training run, in a child
+process (seeded, early stopping, progress logged every 5 epochs:
+:func:`models.train.train_mlp` with the model's task and hyperparameters).
 
 The new version is registered as a ``candidate`` with its lineage (training
 set time range, rows and content hash, feature views and their fingerprints,
 code version, hyperparameters, the champion it was compared with) and the
 metrics the gates need, measured on the newest quarter of its training set
-for it *and* the current champion (:mod:`models.gates`). If every gate passes
+for it *and* the current champion (:mod:`models.gates`, with the model's own
+policy and, for a binary model, its decision threshold). If every gate passes
 it is promoted to ``production`` (the previous one is archived); if not it
 stays a candidate and the failed gates are logged and announced. Each
 transition is one ``model.events`` record (actor, reason, metrics, lineage),
@@ -53,19 +55,16 @@ from sinks.clickhouse import ClickHouse
 from streams import topics as T
 from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded
-from streams.features.definitions import FEATURE_NAMES, VIEWS, view_key
 from streams.features import offline
+from streams.features.definitions import view_key
 from streams.kafka import producer_config
-from streams.stages.inference import DECISION_THRESHOLD, MODEL_NAME, model_version_name
+from streams.project.spec import LabelStream, Model, Project
 
 log = logging.getLogger(__name__)
 
+
 class CommandRefused(ValueError):
     """A model command that cannot be carried out, with the reason a person can act on."""
-
-
-HYPERPARAMETERS: dict[str, Any] = {"hidden": [32, 16], "max_epochs": 60, "patience": 6, "batch_size": 256,
-                                   "lr": 3e-3, "val_fraction": 0.25}
 
 
 def _worker_init() -> None:
@@ -80,20 +79,25 @@ def _progress(epoch: int, loss_train: float, loss_val: float) -> None:
 
 
 def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, path: Path,
-                     champion: str | None = None) -> tuple[dict[str, float], list[tuple[int, float, float, float]]]:
+                     champion: str | None = None, *, task: str = "binary", threshold: float = 0.5,
+                     hyperparameters: dict[str, Any] | None = None,
+                     ) -> tuple[dict[str, float], list[tuple[int, float, float, float]]]:
     """Train the MLP, write its ONNX export to ``path`` (and its TorchScript companion, for the torch serving
     backend, to ``path.with_suffix(".pt")``) and measure what the gates need (runs in the training process).
-    Returns the metrics and the learning curve ((epoch, train loss, validation loss, validation AUC) per epoch).
+    Returns the metrics and the learning curve ((epoch, train loss, validation loss, validation quality) per
+    epoch).
 
-    Besides the trainer's metrics: ``missed_fraud_val`` (the share of validation frauds scored below the
-    decision threshold, the baseline the drift stage holds the model to), ``ece_val``, the FP32 and INT8
-    variants' parity, latency, accuracy and size (:func:`models.variants.report_metrics`; ``p50_ms`` is the
-    FP32 file's, batches of 256 on CPU) and, when ``champion`` (its ONNX path) is given, the champion's
-    ``champion_auc_val`` and ``champion_ece_val`` on the same validation window."""
-    log.info("training on %d rows (%d positive), %d features", len(y), int(y.sum()), X.shape[1])
-    trained = train_mlp(X, y, ts, seed=seed, progress=_progress, **HYPERPARAMETERS)
-    log.info("trained: best epoch %d of %d, validation AUC %.4f", trained.metrics["best_epoch"],
-             trained.metrics["epochs_run"], trained.metrics["auc_val"])
+    Besides the trainer's metrics: for a binary model ``missed_positive_val`` (the share of validation
+    positives scored below ``threshold``, the baseline the drift stage holds the model to),
+    ``positives_val`` and ``ece_val``; the FP32 and INT8 variants' parity, latency, quality and size
+    (:func:`models.variants.report_metrics`; ``p50_ms`` is the FP32 file's, batches of 256 on CPU) and, when
+    ``champion`` (its ONNX path) is given, the champion's ``champion_auc_val`` and ``champion_ece_val``
+    (binary) or ``champion_mae_val`` (regression) on the same validation window."""
+    log.info("training a %s model on %d rows, %d features", task, len(y), X.shape[1])
+    trained = train_mlp(X, y, ts, task=task, seed=seed, progress=_progress, **(hyperparameters or {}))
+    quality = "auc_val" if task == "binary" else "mae_val"
+    log.info("trained: best epoch %d of %d, validation %s %.4f", trained.metrics["best_epoch"],
+             trained.metrics["epochs_run"], quality, trained.metrics[quality])
     export_onnx(trained.module, X.shape[1], path)
     export_torchscript(trained.module, X.shape[1], path.with_suffix(".pt"))
     metrics = {k: float(v) for k, v in trained.metrics.items()}
@@ -101,34 +105,37 @@ def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, pa
     X_val, y_val = X[-n_val:], y[-n_val:]
     with torch.no_grad():
         scores = trained.module(torch.from_numpy(X_val)).numpy()
-    frauds = y_val == 1
-    metrics["frauds_val"] = float(frauds.sum())
-    metrics["missed_fraud_val"] = float((scores[frauds] < DECISION_THRESHOLD).mean()) if frauds.any() else float("nan")
-    metrics["ece_val"] = expected_calibration_error(y_val, scores)
-    # FP32 (served) and INT8 variants: parity with torch, latency, accuracy and size, recorded at registration
+    if task == "binary":
+        positives = y_val == 1
+        metrics["positives_val"] = float(positives.sum())
+        metrics["missed_positive_val"] = (float((scores[positives] < threshold).mean()) if positives.any()
+                                          else float("nan"))
+        metrics["ece_val"] = expected_calibration_error(y_val, scores)
+    # FP32 (served) and INT8 variants: parity with torch, latency, quality and size, recorded at registration
     metrics |= report_metrics(evaluate_variants(trained.module, path, X_val, y_val, out_dir=path.parent))
     metrics["p50_ms"] = metrics["fp32_p50_ms"]  # what the latency gate reads: the variant that serves
     if champion is not None:
         champion_scores = OnnxScorer(Path(champion), "champion", prefer_gpu=False).predict(X_val)
-        metrics["champion_auc_val"] = roc_auc(y_val, champion_scores)
-        metrics["champion_ece_val"] = expected_calibration_error(y_val, champion_scores)
+        if task == "binary":
+            metrics["champion_auc_val"] = roc_auc(y_val, champion_scores)
+            metrics["champion_ece_val"] = expected_calibration_error(y_val, champion_scores)
+        else:
+            metrics["champion_mae_val"] = float(np.mean(np.abs(y_val - champion_scores)))
     return metrics, trained.curve
 
 
 class RetrainStage:
+    """Trains, registers and gates every model of a project; the model registry's one writer."""
+
     step_id = "retrain"
     topics = (T.RETRAIN, T.MODEL_COMMANDS)
     slow = True  # training takes seconds to minutes: the runner keeps the consumer alive meanwhile
 
-    def __init__(self, ch: ClickHouse, registry: ModelRegistry, *, window_rows: int = 4000, min_rows: int = 300,
-                 seed: int = 0, clock: Callable[[], float] = time.time, policy: GatePolicy = GatePolicy(),
-                 label_maturity_ms: int = 600_000) -> None:
+    def __init__(self, ch: ClickHouse, registry: ModelRegistry, project: Project, *, seed: int = 0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.ch = ch
-        self.policy = policy
-        self.label_maturity_ms = label_maturity_ms
+        self.project = project
         self.registry = registry
-        self.window_rows = window_rows
-        self.min_rows = min_rows
         self.seed = seed
         self.clock = clock
         self.runs: list[dict[str, Any]] = []
@@ -144,93 +151,115 @@ class RetrainStage:
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
-        reasons = []
+        requests: dict[str, list[tuple[str, int]]] = {}
         for msg, req in decoded(batch, self._in, result):
             if msg.topic == T.MODEL_COMMANDS:
                 result.produce.append(self.command(req))
                 continue
+            name = req.get("model_name") or (msg.key or b"").decode(errors="replace")
+            if name not in {m.name for m in self.project.models}:
+                log.warning("retrain request %s names no model of project %s (%r): ignored", req["request_id"],
+                            self.project.name, name)
+                continue
             since = req["since_ts"]
-            reasons.append((req["reason"], int(since.timestamp() * 1000) if since else 0))
-        if reasons:
+            requests.setdefault(name, []).append((req["reason"], int(since.timestamp() * 1000) if since else 0))
+        for name, reasons in requests.items():
             self.busy = True
             try:
-                transitions = self.train(", ".join(r for r, _ in reasons), min(s for _, s in reasons))
+                transitions = self.train(self.project.model(name), ", ".join(r for r, _ in reasons),
+                                         min(s for _, s in reasons))
             finally:
                 self.busy = False
             result.produce.extend(self._announce(v, why) for v, why in transitions)
         return result
 
-    def training_set(self, since_ms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-        """The feature platform's point-in-time training set of the newest ``window_rows`` labelled payments
-        whose labels are mature (:func:`streams.features.offline.training_set`): (X, y, event times) sorted by
-        time, and its SHA-256.
+    @staticmethod
+    def maturity_ms(model: Model) -> int:
+        """How much younger than the newest label an event may be and still be trained on (its label stream's
+        ``maturity_s``)."""
+        return int(model.label.maturity_s * 1000) if isinstance(model.label, LabelStream) else 0
 
-        Mature: paid at least ``label_maturity_ms`` before the newest label. Frauds are labelled later than
-        legitimate payments (chargebacks), so the newest labelled payments are nearly all legitimate; trained
-        on, they bias the model, and as its validation window they may hold no fraud at all (no AUC: the
-        quality gate refuses the model)."""
-        newest_label = self.ch.scalar("SELECT toUnixTimestamp64Milli(max(label_ts)) FROM labels")
-        until = int(newest_label) - self.label_maturity_ms if newest_label else None
-        ts_set = offline.training_set(self.ch, since_ms=since_ms or None, until_ms=until, limit=self.window_rows)
+    def training_set(self, model: Model, since_ms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """The feature platform's point-in-time training set of the model's newest ``window_rows`` labelled
+        events whose labels are mature (:func:`streams.features.offline.training_set`): (X, y, event times)
+        sorted by time, and its SHA-256.
+
+        Mature: at least the label's ``maturity_s`` older than the newest label. When some labels come later
+        than others (a fraud's chargeback after a legitimate payment's settlement), the newest labelled events
+        are biased toward the early kind; trained on, they bias the model, and as its validation window they may
+        hold no positive at all (no AUC: the quality gate refuses the model)."""
+        newest_label = offline.newest_label_ms(self.ch, self.project, model)
+        until = newest_label - self.maturity_ms(model) if newest_label else None
+        ts_set = offline.training_set(self.ch, self.project, model, since_ms=since_ms or None, until_ms=until,
+                                      limit=model.trainer.window_rows)
         order = np.argsort(ts_set.event_ts, kind="stable")
         return (ts_set.X[order], ts_set.y[order].astype(np.float32), ts_set.event_ts[order], ts_set.sha256)
 
-    def train(self, reason: str, since_ms: int = 0) -> list[tuple[ModelVersion, str]]:
-        """One training run: register the model as a candidate, judge it with the gates, promote it to
+    def train(self, model: Model, reason: str, since_ms: int = 0) -> list[tuple[ModelVersion, str]]:
+        """One training run of ``model``: register it as a candidate, judge it with the gates, promote it to
         production if they pass. Returns the transitions to announce (none when the data cannot train one)."""
-        X, y, ts, content = self.training_set(since_ms)
-        run: dict[str, Any] = {"reason": reason, "rows": len(y), "positives": int(y.sum())}
+        X, y, ts, content = self.training_set(model, since_ms)
+        binary = model.task == "binary"
+        run: dict[str, Any] = {"model": model.name, "reason": reason, "rows": len(y)}
+        if binary:
+            run["positives"] = int(y.sum())
         self.runs.append(run)
-        if len(y) < self.min_rows or y.min(initial=1) == y.max(initial=0):
-            run["skipped"] = f"{len(y)} labelled rows, {int(y.sum())} positive: not enough to train"
-            log.warning("retrain skipped: %s", run["skipped"])
+        if len(y) < model.trainer.min_rows or (binary and y.min(initial=1) == y.max(initial=0)):
+            run["skipped"] = f"{len(y)} labelled rows" + (f", {int(y.sum())} positive" if binary else "") + \
+                ": not enough to train"
+            log.warning("retrain of %s skipped: %s", model.name, run["skipped"])
             return []
-        champion = self.registry.latest(MODEL_NAME, stage="production")
+        champion = self.registry.latest(model.name, stage="production")
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
             try:
-                metrics, curve = self._pool.submit(train_and_export, X, y, ts, self.seed, path,
-                                                   champion.artifact_uri if champion else None).result()
+                metrics, curve = self._pool.submit(
+                    train_and_export, X, y, ts, self.seed, path, champion.artifact_uri if champion else None,
+                    task=model.task, threshold=model.threshold,
+                    hyperparameters=model.trainer.hyperparameters()).result()
             except ValueError as exc:  # e.g. the time-based split left one class in the training part
                 run["skipped"] = str(exc)
-                log.warning("retrain skipped: %s", exc)
+                log.warning("retrain of %s skipped: %s", model.name, exc)
                 return []
             metrics["train_seconds"] = time.perf_counter() - started
-            decision = decide(metrics, self.policy)
+            decision = decide(metrics, model.gates, model.task)
             metrics |= decision.as_metrics()
             torchscript = path.with_suffix(".pt")
-            lineage = self.lineage(reason, X, y, ts, content, champion) | {
+            lineage = self.lineage(model, reason, X, y, ts, content, champion) | {
                 "gates": decision.summary(), "learning_curve": json.dumps([[round(x, 6) for x in row] for row in curve]),
                 "torchscript_sha256": sha256_file(torchscript)}
-            version = self.registry.register(MODEL_NAME, path, metrics=metrics, lineage=lineage, stage="candidate",
+            version = self.registry.register(model.name, path, metrics=metrics, lineage=lineage, stage="candidate",
                                              companions=[torchscript])
         run.update(version=version.version, gates=decision.summary(), **metrics)
         transitions = [(version, f"registered after a retrain request ({reason})")]
         if decision.passed:
-            version = self.registry.set_stage(MODEL_NAME, version.version, "production")
+            version = self.registry.set_stage(model.name, version.version, "production")
             transitions.append((version, f"gates passed: {decision.summary()}"))
             run["promoted"] = True
-            log.warning("retrained %s on %d rows (%s), promoted: %s", model_version_name(version.version), len(y),
+            log.warning("retrained %s on %d rows (%s), promoted: %s", model.version_name(version.version), len(y),
                         reason, decision.summary())
         else:
             run["blocked"] = decision.failed()
-            log.warning("retrained %s on %d rows (%s), NOT promoted: %s", model_version_name(version.version),
+            log.warning("retrained %s on %d rows (%s), NOT promoted: %s", model.version_name(version.version),
                         len(y), reason, decision.failed())
         return transitions
 
-    def lineage(self, reason: str, X: np.ndarray, y: np.ndarray, ts: np.ndarray, content: str,
+    def lineage(self, model: Model, reason: str, X: np.ndarray, y: np.ndarray, ts: np.ndarray, content: str,
                 champion: ModelVersion | None) -> dict[str, str]:
         """Everything needed to trace the model to its data and code."""
+        labels = {"positives": str(int(y.sum()))} if model.task == "binary" else {"label_mean": f"{float(y.mean()):.6g}"}
         return {
-            "reason": reason, "rows": str(len(y)), "positives": str(int(y.sum())), "features": ",".join(FEATURE_NAMES),
+            "reason": reason, "rows": str(len(y)), **labels, "features": ",".join(model.feature_names),
+            "task": model.task, "model_definition": f"v{model.version}@{model.fingerprint}",
             "ts_min_ms": str(int(ts.min())), "ts_max_ms": str(int(ts.max())), "training_set_sha256": content,
-            "label_maturity_ms": str(self.label_maturity_ms),
-            "training_set": "point-in-time: feature_log as of each labelled payment (weir features training-set)",
-            "feature_views": ",".join(f"{view_key(v)}@{v.fingerprint}" for v in VIEWS),
+            "label_maturity_ms": str(self.maturity_ms(model)),
+            "training_set": "point-in-time: feature_log as of each labelled event (weir features training-set)",
+            "feature_views": ",".join(f"{view_key(r.view)}@{r.view.fingerprint}" for r in model.views),
             "code_version": code_version(), "seed": str(self.seed),
-            "hyperparameters": json.dumps(HYPERPARAMETERS, sort_keys=True),
-            "champion": "" if champion is None else model_version_name(champion.version),
+            "hyperparameters": json.dumps(model.trainer.hyperparameters(), sort_keys=True),
+            "threshold": str(model.threshold) if model.task == "binary" else "",
+            "champion": "" if champion is None else model.version_name(champion.version),
         }
 
     # --- a person's commands (weir models promote|rollback): this stage is the registry's one writer ---
@@ -296,22 +325,21 @@ class RetrainStage:
 
 
 class RetrainScheduler:
-    """apscheduler jobs that request retrains: a cron, and a bootstrap check while no champion exists."""
+    """apscheduler jobs that request retrains of every model of a project: a cron, and a bootstrap check
+    for each model while it has no champion."""
 
-    def __init__(self, bootstrap: str, ch: ClickHouse, registry: ModelRegistry, cron: str, *,
-                 bootstrap_rows: int = 600, check_every_s: float = 2.0, bootstrap_retry_s: float = 20.0,
-                 label_maturity_ms: int = 600_000) -> None:
+    def __init__(self, bootstrap: str, ch: ClickHouse, registry: ModelRegistry, project: Project, cron: str, *,
+                 check_every_s: float = 2.0, bootstrap_retry_s: float = 20.0) -> None:
         self.ch = ch
-        self.label_maturity_ms = label_maturity_ms
+        self.project = project
         self.registry = registry
-        self.bootstrap_rows = bootstrap_rows
         self.bootstrap_retry_s = bootstrap_retry_s
-        self._last_bootstrap = 0.0
+        self._last_bootstrap: dict[str, float] = {}
         self._producer = Producer(producer_config(bootstrap))
         self._codec = AvroCodec(T.RETRAIN)
-        self._bootstrapped = False
+        self._bootstrapped: set[str] = set()
         self._scheduler = BackgroundScheduler(timezone="UTC")
-        self._scheduler.add_job(self.request, CronTrigger.from_crontab(cron, timezone="UTC"), args=["schedule"])
+        self._scheduler.add_job(self._request_all, CronTrigger.from_crontab(cron, timezone="UTC"), args=["schedule"])
         self._scheduler.add_job(self._bootstrap_check, "interval", seconds=check_every_s)
 
     def start(self) -> None:
@@ -321,22 +349,28 @@ class RetrainScheduler:
         self._scheduler.shutdown(wait=False)
         self._producer.flush(10)
 
-    def request(self, reason: str) -> None:
-        req = {"request_id": str(uuid.uuid4()), "ts": int(time.time() * 1000), "reason": reason, "since_ts": None}
-        self._producer.produce(T.RETRAIN, self._codec.encode(req), MODEL_NAME.encode())
+    def _request_all(self, reason: str) -> None:
+        for model in self.project.models:
+            self.request(model, reason)
+
+    def request(self, model: Model, reason: str) -> None:
+        req = {"request_id": str(uuid.uuid4()), "model_name": model.name, "ts": int(time.time() * 1000),
+               "reason": reason, "since_ts": None}
+        self._producer.produce(T.RETRAIN, self._codec.encode(req), model.name.encode())
         self._producer.flush(10)
 
     def _bootstrap_check(self) -> None:
-        """While no champion exists, request a retrain once enough labels are in; again after
-        ``bootstrap_retry_s`` if that run could not train one (e.g. too few frauds yet)."""
-        if self._bootstrapped or time.monotonic() - self._last_bootstrap < self.bootstrap_retry_s:
-            return
-        if self.registry.latest(MODEL_NAME, stage="production") is not None:
-            self._bootstrapped = True
-            return
-        labelled = self.ch.scalar(  # mature labels: what the retrain stage will train on
-            "SELECT count() FROM labels WHERE toUnixTimestamp64Milli(payment_ts) <= "
-            "(SELECT toUnixTimestamp64Milli(max(label_ts)) FROM labels) - {m:Int64}", {"m": self.label_maturity_ms})
-        if labelled is not None and labelled >= self.bootstrap_rows:
-            self._last_bootstrap = time.monotonic()
-            self.request(f"bootstrap: no champion yet, {labelled} mature labels")
+        """While a model has no champion, request a retrain once enough of its labels are mature; again after
+        ``bootstrap_retry_s`` if that run could not train one (e.g. too few positives yet)."""
+        for model in self.project.models:
+            if model.name in self._bootstrapped or \
+                    time.monotonic() - self._last_bootstrap.get(model.name, 0.0) < self.bootstrap_retry_s:
+                continue
+            if self.registry.latest(model.name, stage="production") is not None:
+                self._bootstrapped.add(model.name)
+                continue
+            # mature labels: what the retrain stage will train on
+            labelled = offline.mature_labels(self.ch, self.project, model, RetrainStage.maturity_ms(model))
+            if labelled >= model.trainer.bootstrap_rows:
+                self._last_bootstrap[model.name] = time.monotonic()
+                self.request(model, f"bootstrap: no champion yet, {labelled} mature labels")

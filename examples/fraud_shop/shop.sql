@@ -1,5 +1,5 @@
 -- The reference shop's tables. Columns are exactly the `after` Value records of
--- schemas/cdc.<table>/v1.avsc (Debezium maps numeric -> double and timestamptz ->
+-- examples/fraud_shop/schemas/cdc.<table>/v1.avsc (Debezium maps numeric -> double and timestamptz ->
 -- ZonedTimestamp). Idempotent: safe to run on every start.
 -- REPLICA IDENTITY FULL makes logical decoding carry the whole old row, so CDC
 -- can fill the Debezium `before` of updates.

@@ -1,4 +1,4 @@
-"""Writes the shop scenario into real systems: clicks to Kafka, rows to Postgres.
+"""Writes the simulated shop into real systems: clicks to Kafka, rows to Postgres.
 
 Clicks go to ``clicks_topic`` as Avro in the Confluent wire format, key = user_id.
 Rows go to the shop's tables (``shop.sql``) in small transactions, so a CDC
@@ -21,7 +21,7 @@ from confluent_kafka import Producer
 
 from streams.codec import AvroCodec
 from streams.kafka import DeliveryTracker, ensure_topics, flush_or_raise, producer_config
-from streams.scenario.shop import PRIMARY_KEYS, Click, Row, ShopEvent
+from examples.fraud_shop.simulator import PRIMARY_KEYS, Click, Row, ShopEvent
 
 SHOP_SQL = Path(__file__).with_name("shop.sql")
 

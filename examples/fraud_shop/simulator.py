@@ -1,9 +1,9 @@
 """A simulated online shop: clickstream events and database rows, deterministic under a seed.
 
 Pure generation, no I/O: :class:`ShopSimulator` yields :class:`Click` records
-(valid for ``schemas/clickstream.events``) and :class:`Row` changes for the shop's
-Postgres tables (``streams/scenario/shop.sql``), in non-decreasing event time.
-:mod:`streams.scenario.driver` writes them into Kafka and Postgres.
+(valid for the ``clickstream.events`` schema) and :class:`Row` changes for the shop's
+Postgres tables (``examples/fraud_shop/shop.sql``), in non-decreasing event time.
+:mod:`examples.fraud_shop.driver` writes them into Kafka and Postgres.
 
 The payment mix is designed so the fraud features are informative:
 
@@ -62,7 +62,7 @@ _PLAIN, _PAYMENT, _FOLLOW_UP = 0, 1, 2
 
 @dataclass(frozen=True, slots=True)
 class Click:
-    """One clickstream event; ``record`` is valid for ``schemas/clickstream.events``."""
+    """One clickstream event; ``record`` is valid for ``examples/fraud_shop/schemas/clickstream.events``."""
 
     record: dict[str, Any]
 

@@ -48,14 +48,15 @@ class DemoOptions:
     progress: bool = True
 
 
-def timeline_start(events: int, events_per_hour: float) -> datetime:
-    """Where the scenario's timeline starts so that it ends half an hour before now.
+def timeline_start(events: int, events_per_hour: float, tail_s: float = 0.0) -> datetime:
+    """Where the scenario's timeline starts so that it ends half an hour before now (its last events, up to
+    ``tail_s`` after the timed ones, included).
 
     A scenario's clock runs far faster than the wall clock, so a timeline that
     started now would soon be in the future, and ingest refuses events from
     the future (``timestamp_in_future``).
     """
-    span = timedelta(hours=events / events_per_hour + 0.5)
+    span = timedelta(hours=events / events_per_hour + 0.5, seconds=tail_s)
     return (datetime.now(UTC) - span).replace(microsecond=0)
 
 
@@ -147,7 +148,8 @@ def _drive(pipeline: Pipeline, scenario: Scenario, opts: DemoOptions) -> dict[st
         try:
             runs.append(scenario.run(e.postgres_dsn, e.kafka_bootstrap, events=opts.events, rate=opts.rate,
                                      seed=opts.seed, shift_at=opts.shift_at,
-                                     start=timeline_start(opts.events, scenario.events_per_hour),
+                                     start=timeline_start(opts.events, scenario.events_per_hour,
+                                                          scenario.tail_s),
                                      progress=progress, params=opts.params))
         except BaseException as exc:
             error.append(exc)
@@ -191,6 +193,7 @@ def summarize(pipeline: Pipeline, model: Model, run: ScenarioRun, produce_s: flo
             "promotions_after_drift": int(ch.scalar(
                 "SELECT count() FROM model_events FINAL WHERE stage = 'production' AND model_name = {m:String} "
                 "AND toUnixTimestamp64Milli(ts) >= {since:Int64}", after) or 0),
+            "drift_at_event_ms": run.shift_event_ms,
             **S.drift_summary(ch, model, run.shift_event_ms, rules_for(model).version),
         }
     out |= {

@@ -202,9 +202,9 @@ def test_clickhouse_holds_the_rows(demo: Any) -> None:
     assert ch.scalar("SELECT count() FROM silver_clicks FINAL") == summary["clicks"] + EXTERNAL_CLICKS
     assert ch.scalar("SELECT count() FROM silver_payments FINAL") == summary["payments"]
     assert ch.scalar("SELECT count() FROM silver_labels FINAL") == summary["payments"] == summary["labels"]
-    assert ch.scalar("SELECT count() FROM scored_features FINAL") == summary["payments"]
+    assert ch.scalar("SELECT count() FROM scored_features FINAL WHERE model_name = 'fraud'") == summary["payments"]
     assert ch.scalar("SELECT count() FROM feature_log FINAL") > 0
-    assert ch.scalar("SELECT countIf(length(features) != 13) FROM scored_features") == 0
+    assert ch.scalar("SELECT countIf(length(features) != 13) FROM scored_features WHERE model_name = 'fraud'") == 0
     # the online learner's progressive metric, published every 500 labels
     labels, value = ch.rows("SELECT max(labels), argMax(value, labels) FROM model_metrics FINAL "
                             "WHERE model_name = 'fraud-online' AND metric = 'rocauc'")[0]
@@ -230,11 +230,13 @@ def test_every_prediction_is_audited_with_its_route_path_and_latency_breakdown(d
     summary, ch = demo
     audited = ch.rows("SELECT count(), uniqExact(event_id), countIf(route = 'champion'), countIf(degraded = 1), "
                       "min(least(queue_ms, fetch_ms, inference_ms, publish_ms)), countIf(length(feature_vector) != 13),"
-                      " countIf(decision != (score >= threshold)) FROM prediction_audit FINAL")[0]
+                      " countIf(decision != (score >= threshold)) FROM prediction_audit FINAL "
+                      "WHERE model_name = 'fraud'")[0]
     n = summary["payments"]
     assert (audited[:3], audited[5:]) == ((n, n, n), (0, 0)) and audited[4] >= 0
     # the audit and the prediction agree, payment by payment
-    assert ch.scalar("SELECT count() FROM prediction_audit AS a FINAL INNER JOIN "
+    assert ch.scalar("SELECT count() FROM (SELECT * FROM prediction_audit FINAL WHERE model_name = 'fraud') AS a "
+                     "INNER JOIN "
                      "(SELECT * FROM predictions FINAL WHERE model_name = 'fraud') AS p ON a.event_id = p.event_id "
                      "WHERE a.score = p.score AND a.model_version = p.model_version AND a.served_by = p.served_by "
                      "AND p.route = 'champion' AND p.decision = a.decision") == summary["payments"]

@@ -188,7 +188,7 @@ def test_dedup_survives_a_restart(redis_client: Any) -> None:
     resent = after.handle(msgs((CLICKS, click("e1")), first_offset=100))
     assert [r.error.reason for r in resent.rejected] == [Reason.DUPLICATE]
     assert len(produced(after.handle(batch), SILVER_CLICKS)) == 2  # re-delivery of the uncommitted batch
-    assert 0 < redis_client.pttl(prefix + "e1") <= 60_000
+    assert 0 < redis_client.pttl(prefix + "clickstream.events|e1") <= 60_000
 
 
 # --- property: whatever bytes arrive, ingest neither crashes nor loses a message --------------------------------
@@ -310,3 +310,29 @@ def test_a_project_of_its_own_is_validated_and_re_keyed_generically(sensors: Pro
     ]
     again = stage.handle(msgs((SENSOR_TOPIC, reading("r4")), first_offset=10))  # its own id is the dedup key
     assert [r.error.reason for r in again.rejected] == [Reason.DUPLICATE]
+
+
+def test_two_sources_may_share_event_ids() -> None:
+    """An order and its delivery carry the same order id: each is its source's event, neither a duplicate."""
+    from examples.delivery_eta.project import project as delivery
+
+    previous = schemas.set_catalog(None)
+    use_project(delivery)
+    try:
+        stage = IngestStage(delivery, 4, dedup=MemoryDedup(3_600_000, clock=lambda: NOW),
+                            pseudonymizer=Pseudonymizer(KEY),
+                            event_time=EventTimeGuard(max_future_ms=300_000, max_age_ms=86_400_000,
+                                                      allowed_lateness_ms=60_000, clock=lambda: NOW))
+        order = {"order_id": "o1", "placed_at": TS, "restaurant_id": "r1", "customer_id": "c1", "zone_id": "z1",
+                 "distance_km": 2.5, "items": 2, "basket_value": 20.0, "raining": False}
+        done = {"order_id": "o1", "restaurant_id": "r1", "courier_id": "k1", "delivered_at": TS + timedelta(minutes=30),
+                "minutes": 30.0}
+        result = stage.handle(msgs(("delivery.orders", AvroCodec("delivery.orders").encode(order)),
+                                   ("delivery.completed", AvroCodec("delivery.completed").encode(done))))
+        assert result.rejected == [] and stage.counts == {"accepted": 2}
+        again = stage.handle(msgs(("delivery.completed", AvroCodec("delivery.completed").encode(done)),
+                                  first_offset=9))
+        assert [r.error.reason for r in again.rejected] == [Reason.DUPLICATE]  # the same delivery, sent twice
+    finally:
+        use_project(SHOP)
+        schemas.set_catalog(previous)

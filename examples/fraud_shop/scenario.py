@@ -40,6 +40,7 @@ class ShopScenario:
     """Clickstream to Kafka, customers, merchants, orders, payments and labels into PostgreSQL."""
 
     events_per_hour = ShopConfig.events_per_hour
+    tail_s = max(ShopConfig.fraud_label_delay_s)  # the labels flushed at the end come up to this much later
 
     def reset(self, postgres_dsn: str) -> None:
         """Drop the shop's tables, its CDC slot, publication and snapshot record, so the seed's rows are new

@@ -352,10 +352,12 @@ class Scenario(Protocol):
     if the scenario has one, after the fraction ``shift_at`` of them; the first at event time ``start``),
     calls ``progress`` with the number written so far, and returns once every one is durable. ``params``
     are the scenario's own knobs (``weir demo --param name=value``); an unknown one raises ``ValueError``.
-    ``events_per_hour`` is how much event time its events span, so that a run can end before the wall
-    clock (ingest refuses events from the future)."""
+    ``events_per_hour`` is how much event time its events span and ``tail_s`` how far past the last of them
+    its final events may lie (labels that come later than what they label), so that a run can end before
+    the wall clock (ingest refuses events from the future)."""
 
     events_per_hour: float
+    tail_s: float
 
     def reset(self, postgres_dsn: str) -> None: ...
 

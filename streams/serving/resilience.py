@@ -339,8 +339,8 @@ class ScoringChain:
         if online is not None:
             try:
                 scores = online.predict(X)
-                if np.all(np.isfinite(scores)):
-                    return Scored(np.clip(scores, 0.0, 1.0), SERVED_BY_ONLINE, online.version)
+                if np.all(np.isfinite(scores)):  # a binary learner's scores are probabilities already
+                    return Scored(scores, SERVED_BY_ONLINE, online.version)
             except Exception as exc:  # a broken snapshot must not take the last resort with it
                 log.warning("online fallback failed (%s): rule score", _why(exc))
         return Scored(self.rules.predict(X), SERVED_BY_RULES, self.rules.version)

@@ -17,9 +17,9 @@ every ``ranges`` rule holds; the event time parses and is plausible and not
 late (:class:`EventTimeGuard`, per source partition). Snapshot reads
 (``op="r"``) are history and skip the event-time checks.
 
-Dedup keys: a plain event's id; a CDC change's (topic, key, op,
-``source.lsn``, ``source.txId``), which a connector re-sending after a crash
-repeats exactly.
+Dedup keys: a plain event's (topic, id), so two sources may share ids (an
+order and its delivery); a CDC change's (topic, key, op, ``source.lsn``,
+``source.txId``), which a connector re-sending after a crash repeats exactly.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class IngestStage:
             plan.check(rec)
             ts = epoch_ms(rec.get(source.event_time), source.event_time)
             self.event_time.check((msg.topic, msg.partition), ts, now_ms)
-            return Accepted(msg, str(rec.get(source.event_id)), plan, plan.silver(rec, ts, msg.timestamp_ms))
+            return Accepted(msg, f"{msg.topic}|{rec[source.event_id]}", plan, plan.silver(rec, ts, msg.timestamp_ms))
         if msg.value is None:  # Debezium tombstone after a delete: nothing to ingest
             return None
         envelope = plan.codec.decode(msg.value)

@@ -18,6 +18,7 @@ name, never by a use case's field.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -98,13 +99,24 @@ DDL = [
 
 
 class ClickHouse:
-    """A process-wide ClickHouse handle: ``chdb://<dir>`` (embedded) or an http(s) URL."""
+    """A process-wide ClickHouse handle: ``chdb://<dir>`` (embedded) or an http(s) URL, on ``database`` (each
+    project has its own: see :meth:`for_project`)."""
 
     def __init__(self, dsn: str, database: str | None = None) -> None:
         self.dsn = dsn
+        self.database = database
         extra: dict[str, Any] = {"database": database} if database else {}
         self._client = clickhouse_connect.get_client(dsn=dsn, **extra)
         self._lock = threading.RLock()
+
+    @classmethod
+    def for_project(cls, dsn: str, project: str) -> ClickHouse:
+        """A handle on the project's database (created if missing): a project's tables are its own, so several
+        projects share a ClickHouse."""
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", project):
+            raise ValueError(f"project name {project!r} is not a ClickHouse database name")
+        clickhouse_connect.get_client(dsn=dsn).command(f"CREATE DATABASE IF NOT EXISTS `{project}`")
+        return cls(dsn, database=project)
 
     def ensure_schema(self, extra: Sequence[str] = ()) -> None:
         """Create Weir's tables, then ``extra`` (a project's generated ones), if they do not exist."""

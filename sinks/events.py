@@ -2,10 +2,13 @@
 
 One stage consumes them all; each topic has a row mapper and a table. The
 topics and tables come from the project: one ``silver_<source>`` table per
-source, every model's prediction topics into ``predictions``. A batch is
-written table by table before its offsets are committed; tables dedup on
-event id, so a re-delivered batch changes nothing. The project's source
-topics go to the bronze table through :mod:`sinks.bronze`.
+source, every model's champion and online predictions into ``predictions``,
+the project's own internal topics into their tables (all in the project's
+ClickHouse database), and Weir's public topics (alerts, model events and
+metrics, retrain requests: every project's, each record naming its model). A
+batch is written table by table before its offsets are committed; tables
+dedup on event id, so a re-delivered batch changes nothing. The project's
+source topics go to the bronze table through :mod:`sinks.bronze`.
 """
 
 from __future__ import annotations
@@ -99,9 +102,9 @@ def _feature_log(r: dict[str, Any]) -> list[Row]:
             for i, (entity, event, ts) in enumerate(zip(r["entity_ids"], r["event_ids"], r["ts_ms"]))]
 
 
-Table = tuple[str, tuple[str, ...], Mapper]
+Table = tuple[str, tuple[str, ...], Mapper, str]  # table, columns, row mapper, the topic's schema subject
 
-FIXED: dict[str, Table] = {
+FIXED: dict[str, tuple[str, tuple[str, ...], Mapper]] = {
     T.I_AUDIT: ("prediction_audit", AUDIT_COLS, _audit),
     T.ALERTS: ("alerts", ALERT_COLS, _fields(*ALERT_COLS)),
     T.RETRAIN: ("retrain_requests", RETRAIN_COLS, _fields(*RETRAIN_COLS)),
@@ -111,7 +114,8 @@ FIXED: dict[str, Table] = {
     T.I_OUTCOMES: ("outcomes", OUTCOME_COLS, _outcome),
     T.I_FEATURE_LOG: ("feature_log", FLOG_COLS, _feature_log),
 }
-"""Weir's own topics and their tables, the same in every project."""
+"""Weir's own topics and their tables, the same in every project (the internal ones are the project's own:
+``weir.<project>.scored``, …)."""
 
 
 def _key(project: Project, model: Model) -> str:
@@ -119,13 +123,16 @@ def _key(project: Project, model: Model) -> str:
 
 
 def project_tables(project: Project) -> dict[str, Table]:
-    """Topic -> (table, columns, row mapper) of everything the sink writes for ``project``."""
-    out = dict(FIXED)
+    """Topic -> (table, columns, row mapper, schema subject) of everything the sink writes for ``project``."""
+    out: dict[str, Table] = {}
+    for topic, (table, cols, mapper) in FIXED.items():
+        out[T.internal(project, topic) if topic in T.PER_PROJECT else topic] = (table, cols, mapper, topic)
     for s in project.sources:
-        out[silver_topic(s)] = (silver_table(s), ("event_id", "ts", "source_ts", *s.fields), _silver(s))
-    for m in project.models:
-        for topic in (m.prediction_topic, m.online_topic, m.shadow_topic):
-            out[topic] = ("predictions", PRED_COLS, _predictions(_key(project, m)))
+        topic = silver_topic(project, s)
+        out[topic] = (silver_table(s), ("event_id", "ts", "source_ts", *s.fields), _silver(s), topic)
+    for m in project.models:  # shadows serve nobody: their answers are in prediction_audit, not here (one row
+        for topic in (m.prediction_topic, m.online_topic):  # per model and event: a shadow's would replace it)
+            out[topic] = ("predictions", PRED_COLS, _predictions(_key(project, m)), topic)
     return out
 
 
@@ -155,15 +162,15 @@ class ClickHouseSink:
     def __init__(self, ch: ClickHouse, project: Project) -> None:
         self.ch = ch
         self.tables = project_tables(project)
-        self.columns = {table: cols for table, cols, _ in self.tables.values()} | {"dlq": DLQ_COLS}
+        self.columns = {table: cols for table, cols, _, _ in self.tables.values()} | {"dlq": DLQ_COLS}
         self.topics: tuple[str, ...] = (*self.tables, *(t for t in T.all_topics(project) if t.startswith("dlq.")))
-        self._codecs = {t: AvroCodec(t) for t in self.tables}
+        self._codecs = {t: AvroCodec(subject) for t, (_, _, _, subject) in self.tables.items()}
 
     def handle(self, batch: list[Message]) -> StepResult:
         tables: dict[str, list[Row]] = {"dlq": [dlq_row(m) for m in batch if m.topic.startswith("dlq.")]}
         undecodable = StepResult()
         for msg, record in decoded([m for m in batch if not m.topic.startswith("dlq.")], self._codecs, undecodable):
-            table, _, mapper = self.tables[msg.topic]
+            table, _, mapper, _ = self.tables[msg.topic]
             tables.setdefault(table, []).extend(mapper(record))
         result = undecodable
         for table, rows in tables.items():

@@ -2,7 +2,7 @@
 
 Each captured table ``<table>`` is published to ``cdc.<table>`` in the
 Debezium envelope (``before``, ``after``, ``source``, ``op``, ``ts_ms``), encoded
-with the topic's schema from ``schemas/`` in the Confluent wire format, keyed by
+with the topic's schema (the project's ``schemas/cdc.<table>/``) in the Confluent wire format, keyed by
 the primary key (UTF-8; composite keys joined with ``|``). Values follow
 Debezium's ``decimal.handling.mode=double``: numerics (with or without scale,
 any precision) are doubles, so ``NaN`` and ``±Infinity`` pass and digits past
@@ -12,7 +12,7 @@ NULL is null in every type. Two spellings differ from Debezium's
 ``time.precision.mode=adaptive_time_microseconds``: ``timestamp`` without time
 zone is an ISO-8601 string without offset (Debezium: ``MicroTimestamp``, a
 long), and ``date``/``time`` keep PostgreSQL's text (Debezium: ``Date`` int /
-``MicroTime`` long). No schema in ``schemas/`` has such a column yet.
+``MicroTime`` long). No example project's schema has such a column yet.
 A delete is an ``op="d"`` event followed by a tombstone (null value) with the
 same key.
 
@@ -488,7 +488,7 @@ class EnvelopeEncoder:
             # the message of fastavro's errors can quote the row: name the table and type only
             raise CdcError(
                 f"a row of {table.schema}.{table.name} at LSN {int_to_lsn(lsn or 0)} does not fit schema "
-                f"{table.topic!r} ({type(exc).__name__}); the table and schemas/{table.topic} disagree"
+                f"{table.topic!r} ({type(exc).__name__}); the table and the project's schemas/{table.topic} disagree"
             ) from None
 
 

@@ -1,6 +1,6 @@
-"""The ``weir`` command: ``weir up`` (stack + every stage of a project until Ctrl-C), ``weir demo``,
-``weir schemas check``, ``weir dlq inspect|replay``, ``weir replay``, ``weir models`` and
-``weir features list|describe|training-set``.
+"""The ``weir`` command: ``weir init|plan|apply`` (a project), ``weir up`` (stack + every stage of a project
+until Ctrl-C), ``weir demo``, ``weir schemas check``, ``weir dlq inspect|replay``, ``weir replay``,
+``weir models`` and ``weir features list|describe|training-set``.
 
 The project a command runs is ``--project`` (before the command), else ``WEIR_PROJECT``, else
 ``project.py`` in the current directory (see docs/projects.md)."""
@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from streams.project.load import ProjectError, project_of
+from streams.project.plan import PlanRefused
 from streams.settings import WeirSettings
 
 
@@ -90,14 +91,16 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--drift-at", type=float, default=0.5,
                    help="fraction of events after which the scenario's injected change begins")
     d.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="a parameter of the project's scenario (repeatable), e.g. fraud_rate=0.1 for the fraud shop")
+                   help="a parameter of the project's scenario (repeatable); each example's README lists its own")
     d.add_argument("--summary-json", type=Path, default=None, help="default: <data dir>/demo-summary.json")
     d.add_argument("--no-progress", action="store_true")
     from streams import dlq, models_cli, replay
     from streams.features import cli as features
     from streams.features import offline
+    from streams.project import cli as project
     from streams.registry import check
 
+    project.add_parser(sub)
     check.add_parser(sub)
     dlq.add_parser(sub)
     replay.add_parser(sub)
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in handlers:
             return handlers[args.command](settings, args)
         return int(args.handler(args))
-    except ProjectError as exc:
+    except (ProjectError, PlanRefused) as exc:
         print(f"weir {args.command}: {exc}", file=sys.stderr)
         return 2
 

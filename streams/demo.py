@@ -95,7 +95,7 @@ def run_demo(settings: WeirSettings, project: Project, opts: DemoOptions,
         log.warning("demo: removed the previous run's %s (Kafka starts empty)", removed)
     with Stack(settings, project) as endpoints:
         endpoints.write(settings.data_dir / "endpoints.json")
-        if not settings.kafka_bootstrap and endpoints.postgres_dsn:
+        if not settings.kafka_bootstrap:
             scenario.reset(endpoints.postgres_dsn)
         scenario.prepare(endpoints.postgres_dsn, endpoints.kafka_bootstrap, settings.partitions)
         pipeline = Pipeline(project, endpoints, config or pipeline_config(settings))

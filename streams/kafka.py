@@ -85,3 +85,15 @@ def flush_or_raise(producer: Producer, tracker: DeliveryTracker, timeout: float 
     if tracker.failed:
         failed, tracker.failed = tracker.failed, []
         raise RuntimeError(f"{len(failed)} records failed delivery, first: {failed[0]}")
+
+
+def produce_waiting(producer: Producer, topic: str, value: bytes, key: bytes | None,
+                    on_delivery: DeliveryTracker | None = None) -> None:
+    """Produce one record, waiting for deliveries while the producer's local queue is full (backpressure:
+    never drop, never raise ``BufferError``)."""
+    while True:
+        try:
+            producer.produce(topic, value, key, on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(0.05)

@@ -92,12 +92,21 @@ def _when(ts: Any) -> str:
     return f"{dt:%Y-%m-%d %H:%M:%S}Z"
 
 
+def quality(metrics: dict[str, float]) -> str:
+    """A version's validation quality: ``auc 0.9312`` (a binary model), ``mae 4.21`` (a regression), or ``-``."""
+    if "auc_val" in metrics:
+        return f"auc {metrics['auc_val']:.4f}"
+    if "mae_val" in metrics:
+        return f"mae {metrics['mae_val']:.4g}"
+    return "-"
+
+
 def list_lines(states: dict[tuple[str, int], VersionState]) -> list[str]:
-    lines = [f"{'model':<10} {'ver':>4} {'stage':<11} {'auc_val':>8} {'gates':<6} {'last change':<21} reason"]
+    lines = [f"{'model':<10} {'ver':>4} {'stage':<11} {'validation':<12} {'gates':<6} {'last change':<21} reason"]
     for v in sorted(states.values(), key=lambda s: (s.name, s.version)):
         last = v.history[-1]
         gates = {1.0: "passed", 0.0: "FAILED"}.get(v.metrics.get("gates_passed", -1.0), "-")
-        lines.append(f"{v.name:<10} {v.version:>4} {v.stage:<11} {v.metrics.get('auc_val', float('nan')):>8.4f} "
+        lines.append(f"{v.name:<10} {v.version:>4} {v.stage:<11} {quality(v.metrics):<12} "
                      f"{gates:<6} {_when(last['ts']):<21} {last['actor']}: {last['reason'][:80]}")
     return lines
 
@@ -114,14 +123,15 @@ def show_lines(v: VersionState) -> list[str]:
 
 def runs_lines(states: dict[tuple[str, int], VersionState], curve_of: int | None = None) -> list[str]:
     """One line per training run (registered candidate); with ``curve_of``, that run's learning curve."""
-    lines = [f"{'ver':>4} {'trained at':<21} {'rows':>6} {'auc_val':>8} {'epochs':>6} {'best':>4} {'secs':>6} gates"]
-    for v in sorted(states.values(), key=lambda s: s.version):
+    lines = [f"{'model':<10} {'ver':>4} {'trained at':<21} {'rows':>6} {'validation':<12} {'epochs':>6} {'best':>4} "
+             f"{'secs':>6} gates"]
+    for v in sorted(states.values(), key=lambda s: (s.name, s.version)):
         m, first = v.metrics, v.history[0]
-        lines.append(f"{v.version:>4} {_when(first['ts']):<21} {v.lineage.get('rows', '?'):>6} "
-                     f"{m.get('auc_val', float('nan')):>8.4f} {m.get('epochs_run', 0):>6.0f} "
+        lines.append(f"{v.name:<10} {v.version:>4} {_when(first['ts']):<21} {v.lineage.get('rows', '?'):>6} "
+                     f"{quality(m):<12} {m.get('epochs_run', 0):>6.0f} "
                      f"{m.get('best_epoch', 0):>4.0f} {m.get('train_seconds', 0):>6.1f} {v.lineage.get('gates', '-')}")
         if v.version == curve_of:
-            lines.append("       epoch  train loss  val loss  val auc")
+            lines.append(f"       epoch  train loss  val loss  val {'auc' if 'auc_val' in m else 'mae'}")
             lines += [f"       {e:>5.0f}  {lt:>10.4f}  {lv:>8.4f}  {a:>7.4f}"
                       for e, lt, lv, a in json.loads(v.lineage.get("learning_curve", "[]"))]
     return lines
@@ -168,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"weir models: no {args.name} v{args.version} in model.events")
         print("\n".join(show_lines(state)))
     else:
-        print("\n".join(runs_lines({k: v for k, v in states.items() if k[0] == args.name}, args.curve)))
+        print("\n".join(runs_lines({k: v for k, v in states.items() if args.name in (None, k[0])}, args.curve)))
     return 0
 
 
@@ -176,12 +186,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser("models", help="model versions, stages, lineage and training runs; promote, roll back")
     p.add_argument("--bootstrap", default=None, help="Kafka bootstrap (default: .weir/endpoints.json)")
     cmds = p.add_subparsers(dest="models_command", required=True)
-    cmds.add_parser("list", help="every version, its stage, validation AUC and gate verdict")
+    cmds.add_parser("list", help="every version, its stage, validation quality (AUC or MAE) and gate verdict")
     show = cmds.add_parser("show", help="one version's history, metrics and lineage")
     show.add_argument("name")
     show.add_argument("version", type=int)
-    runs = cmds.add_parser("runs", help="training runs: rows, AUC, epochs, time, gates")
-    runs.add_argument("name", nargs="?", default="fraud")
+    runs = cmds.add_parser("runs", help="training runs: rows, validation quality, epochs, time, gates")
+    runs.add_argument("name", nargs="?", default=None, help="one model's (default: every model's)")
     runs.add_argument("--curve", type=int, default=None, metavar="VERSION", help="also print that run's curve")
     promote = cmds.add_parser("promote", help="move a version to a stage (gated for canary and production)")
     promote.add_argument("name")

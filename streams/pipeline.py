@@ -134,7 +134,7 @@ class Pipeline:
         c, e, p = self.config, self.endpoints, self.project
         wanted = set(c.stages)
         if wanted & {"sinks", "retrain"}:
-            self.ch = ClickHouse(e.clickhouse_dsn)
+            self.ch = ClickHouse.for_project(e.clickhouse_dsn, p.name)  # the project's own database
             self.ch.ensure_schema(tables(p))
         if "cdc" in wanted and e.postgres_dsn and p.cdc_sources:
             self._start_cdc()

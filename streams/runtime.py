@@ -87,7 +87,7 @@ class Recoverable(Protocol):
 
 
 class Batching(Protocol):
-    """Optional: a stage whose messages carry several units of work (payments in a micro-batch record).
+    """Optional: a stage whose messages carry several units of work (the events of a micro-batch record).
 
     The runner then keeps consuming, for at most its ``max_wait_ms`` from the first consume call, until the
     messages hold ``max_units`` units (``units(message)`` each) or the wait is over; so a batch is full by

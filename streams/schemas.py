@@ -25,7 +25,6 @@ import json
 import threading
 import zlib
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +58,13 @@ def subject_name(topic: str) -> str:
 
 
 def topics(schema_dir: Path = SCHEMA_DIR) -> list[str]:
-    """Every topic that has a schema under ``schema_dir`` (none when the folder does not exist)."""
+    """Every topic that has a schema under ``schema_dir``: its folders holding a ``v<N>.avsc`` (none when the
+    folder does not exist; ``weir schemas check`` reports folders without one)."""
     if not schema_dir.is_dir():
         return []
-    return sorted(p.name for p in schema_dir.iterdir() if p.is_dir())
+    return sorted(p.name for p in schema_dir.iterdir() if p.is_dir() and any(p.glob("v*.avsc")))
 
 
-@cache
 def local_versions(topic: str, schema_dir: Path = SCHEMA_DIR) -> tuple[dict[str, Any], ...]:
     """Every version of ``topic``'s schema in ``schemas/``, oldest first; ``KeyError`` if none."""
     paths = sorted((schema_dir / topic).glob("v*.avsc"), key=lambda p: int(p.stem[1:]))

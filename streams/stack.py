@@ -21,6 +21,7 @@ from streams import schemas
 from streams import topics as T
 from streams.kafka import ensure_topics
 from streams.project.contracts import use_project
+from streams.project.plan import Plan, check, record_applied
 from streams.project.spec import Project
 from streams.settings import WeirSettings
 
@@ -71,13 +72,25 @@ class Stack:
     def __init__(self, settings: WeirSettings, project: Project | None = None, *, with_postgres: bool = True) -> None:
         self.settings = settings
         self.project = project
-        self.with_postgres = with_postgres
+        # PostgreSQL only for a project that streams tables from it (CDC sources)
+        self.with_postgres = with_postgres and (project is None or bool(project.cdc_sources))
         self.data_dir = settings.data_dir.resolve()
         self._started: list[Any] = []
         self.endpoints: Endpoints | None = None
+        self.plan: Plan | None = None  # what starting changed of the project's applied state
         self._previous_catalog: schemas.Catalog | None = None
 
     def start(self) -> Endpoints:
+        """Start what is not configured and apply the project (see :mod:`streams.project.plan`); raises
+        :class:`~streams.project.plan.PlanRefused` (having stopped what it started) when the running stack must
+        not take the project as it is."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> Endpoints:
         s = self.settings
         self.data_dir.mkdir(parents=True, exist_ok=True)
         kafka = s.kafka_bootstrap or self._start_kafka()
@@ -92,10 +105,13 @@ class Stack:
         ensure_topics(kafka, topics, s.partitions)
         registry = s.schema_registry_url or self._start_registry(kafka)
         self._previous_catalog = schemas.set_catalog(None)
-        if self.project is not None:
-            use_project(self.project)
-        schemas.use_registry(registry)
         self.endpoints = Endpoints(kafka, redis_url, clickhouse, postgres, registry)
+        if self.project is not None:
+            self.plan = check(self.project, kafka, registry)
+            use_project(self.project)
+        schemas.use_registry(registry)  # registers Weir's schemas and the project's
+        if self.project is not None:
+            record_applied(kafka, registry, self.project)
         return self.endpoints
 
     def _start_kafka(self) -> str:

@@ -1,9 +1,10 @@
 """Weir's own topic names, the topics of a project, and the partitioner internal micro-batch topics use.
 
-A project's topics (its sources', its models' prediction topics, and the
-internal ``weir.silver.*`` / ``weir.scoring.*`` ones generated from it) come
-from :func:`project_topics`; the names below are Weir's own, the same in
-every project.
+A project's topics (its sources', its models' prediction topics, and its
+internal ones) come from :func:`project_topics`. Weir's public topics below are
+shared by every project on a stack (their records name their model); its
+internal topics are the project's own, named ``weir.<project>.<name>``
+(:func:`internal`), so that several projects can share a Kafka cluster.
 """
 
 from __future__ import annotations
@@ -20,22 +21,32 @@ MODEL_EVENTS = "model.events"
 MODEL_METRICS = "model.metrics"
 MODEL_COMMANDS = "model.commands"
 
-# internal (Weir's own business): micro-batched per partition, except outcomes
+# internal (Weir's own business): micro-batched per partition, except outcomes. Each project has its own
+# (`internal(project, I_SCORED)` is `weir.<project>.scored`); the names here are their schemas' subjects.
 I_SCORED = "weir.scored"  # inference -> learn: served vectors and scores, every model's
 I_OUTCOMES = "weir.outcomes"  # learn -> drift: scored events joined with their labels
 I_FEATURE_LOG = "weir.feature_log"  # features -> ClickHouse feature_log
 I_AUDIT = "weir.audit"  # prediction audit records, to ClickHouse prediction_audit
+PER_PROJECT = [I_SCORED, I_OUTCOMES, I_FEATURE_LOG, I_AUDIT]
+# shared by every project
 REPLAY = "weir.replay"  # `weir replay`: river datasets, one partition, created on demand
+PROJECTS = "weir.projects"  # what `weir apply` registered of each project (views, models: versions, fingerprints)
 
 PUBLIC = [ALERTS, RETRAIN, MODEL_EVENTS, MODEL_METRICS, MODEL_COMMANDS]
-INTERNAL = [I_SCORED, I_OUTCOMES, I_FEATURE_LOG, I_AUDIT]
+INTERNAL = [PROJECTS]
+
+
+def internal(project: Project, name: str) -> str:
+    """The project's own topic of one of Weir's internal ones: ``weir.scored`` -> ``weir.<project>.scored``."""
+    return f"weir.{project.name}.{name.removeprefix('weir.')}"
 
 
 def project_topics(project: Project) -> tuple[list[str], list[str]]:
     """(public, internal) topics of ``project``, Weir's own included."""
     from streams.project.contracts import internal_topics
 
-    return PUBLIC + project.public_topics(), INTERNAL + internal_topics(project)
+    return PUBLIC + project.public_topics(), INTERNAL + [internal(project, t) for t in PER_PROJECT] + \
+        internal_topics(project)
 
 
 def all_topics(project: Project) -> list[str]:

@@ -44,7 +44,7 @@ def test_a_record_written_with_an_older_version_decodes_into_the_current_one() -
 def test_every_schema_parses_and_ids_are_unique() -> None:
     ids: dict[int, set[str]] = {}
     every = [*schemas.topics(), *schemas.topics(SHOP.schemas), *generated(SHOP)]  # Weir's, the shop's, generated
-    assert len(every) == len(set(every)) and {"alerts", "clickstream.events", "weir.silver.payments"} <= set(every)
+    assert len(every) == len(set(every)) and {"alerts", "clickstream.events", "weir.fraud_shop.silver.payments"} <= set(every)
     for topic in every:
         sub = schemas.subject(topic)
         ids.setdefault(sub.schema_id, set()).add(sub.raw["name"])

@@ -37,7 +37,7 @@ NAMESPACE = f"{PREFIX}.public.payments"
 SNAPSHOT_VALUES = "true,first,first_in_data_collection,last_in_data_collection,last,false,incremental"
 NOW = 1_767_229_200.0  # 2026-01-01T01:00:00Z, the injected wall clock
 CDC_PAYMENTS = "cdc.payments"
-SILVER_PAYMENTS = "weir.silver.payments"  # what ingest makes of the shop's payments source
+SILVER_PAYMENTS = "weir.fraud_shop.silver.payments"  # what ingest makes of the shop's payments source
 
 
 def _optional(avro_type: Any) -> list[Any]:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -51,7 +50,7 @@ def demo(endpoints: Endpoints, weir_dir: Path, chdb_path: Path) -> Iterator[tupl
     finally:
         use_project(SHOP)
         schemas.set_catalog(previous)
-    ch = ClickHouse(f"chdb://{chdb_path}")
+    ch = ClickHouse.for_project(f"chdb://{chdb_path}", DELIVERY.name)  # the project's own database
     yield summary, ch
     ch.close()
 

@@ -50,7 +50,9 @@ T0 = 1_700_000_000_000
 EVENT_TYPES = ["page_view", "page_view", "search", "add_to_cart", "login", "checkout"]
 VIEW = {"card": CARD, "user": USER}
 VIEWS = (CARD, USER)
-PAYMENTS, CLICKS, SCORING = "weir.silver.payments", "weir.silver.clicks", "weir.scoring.payments"
+PAYMENTS, CLICKS, SCORING = ("weir.fraud_shop.silver.payments", "weir.fraud_shop.silver.clicks",
+                             "weir.fraud_shop.scoring.payments")
+FEATURE_LOG = T.internal(SHOP, T.I_FEATURE_LOG)
 
 # ---------------------------------------------------------------- input
 
@@ -106,8 +108,8 @@ def reference_rows(payments: dict[int, list[list[dict[str, Any]]]], clicks: dict
 def feature_log(bootstrap: str, prefix: str) -> list[tuple[str, str, str, int, list[float]]]:
     """Every (view, entity, event id, ts, values) row of ``weir.feature_log`` about entities named ``prefix*``."""
     consumer = Consumer(consumer_config(bootstrap, f"read-{uuid.uuid4().hex}"))
-    consumer.assign([TopicPartition(T.I_FEATURE_LOG, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
-    codec = AvroCodec(T.I_FEATURE_LOG)
+    consumer.assign([TopicPartition(FEATURE_LOG, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+    codec = AvroCodec(FEATURE_LOG)
     rows: list[tuple[str, str, str, int, list[float]]] = []
     idle_since = time.monotonic()
     try:
@@ -335,7 +337,8 @@ from streams.stages.features import FeaturesStage
 
 stage = FeaturesStage(project, OnlineStore(cfg["redis"]), snapshots=RedisSnapshots.from_url(cfg["redis"]),
                       checkpoint_every_s=cfg["checkpoint_s"],
-                      rename={"weir.silver.clicks": cfg["clicks"], "weir.silver.payments": cfg["payments"]})
+                      rename={"weir.fraud_shop.silver.clicks": cfg["clicks"],
+                              "weir.fraud_shop.silver.payments": cfg["payments"]})
 handle = stage.handle
 def slow(batch):
     time.sleep(cfg["delay_s"])
@@ -472,7 +475,7 @@ def test_each_payment_is_served_the_values_logged_for_it() -> None:
     result = FeaturesStage(SHOP, store).handle(  # type: ignore[arg-type]
         [Message(PAYMENTS, 0, 0, None, AvroCodec(PAYMENTS).encode({"items": payments}), 0)])
     (scoring,) = [AvroCodec(SCORING).decode(p.value) for p in result.produce if p.topic == SCORING]
-    (log,) = [AvroCodec(T.I_FEATURE_LOG).decode(p.value) for p in result.produce if p.topic == T.I_FEATURE_LOG]
+    (log,) = [AvroCodec(FEATURE_LOG).decode(p.value) for p in result.produce if p.topic == FEATURE_LOG]
     served = [item["served"]["card:v3"] for item in scoring["items"]]
     assert served == [[1.0, 10.0, 1.0, 10.0, 1.0], [2.0, 30.0, 2.0, 30.0, 2.0], [3.0, 60.0, 3.0, 60.0, 2.0]]
     assert log["event_ids"] == ["p0", "p1", "p2"] and log["ts_ms"] == [T0, T0 + 1000, T0 + 2000]

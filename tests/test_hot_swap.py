@@ -7,6 +7,8 @@ own (the stages' ``rename``); the stage logic is the pipeline's.
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 import uuid
 from collections import defaultdict
@@ -44,7 +46,7 @@ def own(run: str, topic: str) -> str:
 def event(version: int, stage: str, path: Path) -> dict[str, Any]:
     return {"event_id": uuid.uuid4().hex, "ts": int(time.time() * 1000), "model_name": fraud.name, "version": version,
             "stage": stage, "artifact_uri": str(path), "sha256": sha256_file(path), "metrics": {},
-            "actor": "test", "reason": "test", "lineage": {}}
+            "actor": "test", "reason": "test", "lineage": {"model_definition": fraud.definition}}
 
 
 def read_all(bootstrap: str, topic: str, want: int, timeout: float = 60.0) -> list[Any]:
@@ -65,7 +67,8 @@ def test_promotions_under_load_drop_nothing_duplicate_nothing_and_never_mix_vers
         endpoints: Endpoints, tmp_path: Path) -> None:
     run = "hs" + uuid.uuid4().hex[:8]
     boot = endpoints.kafka_bootstrap
-    inference_topics = (SCORING, PREDICTIONS, T.I_SCORED, T.I_AUDIT, SHADOW, T.MODEL_METRICS)
+    inference_topics = (SCORING, PREDICTIONS, T.internal(SHOP, T.I_SCORED), T.internal(SHOP, T.I_AUDIT), SHADOW,
+                        T.MODEL_METRICS)
     ensure_topics(boot, [own(run, t) for t in (*inference_topics, T.MODEL_EVENTS)], PARTS)
     v1, v2 = onnx_model(tmp_path, 1, "fraud-v1"), onnx_model(tmp_path, 2, "fraud-v2")
     loads: dict[int, tuple[float, float]] = {}
@@ -103,7 +106,7 @@ def test_promotions_under_load_drop_nothing_duplicate_nothing_and_never_mix_vers
             time.sleep(0.01)
         producer.flush(10)
         preds = read_all(boot, own(run, PREDICTIONS), n_msgs * per_msg)
-        scored = read_all(boot, own(run, T.I_SCORED), 1, timeout=5)
+        scored = read_all(boot, own(run, T.internal(SHOP, T.I_SCORED)), 1, timeout=5)
     finally:
         for runner in (inference, watch):
             runner.stop()
@@ -185,3 +188,18 @@ def test_versions_outside_serving_stages_are_not_loaded(tmp_path: Path, stage: s
     slot = ModelSlot(Named("rules-0"))  # type: ignore[arg-type]
     ModelWatchStage(fraud, slot, loader=lambda ev: pytest.fail("loaded")).handle(_events(event(1, stage, path)))
     assert slot.models.champion.version == "rules-0" and slot.swaps == 0
+
+
+def test_a_version_trained_for_another_definition_never_serves(tmp_path: Path) -> None:
+    """The model's features changed (a new definition version): artifacts trained for the old one expect other
+    inputs. They do not serve, the rules do, until a version is trained for the new definition."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"x")
+    slot = ModelSlot(Named("rules-0"))  # type: ignore[arg-type]
+    changed = dataclasses.replace(fraud, version=fraud.version + 1, features=fraud.features[:-1])
+    watch = ModelWatchStage(changed, slot, loader=lambda ev: Named(f"fraud-v{ev['version']}"))  # type: ignore[arg-type,return-value]
+    old = event(1, "production", path)  # trained for the shop's declared definition
+    watch.handle(_events(old, {**event(2, "canary", path), "lineage": {}}))  # and one of unknown lineage
+    assert slot.models.champion.version == "rules-0" and slot.models.canary is None and slot.swaps == 0
+    watch.handle(_events({**event(3, "production", path), "lineage": {"model_definition": changed.definition}}))
+    assert slot.models.champion.version == "fraud-v3"

@@ -42,7 +42,8 @@ from tests.faults import TcpProxy
 T0 = 1_700_000_000_000
 FEATURE_NAMES = fraud.feature_names
 F = len(FEATURE_NAMES)
-SCORING = "weir.scoring.payments"  # the fraud model's scoring topic (its scored source: payments)
+SCORING = "weir.fraud_shop.scoring.payments"
+SCORED, AUDIT = T.internal(SHOP, T.I_SCORED), T.internal(SHOP, T.I_AUDIT)  # the shop's own internal topics  # the fraud model's scoring topic (its scored source: payments)
 PREDICTIONS = fraud.prediction_topic
 SHADOW = fraud.shadow_topic
 SERVING_SNAPSHOT = serving_snapshot(fraud)
@@ -112,7 +113,7 @@ def items(result: StepResult, topic: str) -> list[dict[str, Any]]:
 def audit_rows(result: StepResult) -> list[dict[str, Any]]:
     """The ``weir.audit`` records (columnar per partition) as one dict per answer."""
     rows = []
-    for r in produced(result, T.I_AUDIT):
+    for r in produced(result, AUDIT):
         n = r["n_features"]
         for i, event in enumerate(r["event_ids"]):
             rows.append({"event_id": event, "model_name": r["model_name"], "entity_id": r["entity_ids"][i],
@@ -128,7 +129,7 @@ def audit_rows(result: StepResult) -> list[dict[str, Any]]:
 
 def served_matrix(result: StepResult, preds: list[dict[str, Any]]) -> npt.NDArray[np.float32]:
     """The feature vectors the stage served, in the order of ``preds``."""
-    scored = {i["event_id"]: i["features"] for i in items(result, T.I_SCORED)}
+    scored = {i["event_id"]: i["features"] for i in items(result, SCORED)}
     return np.asarray([scored[p["event_id"]] for p in preds], dtype=np.float32)
 
 
@@ -173,10 +174,10 @@ def test_every_payment_is_scored_once_in_input_order_per_partition(
     # the scored batches go back to the partition the payments came from
     parts = {p["event_id"]: m.partition for m in msgs for p in AvroCodec(SCORING).decode(m.value)["items"]}
     for rec in result.produce:
-        if rec.topic == T.I_SCORED:
-            assert {parts[i["event_id"]] for i in AvroCodec(T.I_SCORED).decode(rec.value)["items"]} == {rec.partition}
+        if rec.topic == SCORED:
+            assert {parts[i["event_id"]] for i in AvroCodec(SCORED).decode(rec.value)["items"]} == {rec.partition}
     cards = {p["event_id"]: p["card_id"] for p in pays}
-    for i in items(result, T.I_SCORED):  # named by model and entity (the card); no label at scoring time
+    for i in items(result, SCORED):  # named by model and entity (the card); no label at scoring time
         assert (i["model_name"], i["entity_id"], i["label"]) == ("fraud", cards[i["event_id"]], None)
 
 
@@ -228,7 +229,7 @@ def test_redis_down_gives_last_known_or_default_features_flagged_degraded_and_re
         preds = produced(result, PREDICTIONS)
         assert len(preds) == 30 and all(p["degraded"] and p["served_by"] == "model" for p in preds)
         lo, hi = len(CARD.features), len(CARD.features) + len(USER.features)
-        for item in items(result, T.I_SCORED):
+        for item in items(result, SCORED):
             cust = next(p["customer_id"] for p in later if p["event_id"] == item["event_id"])
             want = users[cust] if cust in {f"{run}-cust{i}" for i in range(10)} else USER.defaults
             assert item["features"][lo:hi] == pytest.approx(want)
@@ -384,7 +385,7 @@ def test_the_audit_record_has_the_vector_or_its_hash_and_the_latency_breakdown(
                            audit_vectors=vectors)
     result = stage.handle(messages([payment(i, run) for i in range(30)]))
     preds = {p["event_id"]: p for p in produced(result, PREDICTIONS)}
-    scored = {i["event_id"]: i for i in items(result, T.I_SCORED)}
+    scored = {i["event_id"]: i for i in items(result, SCORED)}
     audit = audit_rows(result)
     assert sorted(a["event_id"] for a in audit) == sorted(preds)
     for a in audit:

@@ -36,7 +36,8 @@ TS = datetime(2026, 1, 1, tzinfo=UTC)
 NOW = TS.timestamp() + 3600  # the injected wall clock: an hour after TS
 KEY = b"test-key"
 CLICKS, CDC_PAYMENTS, CDC_LABELS = "clickstream.events", "cdc.payments", "cdc.payment_labels"
-SILVER_CLICKS, SILVER_PAYMENTS, SILVER_LABELS = "weir.silver.clicks", "weir.silver.payments", "weir.silver.labels"
+SILVER_CLICKS, SILVER_PAYMENTS, SILVER_LABELS = (
+    "weir.fraud_shop.silver.clicks", "weir.fraud_shop.silver.payments", "weir.fraud_shop.silver.labels")
 
 
 def stage_with(dedup: Any = None, project: Project = SHOP, **guard: int) -> IngestStage:
@@ -234,7 +235,7 @@ def test_hostile_input_never_crashes_and_nothing_is_lost(redis_client: Any,
                                                         batch: list[tuple[str, bytes | None]]) -> None:
     stage = stage_with(RedisDedup(redis_client, 60_000, prefix=f"prop:{uuid.uuid4().hex}:"))
     result = stage.handle(msgs(*batch))
-    out = sum(len(produced(result, t)) for t in (silver_topic(src) for src in SHOP.sources))
+    out = sum(len(produced(result, t)) for t in (silver_topic(SHOP, src) for src in SHOP.sources))
     assert stage.counts["accepted"] == out
     assert stage.counts["accepted"] + stage.counts["skipped"] + len(result.rejected) == len(batch)
     assert all(r.error.reason in Reason for r in result.rejected)
@@ -294,8 +295,8 @@ def test_a_project_of_its_own_is_validated_and_re_keyed_generically(sensors: Pro
     assert all("'site'" in r.error.detail for r in result.rejected[1:])
     assert stage.counts == {"accepted": 2, "out_of_range": 1, "missing_field": 2}
 
-    out = "weir.silver.sensor"
-    assert silver_topic(sensors.source("sensor")) == out and {p.topic for p in result.produce} == {out}
+    out = f"weir.{sensors.name}.silver.sensor"
+    assert silver_topic(sensors, sensors.source("sensor")) == out and {p.topic for p in result.produce} == {out}
     for p in result.produce:  # one message per destination partition, each event in its key's partition
         assert all(p.partition == T.partition_for(i["sensor_id"], 4) for i in AvroCodec(out).decode(p.value)["items"])
     partitions = [p.partition for p in result.produce]

@@ -27,7 +27,8 @@ T0 = 1_700_000_000_000
 FEATURE_NAMES = fraud.feature_names
 ONLINE_MODEL = fraud.online_name
 ONLINE = fraud.online_topic  # the online learner's predictions
-LABELS = "weir.silver.labels"  # the label source's silver events
+LABELS = "weir.fraud_shop.silver.labels"
+SCORED = T.internal(SHOP, T.I_SCORED)  # the shop's own  # the label source's silver events
 
 
 def _label(payment_id: str, is_fraud: bool, payment_ms: int, label_ms: int) -> dict[str, Any]:
@@ -51,10 +52,10 @@ def _payments(n: int, seed: int = 5) -> list[tuple[dict[str, Any], bool]]:
 
 def _messages(payments: list[tuple[dict[str, Any], bool]], label_delay: int) -> list[Message]:
     """One scored message per payment; each label ``label_delay`` payments later (negative: before it)."""
-    scored, labels = AvroCodec(T.I_SCORED), AvroCodec(LABELS)
+    scored, labels = AvroCodec(SCORED), AvroCodec(LABELS)
     slots: list[tuple[float, Message]] = []
     for i, (item, is_fraud) in enumerate(payments):
-        slots.append((i, Message(T.I_SCORED, 0, i, None, scored.encode({"items": [item]}), 0)))
+        slots.append((i, Message(SCORED, 0, i, None, scored.encode({"items": [item]}), 0)))
         label = _label(item["event_id"], is_fraud, item["ts_ms"], item["ts_ms"] + 1)
         slots.append((i + label_delay + 0.5, Message(LABELS, 0, i, None, labels.encode({"items": [label]}), 0)))
     return [m for _, m in sorted(slots, key=lambda s: s[0])]
@@ -191,7 +192,7 @@ def test_a_restarted_learner_continues_from_its_snapshot(endpoints: Endpoints) -
 
 def _online_scores_of(msgs: list[Message]) -> list[str]:
     """The payments (scored records) among ``msgs``: one online prediction each."""
-    return [m.topic for m in msgs if m.topic == T.I_SCORED]
+    return [m.topic for m in msgs if m.topic == SCORED]
 
 
 def test_joins_are_given_up_after_the_horizon() -> None:
@@ -200,8 +201,8 @@ def test_joins_are_given_up_after_the_horizon() -> None:
     model = dataclasses.replace(fraud, label=dataclasses.replace(fraud.label, horizon_s=0.010))  # 10 ms
     stage = LearnStage(SHOP, model, RiverLearner("logreg"), "v")  # payments are 1 ms apart
     assert stage.join_horizon_ms == 10
-    scored, labels = AvroCodec(T.I_SCORED), AvroCodec(LABELS)
-    msgs = [Message(T.I_SCORED, 0, i, None, scored.encode({"items": [item]}), 0) for i, (item, _) in enumerate(payments)]
+    scored, labels = AvroCodec(SCORED), AvroCodec(LABELS)
+    msgs = [Message(SCORED, 0, i, None, scored.encode({"items": [item]}), 0) for i, (item, _) in enumerate(payments)]
     orphan = _label("never-scored", True, T0, T0)
     late = _label("also-never", True, T0, T0 + 11)
     msgs += [Message(LABELS, 0, i, None, labels.encode({"items": [lb]}), 0) for i, lb in enumerate((orphan, late))]

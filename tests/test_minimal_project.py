@@ -2,8 +2,9 @@
 
 A project of another shape than the shop (another topic, entity, view and label) runs on the same stages
 without any change to Weir: readings are produced with confluent-kafka's own ``SerializingProducer`` against
-Weir's schema registry, predictions are read with its ``DeserializingConsumer``. The ClickHouse stages are
-left out here (the session's embedded engine belongs to the shop's end-to-end run).
+Weir's schema registry, predictions are read with its ``DeserializingConsumer`` (``examples/minimal/client.py``,
+the application docs/projects.md shows). The ClickHouse stages are left out here (the session's embedded
+engine belongs to the end-to-end runs).
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from confluent_kafka import DeserializingConsumer, SerializingProducer, TopicPartition
-from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 
+from examples.minimal import client
 from streams import schemas
 from streams import topics as T
 from streams.kafka import ensure_topics
@@ -30,7 +29,7 @@ from streams.stack import Endpoints
 from tests.conftest import SHOP
 
 ROOT = Path(__file__).resolve().parent.parent
-MINIMAL = "docs/examples/minimal/project.py"
+MINIMAL = "examples/minimal/project.py"
 N = 400
 
 
@@ -49,16 +48,6 @@ def minimal(endpoints: Endpoints) -> Iterator[Project]:
         schemas.set_catalog(previous)
 
 
-def readings(start: datetime) -> list[dict[str, object]]:
-    """N readings of 8 sensors, a second apart; a sensor over 90 °C is faulty."""
-    out = []
-    for i in range(N):
-        temperature = 60.0 + (i * 37) % 45
-        out.append({"reading_id": f"r-{uuid.uuid4().hex}", "sensor_id": f"s{i % 8}", "ts": start + timedelta(seconds=i),
-                    "temperature": temperature, "vibration": float(i % 11), "faulty": temperature > 90})
-    return out
-
-
 def test_a_project_of_its_own_runs_end_to_end(minimal: Project, endpoints: Endpoints, tmp_path: Path) -> None:
     model = minimal.models[0]
     run = uuid.uuid4().hex[:8]
@@ -68,27 +57,13 @@ def test_a_project_of_its_own_runs_end_to_end(minimal: Project, endpoints: Endpo
     pipeline.start()
     try:
         pipeline.wait_ready(120)
-        registry = SchemaRegistryClient({"url": endpoints.schema_registry_url})
-        schema = (minimal.schemas / "sensor.readings" / "v1.avsc").read_text()
-        producer = SerializingProducer({"bootstrap.servers": endpoints.kafka_bootstrap,
-                                        "value.serializer": AvroSerializer(registry, schema)})
-        sent = readings(datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=20))
-        for r in sent:
-            producer.produce("sensor.readings", key=str(r["sensor_id"]).encode(), value=r)
-        assert producer.flush(30) == 0
-
-        consumer = DeserializingConsumer({"bootstrap.servers": endpoints.kafka_bootstrap,
-                                          "group.id": f"subscriber-{run}",
-                                          "value.deserializer": AvroDeserializer(registry)})
-        consumer.assign([TopicPartition(model.prediction_topic, p, 0) for p in range(4)])
-        got: dict[str, dict[str, object]] = {}
-        deadline = time.monotonic() + 120
-        while len(got) < N and time.monotonic() < deadline:
-            pipeline.check()
-            msg = consumer.poll(0.5)
-            if msg is not None and msg.error() is None:
-                got[msg.value()["event_id"]] = msg.value()
-        consumer.close()
+        # the application: confluent-kafka's own serializer and deserializer (examples/minimal/client.py)
+        sent = client.readings(N, datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=20))
+        assert client.produce(endpoints.kafka_bootstrap, endpoints.schema_registry_url, sent) == N
+        got = client.predictions(endpoints.kafka_bootstrap, endpoints.schema_registry_url,
+                                 {str(r["reading_id"]) for r in sent}, timeout_s=120)
+        pipeline.check()
+        deadline = time.monotonic() + 60
         learn = pipeline.stages[f"learn-{model.name}"]
         while learn.learned < N and time.monotonic() < deadline:
             time.sleep(0.2)

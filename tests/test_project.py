@@ -35,6 +35,7 @@ from streams.project import (
 from streams.project.contracts import generated, prediction_fields, silver_ddl, tables
 from streams.project.expr import ExpressionError, compile_expr, names_in
 from streams.project.load import ProjectError, load, validate
+from streams.schemas import local_versions
 from tests.conftest import FRAUD_SHOP, SHOP
 
 HOUR = 3_600_000
@@ -264,9 +265,12 @@ def test_any_text_either_compiles_or_is_refused_cleanly(text: str) -> None:
 def test_contracts_are_generated_from_the_project(tmp_path: Path) -> None:
     p = sensor_project(tmp_path)
     subjects = generated(p)
-    assert set(subjects) == {"weir.silver.readings", "weir.silver.checks", "weir.scoring.readings",
-                             "predictions.faulty", "predictions.faulty.online", "predictions.shadow.faulty"}
-    items = subjects["weir.silver.readings"]["fields"][0]["type"]["items"]["fields"]
+    assert set(subjects) == {"weir.sensors.silver.readings", "weir.sensors.silver.checks",
+                             "weir.sensors.scoring.readings", "predictions.faulty", "predictions.faulty.online",
+                             "predictions.shadow.faulty", "weir.sensors.scored", "weir.sensors.outcomes",
+                             "weir.sensors.audit", "weir.sensors.feature_log"}
+    assert subjects["weir.sensors.scored"] == local_versions("weir.scored")[-1]  # Weir's own schema, the project's topic
+    items = subjects["weir.sensors.silver.readings"]["fields"][0]["type"]["items"]["fields"]
     assert [(f["name"], f["type"]) for f in items] == [
         ("event_id", "string"), ("ts_ms", "long"), ("source_ms", "long"), ("sensor", ["null", "string"]),
         ("site", ["null", "string"]), ("value", ["null", "double"]), ("ok", ["null", "boolean"]),
@@ -275,4 +279,4 @@ def test_contracts_are_generated_from_the_project(tmp_path: Path) -> None:
     assert "`value` Nullable(Float64)" in silver_ddl(p, p.sources[0]) and len(tables(p)) == 2
     for raw in subjects.values():  # every generated schema is valid Avro
         fastavro.parse_schema(raw)
-    assert "weir.silver.payments" in generated(SHOP) and "predictions.fraud" not in generated(SHOP)  # declared
+    assert "weir.fraud_shop.silver.payments" in generated(SHOP) and "predictions.fraud" not in generated(SHOP)

@@ -18,8 +18,8 @@ from examples.delivery_eta.scenario import DeliveryScenario
 from streams.project import (
     MLP,
     Agg,
-    FeatureView,
     Feature,
+    FeatureView,
     GatePolicy,
     LabelStream,
     Model,

@@ -17,7 +17,7 @@ from confluent_kafka import Producer
 
 from examples.delivery_eta.simulator import MAX_MINUTES, Delivery, DeliveryConfig, DeliverySimulator, Order
 from streams.codec import AvroCodec
-from streams.kafka import DeliveryTracker, ensure_topics, flush_or_raise, producer_config
+from streams.kafka import DeliveryTracker, ensure_topics, flush_or_raise, produce_waiting, producer_config
 from streams.project.spec import ScenarioRun
 
 ORDERS, DELIVERIES = "delivery.orders", "delivery.completed"
@@ -58,12 +58,7 @@ class DeliveryScenario:
         for n, event in enumerate(sim.events(events), 1):
             topic, codec = codecs[type(event)]
             value = codec.encode(event.record)
-            while True:
-                try:
-                    producer.produce(topic, value, event.record["restaurant_id"].encode(), on_delivery=tracker)
-                    break
-                except BufferError:  # local queue full: wait for deliveries
-                    producer.poll(0.05)
+            produce_waiting(producer, topic, value, event.record["restaurant_id"].encode(), tracker)
             counts[type(event)] += 1
             if shift_wall is None and sim.shift_started_at is not None:
                 shift_wall = time.time()

@@ -19,9 +19,9 @@ from typing import Any
 import psycopg
 from confluent_kafka import Producer
 
-from streams.codec import AvroCodec
-from streams.kafka import DeliveryTracker, ensure_topics, flush_or_raise, producer_config
 from examples.fraud_shop.simulator import PRIMARY_KEYS, Click, Row, ShopEvent
+from streams.codec import AvroCodec
+from streams.kafka import DeliveryTracker, ensure_topics, flush_or_raise, produce_waiting, producer_config
 
 SHOP_SQL = Path(__file__).with_name("shop.sql")
 
@@ -166,14 +166,8 @@ class ShopDriver:
         return stats
 
     def _produce(self, producer: Producer, click: Click, on_delivery: DeliveryTracker) -> None:
-        value = self._codec.encode(click.record)
-        key = click.record["user_id"].encode()
-        while True:
-            try:
-                producer.produce(self.clicks_topic, value, key, on_delivery=on_delivery)
-                return
-            except BufferError:  # local queue full: backpressure, wait for deliveries
-                producer.poll(0.05)
+        produce_waiting(producer, self.clicks_topic, self._codec.encode(click.record),
+                        click.record["user_id"].encode(), on_delivery)
 
     def _pace(self, pacer: _Pacer, conn: psycopg.Connection[Any], buffer: _RowBuffer, stats: DriverStats) -> None:
         """Sleep off any lead over ``rate``, once per chunk."""

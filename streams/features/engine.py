@@ -36,15 +36,15 @@ the same answers).
 
 >>> from streams.features.aggregations import Agg, Sliding
 >>> from streams.features.definitions import Feature, FeatureView
->>> card = FeatureView("card", "card_id", 1, source="payments", ttl_ms=7_200_000, specs=(
-...     Feature("n", Agg.COUNT, Sliding(60_000), "payments, 1 min"),
-...     Feature("total", Agg.SUM, Sliding(60_000), "their amounts", value="amount"),
-...     Feature("merchants", Agg.DISTINCT, Sliding(60_000), "distinct merchants", distinct="merchant_id")))
->>> state = ViewState(card)
->>> for i, (merchant, amount) in enumerate([("m1", 5.0), ("m2", 7.5), ("m1", 1.0)]):
-...     _ = state.add({"event_id": f"p{i}", "card_id": "c1", "ts_ms": 1_000 * i, "amount": amount,
-...                    "merchant_id": merchant})
->>> state.values("c1")
+>>> kitchen = FeatureView("kitchen", "restaurant_id", 1, source="orders", ttl_ms=7_200_000, specs=(
+...     Feature("n", Agg.COUNT, Sliding(60_000), "orders, 1 min"),
+...     Feature("items", Agg.SUM, Sliding(60_000), "their items", value="items"),
+...     Feature("zones", Agg.DISTINCT, Sliding(60_000), "distinct zones", distinct="zone_id")))
+>>> state = ViewState(kitchen)
+>>> for i, (zone, items) in enumerate([("z1", 5.0), ("z2", 7.5), ("z1", 1.0)]):
+...     _ = state.add({"event_id": f"o{i}", "restaurant_id": "r1", "ts_ms": 1_000 * i, "items": items,
+...                    "zone_id": zone})
+>>> state.values("r1")
 (2000, [3.0, 13.5, 2.0])
 """
 

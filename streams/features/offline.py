@@ -340,7 +340,7 @@ def _cmd_training_set(args: argparse.Namespace) -> int:
         print(f"weir features training-set: error: {exc.args[0] if exc.args else 'the project has no model'}",
               file=sys.stderr)
         return 1
-    ch = ClickHouse(dsn, database=args.database)
+    ch = ClickHouse(dsn, database=args.database) if args.database else ClickHouse.for_project(dsn, project.name)
     try:
         ts = training_set(ch, project, model, since_ms=since, until_ms=until, limit=args.limit)
     finally:

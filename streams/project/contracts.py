@@ -1,6 +1,6 @@
 """The contracts Weir derives from a project: internal topics and their Avro schemas, prediction schemas.
 
-Per source, ingest writes its validated events to ``weir.silver.<source>``:
+Per source, ingest writes its validated events to ``weir.<project>.silver.<source>``:
 Avro micro-batches (one message per destination partition per batch), each
 event a record of ``event_id`` (string), ``ts_ms`` (event time, epoch ms),
 ``source_ms`` (when the source message was produced: the latency origin) and
@@ -8,7 +8,7 @@ the source's kept ``fields``, with the types of the source schema (enums as
 strings, ``timestamp-millis`` as epoch-ms longs), every one nullable with a
 null default, so that keeping another field later stays a compatible change.
 The features stage forwards the events of each scored source to
-``weir.scoring.<source>``: the same records plus ``served``, the values of
+``weir.<project>.scoring.<source>``: the same records plus ``served``, the values of
 the views over that source as of each event. Both schemas are generated here
 and registered like the files in ``schemas/`` (subject ``<topic>-value``).
 
@@ -31,9 +31,22 @@ from streams.project.fields import FieldType, record_fields, row_fields
 from streams.project.spec import Model, Project, Source
 
 __all__ = [
-    "PREDICTION_FIELDS", "RESERVED", "avro_type", "generated", "internal_topics", "prediction_fields",
-    "prediction_schema", "scoring_schema", "scoring_topic", "silver_schema", "silver_table", "silver_topic",
-    "silver_ddl", "source_fields", "tables", "use_project",
+    "PREDICTION_FIELDS",
+    "RESERVED",
+    "avro_type",
+    "generated",
+    "internal_topics",
+    "prediction_fields",
+    "prediction_schema",
+    "scoring_schema",
+    "scoring_topic",
+    "silver_ddl",
+    "silver_schema",
+    "silver_table",
+    "silver_topic",
+    "source_fields",
+    "tables",
+    "use_project",
 ]
 
 RESERVED = ("event_id", "ts_ms", "source_ms", "served")
@@ -45,7 +58,7 @@ PREDICTION_FIELDS: tuple[dict[str, Any], ...] = (
     {"name": "score", "type": "double", "doc": "a binary model's probability of the positive class; a "
                                                "regression's predicted value"},
     {"name": "model_name", "type": "string"},
-    {"name": "model_version", "type": "string", "doc": "the version that served, e.g. fraud-v3"},
+    {"name": "model_version", "type": "string", "doc": "the version that served, e.g. eta-v3"},
     {"name": "latency_ms", "type": "double", "doc": "from the source message's production to this prediction"},
     {"name": "event_ts", "type": _TS, "doc": "the scored event's time"},
     {"name": "predicted_ts", "type": _TS},
@@ -89,8 +102,8 @@ def _avro_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", text)
 
 
-def silver_topic(source: Source) -> str:
-    return f"weir.silver.{source.name}"
+def silver_topic(project: Project, source: Source) -> str:
+    return f"weir.{project.name}.silver.{source.name}"
 
 
 def silver_table(source: Source) -> str:
@@ -98,8 +111,8 @@ def silver_table(source: Source) -> str:
     return f"silver_{_avro_name(source.name)}"
 
 
-def scoring_topic(source: Source) -> str:
-    return f"weir.scoring.{source.name}"
+def scoring_topic(project: Project, source: Source) -> str:
+    return f"weir.{project.name}.scoring.{source.name}"
 
 
 def avro_type(t: FieldType) -> str:
@@ -126,13 +139,13 @@ def _batch(name: str, namespace: str, fields: list[dict[str, Any]], doc: str) ->
 
 
 def silver_schema(project: Project, source: Source) -> dict[str, Any]:
-    """The micro-batch schema of ``weir.silver.<source>``."""
+    """The micro-batch schema of ``weir.<project>.silver.<source>``."""
     return _batch("Event", f"weir.silver.{_avro_name(source.name)}", _event_fields(project, source),
                   f"Validated, deduplicated, pseudonymized events of source {source.name} ({source.topic}).")
 
 
 def scoring_schema(project: Project, source: Source) -> dict[str, Any]:
-    """The micro-batch schema of ``weir.scoring.<source>``: silver events plus the served view values."""
+    """The micro-batch schema of ``weir.<project>.scoring.<source>``: silver events plus the served view values."""
     served = {"name": "served", "type": ["null", {"type": "map", "values": {"type": "array", "items": "double"}}],
               "default": None, "doc": "per view ('card:v3'), the values the features stage computed for this "
                                       "event, as of it: inference serves them instead of reading the online store"}
@@ -180,16 +193,22 @@ def tables(project: Project) -> list[str]:
 def internal_topics(project: Project) -> list[str]:
     """Every internal topic the project's stages use besides Weir's own."""
     scored = {m.source for m in project.models}
-    return [silver_topic(s) for s in project.sources] + [scoring_topic(project.source(n)) for n in sorted(scored)]
+    return [silver_topic(project, s) for s in project.sources] + \
+        [scoring_topic(project, project.source(n)) for n in sorted(scored)]
 
 
 def generated(project: Project) -> dict[str, dict[str, Any]]:
-    """Topic -> schema of every subject generated for ``project``: the silver and scoring topics, and the
-    prediction topics the project does not declare a schema for."""
-    out = {silver_topic(s): silver_schema(project, s) for s in project.sources}
+    """Topic -> schema of every subject generated for ``project``: the silver and scoring topics, the
+    prediction topics the project does not declare a schema for, and the project's own copies of Weir's
+    internal topics (``weir.<project>.scored`` has the newest schema of ``weir.scored``: each topic its
+    subject, as TopicNameStrategy has it)."""
+    from streams import topics as T
+
+    out = {T.internal(project, t): schemas.local_versions(t)[-1] for t in T.PER_PROJECT}
+    out |= {silver_topic(project, s): silver_schema(project, s) for s in project.sources}
     for name in sorted({m.source for m in project.models}):
         source = project.source(name)
-        out[scoring_topic(source)] = scoring_schema(project, source)
+        out[scoring_topic(project, source)] = scoring_schema(project, source)
     for m in project.models:
         for topic, online in ((m.prediction_topic, False), (m.shadow_topic, False), (m.online_topic, True)):
             if not (project.schemas / topic).is_dir():

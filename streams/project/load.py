@@ -20,8 +20,8 @@ checks the declaration against the Avro schemas of its topics:
   rules name features of the model; a model's decision threshold is in [0, 1].
 
 Errors come back as one :class:`ProjectError` listing every problem, e.g.
-``model fraud: feature view user: key 'client_id' is not a field of source
-payments (fields: ...)``.
+``model eta: feature view kitchen: key 'shop_id' is not a field of source
+orders (fields: ...)``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ __all__ = ["DEFAULT_ATTRIBUTE", "DEFAULT_FILE", "ProjectError", "load", "project
 DEFAULT_ATTRIBUTE = "project"
 DEFAULT_FILE = "project.py"
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+PROJECT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")  # it names the project's ClickHouse database
 TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 RESERVED_PREFIXES = ("weir.", "dlq.", "_")  # Weir's internal topics, dead letters, the registry's own
 
@@ -73,16 +74,7 @@ def _import(ref: str) -> Any:
     target, _, attr = ref.partition(":")
     attr = attr or DEFAULT_ATTRIBUTE
     if target.endswith(".py") or "/" in target:
-        path = Path(target)
-        if not path.is_file():
-            raise ProjectError(ref, [f"no such file: {path}"])
-        name = f"weir_project_{abs(hash(path.resolve()))}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ProjectError(ref, [f"{path} cannot be imported as a Python module"])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        module = _import_file(ref, Path(target))
     else:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the current directory's packages
@@ -97,6 +89,30 @@ def _import(ref: str) -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise ProjectError(ref, [f"module {module.__name__} has no attribute {attr!r}"]) from None
+
+
+def _import_file(ref: str, path: Path) -> Any:
+    """A project file as a module: inside a package (folders with ``__init__.py``), as that package's module,
+    so its own imports of sibling modules work; else as a module of its own, its folder importable."""
+    if not path.is_file():
+        raise ProjectError(ref, [f"no such file: {path}"])
+    path = path.resolve()
+    parts, folder = [path.stem], path.parent
+    while (folder / "__init__.py").is_file() and folder.name.isidentifier():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    if len(parts) > 1:
+        return importlib.import_module(".".join(parts))
+    name = f"weir_project_{path.stem}_{abs(hash(path))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ProjectError(ref, [f"{path} cannot be imported as a Python module"])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def load(ref: str) -> Project:
@@ -158,8 +174,9 @@ class _Checker:
 
     def run(self) -> list[str]:
         p = self.project
-        if not NAME_RE.match(p.name or ""):
-            self.add("project", f"name {p.name!r} must start with a letter and hold letters, digits, _ or -")
+        if not PROJECT_RE.match(p.name or ""):
+            self.add("project", f"name {p.name!r} must start with a letter and hold letters, digits or _ "
+                                "(it names the project's ClickHouse database and internal topics)")
         if not p.schemas.is_dir():
             self.add("project", f"schemas folder {p.schemas} does not exist")
         if not p.sources:

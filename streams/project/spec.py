@@ -15,19 +15,20 @@ The declarations are frozen dataclasses in the spirit of Feast's feature
 repository and Chronon's GroupBy/Join: data, checked when loaded, with
 fingerprints so that a definition cannot change under the same version.
 
->>> card = FeatureView("card", "card_id", 1, source="payments", ttl_ms=7_200_000,
-...                    specs=(Feature("card_count_1h", Agg.COUNT, Sliding(3_600_000), "payments of the card, 1 h"),))
->>> m = Model("fraud", "binary", source="payments",
-...           features=(ViewFeatures(card), RequestFeature("amount", "amount")),
-...           label=LabelStream("labels", key="payment_id", value="is_fraud"))
+>>> kitchen = FeatureView("kitchen", "restaurant_id", 1, source="orders", ttl_ms=7_200_000,
+...                       specs=(Feature("orders_1h", Agg.COUNT, Sliding(3_600_000), "orders of the restaurant, 1 h"),))
+>>> m = Model("eta", "regression", source="orders",
+...           features=(ViewFeatures(kitchen), RequestFeature("distance_km", "distance_km")),
+...           label=LabelStream("deliveries", key="order_id", value="minutes"))
 >>> m.feature_names, m.prediction_topic, m.online_name, m.version_name(3)
-(('card_count_1h', 'amount'), 'predictions.fraud', 'fraud-online', 'fraud-v3')
+(('orders_1h', 'distance_km'), 'predictions.eta', 'eta-online', 'eta-v3')
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,9 +42,29 @@ from streams.features.definitions import Feature, FeatureView, FirstSeen, canoni
 from streams.project.expr import RowFn, compile_expr, guarded
 
 __all__ = [
-    "TASKS", "Agg", "Cdc", "Feature", "FeatureView", "FirstSeen", "GatePolicy", "Hopping", "LabelField",
-    "LabelStream", "MLP", "Model", "Project", "Range", "RequestFeature", "Rules", "Scenario", "ScenarioRun",
-    "Sliding", "Source", "Task", "Tumbling", "ViewFeatures",
+    "MLP",
+    "TASKS",
+    "Agg",
+    "Cdc",
+    "Feature",
+    "FeatureView",
+    "FirstSeen",
+    "GatePolicy",
+    "Hopping",
+    "LabelField",
+    "LabelStream",
+    "Model",
+    "Project",
+    "Range",
+    "RequestFeature",
+    "Rules",
+    "Scenario",
+    "ScenarioRun",
+    "Sliding",
+    "Source",
+    "Task",
+    "Tumbling",
+    "ViewFeatures",
 ]
 
 Task = Literal["binary", "regression"]
@@ -83,7 +104,7 @@ class Range:
     high_inclusive: bool = True
 
     def violated(self, value: float) -> bool:
-        if value != value:  # NaN lies within no range
+        if math.isnan(value):  # NaN lies within no range
             return True
         low, high = self.low, self.high
         return ((low is not None and (value < low or (value == low and not self.low_inclusive)))
@@ -126,10 +147,6 @@ class Source:
         """The key that partitions the source's internal topic: every entity's events in one partition."""
         return self.keys[0]
 
-    @property
-    def internal_topic(self) -> str:
-        """Where ingest writes the source's validated events (micro-batched per partition)."""
-        return f"weir.{self.name}"
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -323,8 +340,18 @@ class Model:
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 (12 hex digits) of the whole definition (views by name, version and fingerprint)."""
-        return _fingerprint(self)
+        """SHA-256 (12 hex digits) of what a trained version of the model depends on: its name, task, scored
+        source, features (views with their whole definitions, request features) and label. Changing any of
+        them needs a new ``version`` (``weir plan`` refuses it otherwise); the rest (learners, trainer,
+        threshold, gates, fallback, topics) may change without one."""
+        return _fingerprint({"name": self.name, "task": self.task, "source": self.source,
+                             "features": self.features, "label": self.label})
+
+    @property
+    def definition(self) -> str:
+        """``v<version>@<fingerprint>``: recorded in every trained version's lineage; only versions trained for
+        the current definition serve."""
+        return f"v{self.version}@{self.fingerprint}"
 
 
 # --- the demo hook --------------------------------------------------------------------------------
@@ -412,7 +439,7 @@ class Project:
         return list(dict.fromkeys(out))
 
     def objects(self) -> Iterator[tuple[str, object]]:
-        """Every declared object with a name for messages (``source clicks``, ``view card``, ``model fraud``)."""
+        """Every declared object with a name for messages (``source orders``, ``view kitchen``, ``model eta``)."""
         for s in self.sources:
             yield f"source {s.name}", s
         for v in self.views:

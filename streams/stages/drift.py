@@ -1,7 +1,7 @@
 """Drift: watches each model's labelled error and its score distribution; raises alerts and retrains.
 
-Input: ``weir.outcomes`` (label + champion score per scored event, in label
-order, every model's). Per model and champion version, ADWIN detectors (river)
+Input: the project's ``weir.<project>.outcomes`` (label + champion score per
+scored event, in label order, every model's). Per model and champion version, ADWIN detectors (river)
 and one test:
 
 - ``adwin_error`` over the absolute error ``|label - score|`` of every outcome;
@@ -150,10 +150,11 @@ class DriftStage:
     """Every model's detectors (see the module docstring); outcomes of models it does not know are ignored."""
 
     step_id = "drift"
-    topics = (T.I_OUTCOMES, T.MODEL_EVENTS)
 
     def __init__(self, project: Project, delta: float, *, cooldown: int = 1000, min_samples: int = 300,
                  clock: Callable[[], float] = time.time) -> None:
+        self._outcomes = T.internal(project, T.I_OUTCOMES)
+        self.topics: tuple[str, ...] = (self._outcomes, T.MODEL_EVENTS)
         self.models: dict[str, Model] = {m.name: m for m in project.models}
         self.detectors = {m.name: DriftDetector(delta, min_samples, threshold=m.threshold, task=m.task)
                           for m in project.models}
@@ -162,7 +163,7 @@ class DriftStage:
         self.alerts = 0
         self.retrains = 0
         self._since_retrain = dict.fromkeys(self.models, cooldown)
-        self._in = {t: AvroCodec(t) for t in self.topics}
+        self._in = {self._outcomes: AvroCodec(T.I_OUTCOMES), T.MODEL_EVENTS: AvroCodec(T.MODEL_EVENTS)}
         self._alert = AvroCodec(T.ALERTS)
         self._retrain = AvroCodec(T.RETRAIN)
 

@@ -1,6 +1,6 @@
 """Features: per-entity windowed aggregates into the online store, the feature log, and on to scoring.
 
-Inputs: the ``weir.silver.<source>`` micro-batches of every source a feature
+Inputs: the ``weir.<project>.silver.<source>`` micro-batches of every source a feature
 view reads or a model scores; the views are the project's declarations
 (:class:`~streams.features.definitions.FeatureView`), compiled by
 :mod:`streams.features.engine`. For each batch it feeds the events in
@@ -8,13 +8,13 @@ partition order, appends one feature-log row per accepted event (the entity's
 values as of that event's time) to ``weir.feature_log`` (the ClickHouse sink
 writes it), writes each touched entity's newest values to Redis (one pipelined
 round trip), and forwards the events of a scored source to
-``weir.scoring.<source>`` on the same partition, each carrying the values of
+``weir.<project>.scoring.<source>`` on the same partition, each carrying the values of
 the views over its own source (``served``), which inference uses, so serving
 and the training set agree per event. Redis is written before the events are
 forwarded, so inference's reads of the other views are at least as new as the
 batch.
 
-**State and recovery.** Ingest partitions each ``weir.silver.<source>`` by the
+**State and recovery.** Ingest partitions each silver topic by the
 source's partition key, the key of every view over it, so every entity's
 events are in one partition and the window state is partition-local: one
 :class:`FeatureComputer` per input
@@ -48,7 +48,7 @@ import redis
 
 from sinks.redis_store import OnlineStore
 from streams import topics as T
-from streams.base import Message, Produce, Rejected, StepResult
+from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, StepResult
 from streams.codec import AvroCodec, DecodeError
 from streams.features.aggregations import SnapshotError, Status
 from streams.features.checkpoint import RedisSnapshots, SnapshotCodec
@@ -150,6 +150,7 @@ class _Input:
     """One input topic: the source it carries, its decoder, and where its events go on to be scored."""
 
     source: str
+    key: str  # the source's partition key: every view over it is keyed by it
     codec: AvroCodec
     scoring: tuple[str, AvroCodec] | None
 
@@ -157,8 +158,8 @@ class _Input:
 class FeaturesStage:
     """The features stage: see the module docstring for what it writes and how it recovers.
 
-    ``project`` gives the views and the sources; ``rename`` maps a default topic name
-    (``weir.silver.<source>``, ``weir.scoring.<source>``, ``weir.feature_log``) to the one
+    ``project`` gives the views and the sources; ``rename`` maps one of the project's topic names
+    (``weir.<project>.silver.<source>``, ``…scoring.<source>``, ``…feature_log``) to the one
     actually used (tests run on topics of their own).
     ``snapshots`` None: no checkpoints, every assignment of a partition that has a
     committed offset replays its log from the beginning (correct, slower).
@@ -186,17 +187,19 @@ class FeaturesStage:
         for source in project.sources:
             if source.name not in scored and not any(v.source == source.name for v in self.views):
                 continue
-            out = scoring_topic(source)
+            out = scoring_topic(project, source)
             scoring = (names.get(out, out), AvroCodec(out)) if source.name in scored else None
-            topic = silver_topic(source)
-            self._inputs[names.get(topic, topic)] = _Input(source.name, AvroCodec(topic), scoring)
+            topic = silver_topic(project, source)
+            self._inputs[names.get(topic, topic)] = _Input(source.name, source.partition_key, AvroCodec(topic),
+                                                           scoring)
         self.topics: tuple[str, ...] = tuple(self._inputs)
         self.partitions: dict[TopicPartition, PartitionState] = {}
         self.replayed = 0  # messages applied in replay (state only), for tests and metrics
         self.late = self.duplicates = 0  # events the views refused (outside replay), for tests and metrics
         self._all_committed = True  # nothing handled since the last successful commit
         self._snapshot = snapshot_codec(self.views)
-        self._log_topic = names.get(T.I_FEATURE_LOG, T.I_FEATURE_LOG)
+        log_topic = T.internal(project, T.I_FEATURE_LOG)
+        self._log_topic = names.get(log_topic, log_topic)
         self._log = AvroCodec(T.I_FEATURE_LOG)
 
     def handle(self, batch: list[Message]) -> StepResult:
@@ -223,6 +226,11 @@ class FeaturesStage:
                     result.rejected.append(Rejected(msg, exc))
                 continue
             items = record["items"]
+            if any(not item.get(source.key) for item in items):  # not ingest's: it never emits one
+                if not replay:
+                    result.rejected.append(Rejected(msg, InvalidEvent(
+                        Reason.MISSING_FIELD, f"an event without its key {source.key!r}: the views are keyed by it")))
+                continue
             if replay:
                 for item in items:
                     part.computer.add(source.source, item, values=False)

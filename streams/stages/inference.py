@@ -1,6 +1,6 @@
 """Inference: score every event of one model, micro-batched, routed, and answered even when a dependency fails.
 
-Input: the ``weir.scoring.<source>`` micro-batches of the model's scored
+Input: the ``weir.<project>.scoring.<source>`` micro-batches of the model's scored
 source. The runner gathers messages across every assigned partition until
 they hold ``PIPELINE_DEPTH`` batches of ``max_batch`` events
 (``WEIR_INFERENCE_MAX_BATCH``; :class:`streams.runtime.Batching`) or its max
@@ -127,8 +127,8 @@ class InferenceStage:
     """Scores the events of one model of ``project`` (see the module docstring).
 
     ``slot`` holds the versions that serve (the rules until ``model.events`` names one); ``chain`` the
-    fallbacks (by default: the model's rules); ``rename`` maps a default topic name to the one actually
-    used (tests run on topics of their own)."""
+    fallbacks (by default: the model's rules); ``rename`` maps one of the project's topic names to the one
+    actually used (tests run on topics of their own)."""
 
     def __init__(self, project: Project, model: Model, store: OnlineStore, slot: ModelSlot, *,
                  max_batch: int = 1024, chain: ScoringChain | None = None, cache: ResponseCache | None = None,
@@ -154,11 +154,12 @@ class InferenceStage:
         self.scored = 0
         self.counts: Counter[str] = Counter()  # served_by paths, routes, degraded rows, failed shadows
         self._next_metrics = clock() + metrics_every_s
-        scoring = scoring_topic(source)
+        scoring = scoring_topic(project, source)
         self.topics: tuple[str, ...] = (names.get(scoring, scoring),)
         self._in = {self.topics[0]: AvroCodec(scoring)}
-        self._out = {t: names.get(t, t) for t in (model.prediction_topic, model.shadow_topic, T.I_SCORED, T.I_AUDIT,
-                                                   T.MODEL_METRICS)}
+        own = {T.I_SCORED: T.internal(project, T.I_SCORED), T.I_AUDIT: T.internal(project, T.I_AUDIT)}
+        self._out = {t: names.get(own.get(t, t), own.get(t, t))
+                     for t in (model.prediction_topic, model.shadow_topic, T.I_SCORED, T.I_AUDIT, T.MODEL_METRICS)}
         self._pred = AvroCodec(model.prediction_topic)
         self._shadow = AvroCodec(model.shadow_topic)
         self._scored = AvroCodec(T.I_SCORED)

@@ -2,7 +2,7 @@
 
 Inputs: every source topic of the project (one event per message; a CDC
 source's messages are Debezium envelopes). Outputs: per source,
-``weir.silver.<source>`` (:mod:`streams.project.contracts`): Avro micro-batches,
+``weir.<project>.silver.<source>`` (:mod:`streams.project.contracts`): Avro micro-batches,
 one message per destination partition per batch, partitioned by the source's
 partition key, each event its id, event time, the produce time of its message
 and the fields the source keeps, every PII field replaced by its token: the
@@ -78,8 +78,8 @@ class SourcePlan:
         self.source = source
         self.cdc = source.cdc is not None
         self.codec = AvroCodec(source.topic)
-        self.out = AvroCodec(silver_topic(source))
-        self.out_topic = silver_topic(source)
+        self.out_topic = silver_topic(project, source)
+        self.out = AvroCodec(self.out_topic)
         types = source_fields(project, source)
         self.timestamps = [f for f in source.fields if types[f].logical == "timestamp-millis"]
         self.must = list(dict.fromkeys((source.event_id, source.partition_key, *source.required)))

@@ -1,9 +1,9 @@
 """Learn: a model's online learner, trained on each scored event's label with the features served for it.
 
-Inputs: ``weir.scored`` (served feature vectors and the champion's score,
-every model's: this stage keeps its model's) and, for a model whose label is a
-stream of its own (:class:`~streams.project.spec.LabelStream`), that source's
-``weir.silver.<source>``. For every scored event it publishes the online
+Inputs: the project's ``weir.<project>.scored`` (served feature vectors and the
+champion's score, every model's: this stage keeps its model's) and, for a model
+whose label is a stream of its own (:class:`~streams.project.spec.LabelStream`),
+that source's silver topic. For every scored event it publishes the online
 learner's score (test, then train) to ``predictions.<model>.online``; when the
 label arrives it learns from the served features and emits an outcome (label,
 champion score, online score) to ``weir.outcomes`` for the drift stage. A label
@@ -101,7 +101,7 @@ class LearnStage:
     label with the prediction made when the event was scored: river's delayed progressive validation.
     Every ``publish_every`` labels it is published to ``model.metrics`` (and from there to the ClickHouse
     table ``model_metrics``), with the same metric of each champion version's served scores on the same
-    labels. ``rename`` maps a default topic name to the one actually used (tests).
+    labels. ``rename`` maps one of the project's topic names to the one actually used (tests).
     """
 
     def __init__(self, project: Project, model: Model, learner: RiverLearner, version: str, *,
@@ -144,14 +144,16 @@ class LearnStage:
         self.unlabelled_values = 0  # label records whose value was null
         self._newest_scored = self._newest_label = 0
         self.learned = 0
-        scored = names.get(T.I_SCORED, T.I_SCORED)
+        own = {T.I_SCORED: T.internal(project, T.I_SCORED), T.I_OUTCOMES: T.internal(project, T.I_OUTCOMES)}
+        scored = names.get(own[T.I_SCORED], own[T.I_SCORED])
         self._codecs = {scored: AvroCodec(T.I_SCORED)}
         self._scored_topic = scored
         if self.label is not None:
-            labels = silver_topic(project.source(self.label.source))
+            labels = silver_topic(project, project.source(self.label.source))
             self._codecs[names.get(labels, labels)] = AvroCodec(labels)
         self.topics: tuple[str, ...] = tuple(self._codecs)
-        self._out = {t: names.get(t, t) for t in (model.online_topic, T.I_OUTCOMES, T.MODEL_METRICS)}
+        self._out = {t: names.get(own.get(t, t), own.get(t, t))
+                     for t in (model.online_topic, T.I_OUTCOMES, T.MODEL_METRICS)}
         self._pred = AvroCodec(model.online_topic)
         self._outcome = AvroCodec(T.I_OUTCOMES)
         self._metric = AvroCodec(T.MODEL_METRICS)

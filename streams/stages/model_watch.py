@@ -9,7 +9,8 @@ shadow version scores in shadow. A version is loaded (checksum verified) and
 warmed on this stage's own thread, in the background of inference; only when
 every scorer of the new set is ready is the set swapped in, atomically,
 between two inference batches. A version that does not load is logged and
-left out; the set keeps serving what it served.
+left out; the set keeps serving what it served. A version trained for another definition of the model
+(its lineage's ``model_definition``: other features, another label) never serves.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class ModelWatchStage:
         self.stages: dict[int, dict[str, Any]] = {}  # version -> its latest model.events record
         self._loaded: dict[tuple[int, str], BatchScorer] = {}  # (version, sha256) -> scorer
         self._broken: set[tuple[int, str]] = set()
+        self._foreign: set[int] = set()  # versions trained for another definition of the model
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
@@ -70,6 +72,13 @@ class ModelWatchStage:
             if event["model_name"] != self.model.name or \
                     event["stage"] not in (*SERVING_STAGES, "candidate", "archived"):
                 continue  # another model, or a refused command (it changed nothing)
+            trained_for = (event.get("lineage") or {}).get("model_definition")
+            if trained_for != self.model.definition and event["stage"] in SERVING_STAGES:
+                if event["version"] not in self._foreign:
+                    self._foreign.add(event["version"])
+                    log.warning("%s v%d was trained for definition %s; the project declares %s: not served",
+                                self.model.name, event["version"], trained_for or "(unknown)", self.model.definition)
+                continue
             if event["stage"] == "production":
                 for other in self.stages.values():
                     if other["stage"] == "production" and other["version"] != event["version"]:

@@ -67,6 +67,14 @@ class CommandRefused(ValueError):
     """A model command that cannot be carried out, with the reason a person can act on."""
 
 
+def champion_of(registry: ModelRegistry, model: Model) -> ModelVersion | None:
+    """The model's production version, if it was trained for the model's current definition (a version
+    trained for another one expects other features: it neither serves nor is compared with)."""
+    champion = registry.latest(model.name, stage="production")
+    return champion if champion is not None and champion.lineage.get("model_definition") == model.definition \
+        else None
+
+
 def _worker_init() -> None:
     torch.set_num_threads(1)  # the machine's other core serves the stream stages
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s retrain-worker: %(message)s")
@@ -185,9 +193,9 @@ class RetrainStage:
         sorted by time, and its SHA-256.
 
         Mature: at least the label's ``maturity_s`` older than the newest label. When some labels come later
-        than others (a fraud's chargeback after a legitimate payment's settlement), the newest labelled events
-        are biased toward the early kind; trained on, they bias the model, and as its validation window they may
-        hold no positive at all (no AUC: the quality gate refuses the model)."""
+        than others (a positive's later than a negative's, a long delivery's later than a short one's), the
+        newest labelled events are biased toward the early kind; trained on, they bias the model, and as its
+        validation window they may hold no positive at all (no AUC: the quality gate refuses the model)."""
         newest_label = offline.newest_label_ms(self.ch, self.project, model)
         until = newest_label - self.maturity_ms(model) if newest_label else None
         ts_set = offline.training_set(self.ch, self.project, model, since_ms=since_ms or None, until_ms=until,
@@ -209,7 +217,7 @@ class RetrainStage:
                 ": not enough to train"
             log.warning("retrain of %s skipped: %s", model.name, run["skipped"])
             return []
-        champion = self.registry.latest(model.name, stage="production")
+        champion = champion_of(self.registry, model)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
@@ -251,7 +259,7 @@ class RetrainStage:
         labels = {"positives": str(int(y.sum()))} if model.task == "binary" else {"label_mean": f"{float(y.mean()):.6g}"}
         return {
             "reason": reason, "rows": str(len(y)), **labels, "features": ",".join(model.feature_names),
-            "task": model.task, "model_definition": f"v{model.version}@{model.fingerprint}",
+            "task": model.task, "model_definition": model.definition,
             "ts_min_ms": str(int(ts.min())), "ts_max_ms": str(int(ts.max())), "training_set_sha256": content,
             "label_maturity_ms": str(self.maturity_ms(model)),
             "training_set": "point-in-time: feature_log as of each labelled event (weir features training-set)",
@@ -366,7 +374,7 @@ class RetrainScheduler:
             if model.name in self._bootstrapped or \
                     time.monotonic() - self._last_bootstrap.get(model.name, 0.0) < self.bootstrap_retry_s:
                 continue
-            if self.registry.latest(model.name, stage="production") is not None:
+            if champion_of(self.registry, model) is not None:
                 self._bootstrapped.add(model.name)
                 continue
             # mature labels: what the retrain stage will train on

@@ -4,11 +4,15 @@ Machines report sensor readings to ``sensor.readings``; each reading is scored
 ("is the machine faulty?") from the sensor's last minute of readings and the
 reading itself, and its label comes with it (an inline check), so the online
 learner learns right after scoring. ``docs/projects.md`` walks through it;
-``tests/test_minimal_project.py`` runs it.
+``tests/test_minimal_project.py`` runs it; ``weir init DIR --template minimal``
+starts a project from it; ``weir --project examples/minimal/project.py demo``
+drives it with :mod:`examples.minimal.scenario` (a second failure mode appears
+half way).
 """
 
 from pathlib import Path
 
+from examples.minimal.scenario import SensorScenario
 from streams.project import (
     Agg,
     Feature,
@@ -52,4 +56,4 @@ fault = Model(
 )
 
 project = Project("sensors", Path(__file__).parent / "schemas", sources=(readings,), views=(sensor,),
-                  models=(fault,))
+                  models=(fault,), scenario=SensorScenario())

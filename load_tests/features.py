@@ -1,8 +1,8 @@
 """Features alone: the features stage's throughput, and the online store's read latency under writes.
 
 1. **throughput**: N events are produced first as ingest emits them (Avro
-   micro-batches on ``weir.clicks``, partitioned by user, and
-   ``weir.payments``, by card: one message per partition per 500 ingested
+   micro-batches on ``weir.<project>.silver.clicks``, partitioned by user, and
+   ``weir.<project>.silver.payments``, by card: one message per partition per 500 ingested
    events; ~85% clicks). Then, alternately, ``--reps`` times each:
 
    * **weir**: a :class:`BatchRunner` running :class:`FeaturesStage` exactly as
@@ -13,8 +13,8 @@
      when every message is consumed and the last flush and commit returned.
      Events/s counts events, not messages. The store's writes are timed
      (packing included) to give Redis's share of the wall time, and
-     ``gc.callbacks`` time the cyclic garbage collector. (The runner's pause
-     is fixed here, see :class:`Runner`; the batches run as in the pipeline.)
+     ``gc.callbacks`` time the cyclic garbage collector. (The runner is held
+     paused until the group assigned its partitions; the batches run as in the pipeline.)
    * **no redis**: the same, with a store that drops the writes: the stage's
      ceiling if Redis writes cost nothing.
 
@@ -35,6 +35,11 @@ for n in 1, 32, 256, and ``write_rate_per_s`` (the background rate achieved).
 a third variant to each rep, weir without the :class:`~streams.gcpolicy.StateFreezer` the
 pipeline gives the stage (the growing window state then stays in the cyclic collector's full
 scans), to show what the collector costs the stage.
+
+The events are the fraud shop's (``--project``, default the shop: any project declaring its ``clicks``
+and ``payments`` sources and ``card`` and ``user`` views); the stage computes the project's views.
+``--smoke``: a few thousand events, one rep, a few hundred reads (well under a minute; figures
+meaningless, for tests).
 Run: .venv/bin/python load_tests/features.py [--events 100000] [--reps 3] [--reads 3000] [--write-rate 20000]
 """
 
@@ -61,21 +66,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import redis
-from confluent_kafka import Producer, TopicPartition
+from confluent_kafka import Producer
 
+from load_tests.common import add_project_option, load_project, require_shop
 from sinks.redis_store import OnlineStore
 from streams import topics as T
 from streams.codec import AvroCodec
 from streams.dlq import DlqGuard
 from streams.features.aggregations import Agg, Sliding
 from streams.features.definitions import HOUR, Feature, FeatureView
+from streams.gcpolicy import StateFreezer
 from streams.kafka import producer_config
 from streams.pipeline import PipelineConfig
+from streams.project.contracts import silver_topic
+from streams.project.spec import Project
 from streams.pseudonymize import Pseudonymizer
 from streams.runtime import BatchRunner
 from streams.settings import WeirSettings
 from streams.stack import Endpoints, Stack
-from streams.gcpolicy import StateFreezer
 from streams.stages.features import FeaturesStage
 
 START_MS = int(time.time() * 1000) - 3 * 3600 * 1000  # event times start three hours ago and increase
@@ -90,11 +98,13 @@ WRITE_BATCH = 100  # entities per background write
 # ---------------------------------------------------------------------------------------------- throughput
 
 
-def messages(n: int, partitions: int, seed: int = 1) -> list[tuple[str, int, bytes]]:
+def messages(project: Project, n: int, partitions: int, seed: int = 1) -> list[tuple[str, int, bytes]]:
     """``n`` events as ingest's output messages: (topic, partition, Avro micro-batch)."""
     rng = random.Random(seed)
     pseudo = Pseudonymizer(PipelineConfig(data_dir=Path(".")).pseudonym_key)  # device ids arrive tokenized
-    codecs = {T.I_CLICKS: AvroCodec(T.I_CLICKS), T.I_PAYMENTS: AvroCodec(T.I_PAYMENTS)}
+    clicks = silver_topic(project, project.source("clicks"))
+    payments = silver_topic(project, project.source("payments"))
+    codecs = {clicks: AvroCodec(clicks), payments: AvroCodec(payments)}
     types = ["page_view", "page_view", "search", "add_to_cart", "login", "checkout"]
     out: list[tuple[str, int, bytes]] = []
     for start in range(0, n, INGEST_BATCH):
@@ -105,17 +115,18 @@ def messages(n: int, partitions: int, seed: int = 1) -> list[tuple[str, int, byt
             if rng.random() < PAYMENT_SHARE:
                 card = f"c{rng.randrange(30_000)}"
                 item: dict[str, Any] = {
-                    "event_id": f"p{i}", "payment_id": f"p{i}", "card_id": card, "customer_id": f"u{u}",
-                    "merchant_id": f"m{rng.randrange(80)}", "merchant_category": rng.choice(["retail", "digital_goods"]),
-                    "amount": round(rng.lognormvariate(3.5, 1.0), 2), "device_id": pseudo.token(f"d{u}-{rng.randrange(2)}"),
-                    "ts_ms": ts, "source_ms": ts + 50}
-                groups[(T.I_PAYMENTS, T.partition_for(card, partitions))].append(item)
+                    "event_id": f"p{i}", "ts_ms": ts, "source_ms": ts + 50, "payment_id": f"p{i}", "card_id": card,
+                    "customer_id": f"u{u}", "merchant_id": f"m{rng.randrange(80)}",
+                    "merchant_category": rng.choice(["retail", "digital_goods"]),
+                    "amount": round(rng.lognormvariate(3.5, 1.0), 2), "device_id": pseudo.token(f"d{u}-{rng.randrange(2)}")}
+                groups[(payments, T.partition_for(card, partitions))].append(item)
             else:
                 event_type = rng.choice(types)
-                item = {"event_id": f"e{i}", "event_type": event_type, "user_id": f"u{u}", "session_id": f"s{i // 20}",
-                        "device_id": pseudo.token(f"d{u}-{rng.randrange(2)}"), "ts_ms": ts,
+                item = {"event_id": f"e{i}", "ts_ms": ts, "source_ms": ts + 50, "event_type": event_type,
+                        "user_id": f"u{u}", "session_id": f"s{i // 20}",
+                        "device_id": pseudo.token(f"d{u}-{rng.randrange(2)}"),
                         "amount": round(rng.uniform(5, 200), 2) if event_type == "checkout" else None}
-                groups[(T.I_CLICKS, T.partition_for(item["user_id"], partitions))].append(item)
+                groups[(clicks, T.partition_for(item["user_id"], partitions))].append(item)
         out.extend((topic, p, codecs[topic].encode({"items": items})) for (topic, p), items in groups.items())
     return out
 
@@ -147,28 +158,7 @@ class TimedStore(OnlineStore):
         return n
 
 
-class Runner(BatchRunner):
-    """:class:`BatchRunner` with its pause fixed; nothing else differs.
-
-    ``BatchRunner._hold`` pauses the assignment it sees when the hold starts, which is empty
-    when the group assigns the partitions during the hold (the on_assign callback runs inside
-    its ``consume``), and it drops whatever that ``consume`` returns: a runner held paused for
-    one second after ``ready`` consumed and discarded all 80 messages of its topics (its stats
-    counted 0). Here the hold pauses the current assignment on every turn and seeks back to a
-    message it was handed, so that message is processed once the runner resumes.
-    """
-
-    def _hold(self) -> None:
-        while self.paused.is_set() and not self._stop.is_set():
-            self._consumer.pause(self._consumer.assignment())
-            for m in self._consumer.consume(1, 0.1):
-                topic, partition, offset = m.topic(), m.partition(), m.offset()
-                if m.error() is None and topic is not None and partition is not None and offset is not None:
-                    self._consumer.seek(TopicPartition(topic, partition, offset))
-        self._consumer.resume(self._consumer.assignment())
-
-
-class ProfiledRunner(Runner):
+class ProfiledRunner(BatchRunner):
     """A runner whose batches run under cProfile (not its paused wait; cProfile sees only the thread
     that enabled it, which is the runner's)."""
 
@@ -202,8 +192,8 @@ class GcTimer:
         gc.callbacks.remove(self._callback)
 
 
-def stage_run(endpoints: Endpoints, n_events: int, n_msgs: int, label: str, *, drop: bool = False,
-              profile: bool = False, freezer: bool = True) -> dict[str, float]:
+def stage_run(project: Project, endpoints: Endpoints, n_events: int, n_msgs: int, label: str, *,
+              drop: bool = False, profile: bool = False, freezer: bool = True) -> dict[str, float]:
     """One drain of every pre-produced message by a fresh features stage in a fresh consumer group.
 
     ``freezer`` False: without the pipeline's :class:`StateFreezer` (the baseline of ``--gc-baseline``)."""
@@ -212,8 +202,8 @@ def stage_run(endpoints: Endpoints, n_events: int, n_msgs: int, label: str, *, d
     c = PipelineConfig(data_dir=Path("."))
     store = TimedStore(endpoints.redis_url, drop=drop)
     # as Pipeline.start builds it
-    stage = FeaturesStage(store, after_commit_hook=StateFreezer() if freezer else None)
-    runner_cls = ProfiledRunner if profile else Runner
+    stage = FeaturesStage(project, store, after_commit_hook=StateFreezer() if freezer else None)
+    runner_cls = ProfiledRunner if profile else BatchRunner
     runner = runner_cls(  # as Pipeline.start builds the features runner
         stage, endpoints.kafka_bootstrap, group_id=f"bench-features-{label}-{time.time_ns()}", max_batch=16,
         max_wait_ms=c.batch_max_wait_ms, fetch_wait_ms=c.fetch_wait_ms,
@@ -242,19 +232,19 @@ def stage_run(endpoints: Endpoints, n_events: int, n_msgs: int, label: str, *, d
             "rows": store.rows, "elapsed": elapsed}
 
 
-def throughput(endpoints: Endpoints, n_events: int, reps: int, partitions: int, profile: bool,
+def throughput(project: Project, endpoints: Endpoints, n_events: int, reps: int, partitions: int, profile: bool,
                gc_baseline: bool) -> dict[str, float]:
-    msgs = messages(n_events, partitions)
+    msgs = messages(project, n_events, partitions)
     produce(endpoints.kafka_bootstrap, msgs)
     print(f"features alone: {n_events:,} events in {len(msgs):,} micro-batch messages "
           f"({n_events / len(msgs):.0f} events each), {reps} reps, medians:", flush=True)
     weir, bare, share, handle, gcs, frozen = [], [], [], [], [], []
     for rep in range(reps):
-        w = stage_run(endpoints, n_events, len(msgs), f"weir{rep}")
-        b = stage_run(endpoints, n_events, len(msgs), f"noredis{rep}", drop=True)
+        w = stage_run(project, endpoints, n_events, len(msgs), f"weir{rep}")
+        b = stage_run(project, endpoints, n_events, len(msgs), f"noredis{rep}", drop=True)
         weir.append(w["events_per_s"])
         bare.append(b["events_per_s"])
-        f = stage_run(endpoints, n_events, len(msgs), f"nofreezer{rep}", freezer=False) if gc_baseline else None
+        f = stage_run(project, endpoints, n_events, len(msgs), f"nofreezer{rep}", freezer=False) if gc_baseline else None
         share.append(w["write_share"])
         handle.append(w["handle_share"])
         gcs.append(w["gc_share"])
@@ -267,7 +257,7 @@ def throughput(endpoints: Endpoints, n_events: int, reps: int, partitions: int, 
             print(f"         weir without the StateFreezer {f['events_per_s']:,.0f} events/s "
                   f"(GC {f['gc_share']:.0%}, {f['full_gcs']} full)", flush=True)
     if profile:
-        stage_run(endpoints, n_events, len(msgs), "profile", profile=True)
+        stage_run(project, endpoints, n_events, len(msgs), "profile", profile=True)
         out = io.StringIO()
         stats = pstats.Stats(ProfiledRunner.profile, stream=out)
         stats.sort_stats("tottime").print_stats(25)
@@ -364,11 +354,17 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="one more weir rep under cProfile; print the top")
     ap.add_argument("--gc-baseline", action="store_true",
                     help="a third variant per rep: weir without the StateFreezer (full GC scans of the state)")
+    add_project_option(ap)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one rep: a run of well under a minute")
     args = ap.parse_args()
+    if args.smoke:
+        args.events, args.reps, args.entities, args.reads, args.write_rate = 4000, 1, 1000, 200, 2000
+    project = load_project(args.project)
+    require_shop("load_tests/features.py", project, sources=("clicks", "payments"), views=("card", "user"))
     with tempfile.TemporaryDirectory() as tmp:
         settings = WeirSettings(data_dir=Path(tmp) / "stack")
-        with Stack(settings, with_postgres=False) as endpoints:
-            tput = throughput(endpoints, args.events, args.reps, settings.partitions, args.profile, args.gc_baseline)
+        with Stack(settings, project, with_postgres=False) as endpoints:
+            tput = throughput(project, endpoints, args.events, args.reps, settings.partitions, args.profile, args.gc_baseline)
             reads = read_latency(endpoints, args.entities, args.reads, args.write_rate)
     print(f"features: {tput['events_per_s']:,} events/s (target ≥ 30,000; {tput['no_redis_events_per_s']:,} without "
           f"Redis writes, which take {tput['redis_write_share']:.0%} of the wall time); fetch p99 for 1 entity "

@@ -1,11 +1,13 @@
 """Inference alone: the inference stage against bare ONNX Runtime on the very same feature batches.
 
-Set-up: the embedded stack; the USER view written to Redis for all 20,000
+Set-up: the embedded stack; the ``user`` view written to Redis for all 20,000
 customers (so every read hits); N payments (``--events``) produced once to
-``weir.scoring`` as the features stage emits them: Avro micro-batches of 64
+``weir.<project>.scoring.payments`` as the features stage emits them: Avro micro-batches of 64
 payments per message (one per partition per up-to-500 ingested events), partitioned
-by card, each payment carrying its card view in ``served``. Models
-(``--model``), both random-but-seeded :class:`~models.train.FraudMLP` s
+by card, each payment carrying its ``card`` view in ``served``. The stage scores the
+project's ``fraud`` model (``--project``, default the fraud shop: any project declaring
+its ``payments`` source, ``card`` and ``user`` views and ``fraud`` model). Models
+(``--model``), both random-but-seeded :class:`~models.train.ScoreMLP` s
 exported with :func:`~models.export.export_onnx` and served by
 ``OnnxScorer(path, "bench-v1")`` (CUDA when present, else one CPU thread) in a
 ``ModelSlot``:
@@ -23,8 +25,8 @@ exported with :func:`~models.export.export_onnx` and served by
    ``max_batch``: payments per ONNX run) × ``--max-waits`` W (the runner's
    ``max_wait_ms``), ``--reps`` times, alternately:
 
-   * **weir**: a :class:`BatchRunner` running ``InferenceStage(OnlineStore(url),
-     ModelSlot(scorer), max_batch=B)`` as the pipeline builds it (its fetch wait
+   * **weir**: a :class:`BatchRunner` running ``InferenceStage(project, fraud,
+     OnlineStore(url), ModelSlot(scorer), max_batch=B)`` as the pipeline builds it (its fetch wait
      and DLQ guard, 8 messages per consume call; the stage counts payments per
      message, so the runner gathers until it holds the stage's ``max_units``
      payments or W passed) drains every message in a fresh consumer group:
@@ -76,7 +78,10 @@ hop to the model's thread), so its ratio stays below 0.005 at every setting. The
 ratio measures the stage's overhead against model time; only a model whose
 compute dominates, as ``wide`` does, can show what the stage costs around it.
 
-Run: .venv/bin/python load_tests/inference.py [--model both] [--events 16000] [--reps 3] [--quick]
+``--quick`` is a ~1 minute run of both models on a small grid; ``--smoke`` a shorter one still (the fraud
+model unless ``--model`` says otherwise, a few hundred payments, one cell, 2 s of latency; the wide model's
+layers 256×256×256: figures meaningless, for tests).
+Run: .venv/bin/python load_tests/inference.py [--model both] [--events 16000] [--reps 3] [--quick] [--project REF]
 """
 
 from __future__ import annotations
@@ -104,17 +109,19 @@ import numpy.typing as npt
 import onnxruntime as ort
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from load_tests.common import add_project_option, child_setup, load_project, require_shop
 from models.export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from models.scorer import OnnxScorer, select_providers
 from sinks.redis_store import OnlineStore
-from streams import schemas
 from streams import topics as T
 from streams.base import Message, StepResult
 from streams.codec import AvroCodec
 from streams.dlq import DlqGuard
-from streams.features.definitions import CARD, FEATURE_NAMES, USER, view_key
+from streams.features.definitions import FeatureView, view_key
 from streams.kafka import consumer_config, producer_config
 from streams.pipeline import PipelineConfig
+from streams.project.contracts import scoring_topic
+from streams.project.spec import Model, Project
 from streams.runtime import BatchRunner
 from streams.settings import WeirSettings
 from streams.stack import Endpoints, Stack
@@ -134,6 +141,34 @@ SCALE = {"card_count_1m": (2, 1), "card_amount_1m": (100, 150), "card_count_1h":
          "user_searches_30m": (4, 2.5), "user_add_to_cart_30m": (2, 1.2), "user_new_device_logins_1h": (0.5, 0.5),
          "user_secs_since_login": (1800, 1000), "amount": (50, 80), "log_amount": (3.5, 1),
          "is_digital_goods": (0.5, 0.5)}
+SCRIPT = "load_tests/inference.py"
+
+
+@dataclass(frozen=True)
+class Shop:
+    """What this load test uses of the project: the fraud shop's model, its views and its topics."""
+
+    project: Project
+    model: Model
+    card: FeatureView
+    user: FeatureView
+    scoring: str  # the topic the model's events are scored from (weir.<project>.scoring.payments)
+    predictions: str  # the model's prediction topic (predictions.fraud)
+
+
+SHOP: Shop  # set by setup(), in the main process and in every spawned one
+
+
+def setup(ref: str, registry: str | None = None) -> Shop:
+    """Load the project ``ref`` names (in a spawned process: then take schema ids from ``registry``)."""
+    global SHOP
+    project = load_project(ref) if registry is None else child_setup(ref, registry)
+    require_shop(SCRIPT, project, sources=("payments",), views=("card", "user"), models=("fraud",))
+    model = next(m for m in project.models if m.name == "fraud")
+    views = {v.name: v for v in project.views}
+    SHOP = Shop(project, model, views["card"], views["user"], scoring_topic(project, project.source(model.source)),
+                model.prediction_topic)
+    return SHOP
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -148,14 +183,14 @@ def card_buckets(partitions: int) -> list[list[str]]:
 
 
 def payment(rng: random.Random, event_id: str, card: str, ts_ms: int) -> dict[str, Any]:
-    """One weir.scoring payment, its card view attached (``served``) as the features stage does."""
+    """One scoring event of the payments source, its card view attached (``served``) as the features stage does."""
     amount = round(rng.lognormvariate(3.5, 1.0), 2)
     n_1m, n_1h = rng.randrange(1, 4), rng.randrange(1, 20)
     card_values = [float(n_1m), amount * n_1m, float(n_1h), amount * n_1h, float(rng.randrange(1, n_1h + 1))]
-    return {"event_id": event_id, "payment_id": event_id, "card_id": card,
+    return {"event_id": event_id, "ts_ms": ts_ms, "source_ms": ts_ms, "payment_id": event_id, "card_id": card,
             "customer_id": f"u{rng.randrange(CUSTOMERS)}", "merchant_id": f"m{rng.randrange(MERCHANTS)}",
             "merchant_category": rng.choice(["retail", "digital_goods"]), "amount": amount, "device_id": None,
-            "ts_ms": ts_ms, "source_ms": ts_ms, "served": {view_key(CARD): card_values}}
+            "served": {view_key(SHOP.card): card_values}}
 
 
 def message_items(rng: random.Random, buckets: list[list[str]], k: int, prefix: str, ts_ms: int) -> list[dict[str, Any]]:
@@ -167,7 +202,7 @@ def message_items(rng: random.Random, buckets: list[list[str]], k: int, prefix: 
 
 def backlog(n_msgs: int, partitions: int) -> list[tuple[int, bytes]]:
     """The grid's load: (partition, Avro micro-batch of 64 payments)."""
-    rng, codec, buckets = random.Random(1), AvroCodec(T.I_SCORING), card_buckets(partitions)
+    rng, codec, buckets = random.Random(1), AvroCodec(SHOP.scoring), card_buckets(partitions)
     return [(k % partitions, codec.encode({"items": message_items(rng, buckets, k, "p", START_MS + k * 200)}))
             for k in range(n_msgs)]
 
@@ -175,7 +210,7 @@ def backlog(n_msgs: int, partitions: int) -> list[tuple[int, bytes]]:
 def produce(bootstrap: str, msgs: list[tuple[int, bytes]]) -> None:
     producer = Producer(producer_config(bootstrap, **{"linger.ms": 20}))
     for i, (partition, value) in enumerate(msgs):
-        producer.produce(T.I_SCORING, value, None, partition=partition)
+        producer.produce(SHOP.scoring, value, None, partition=partition)
         if i % 1000 == 0:
             producer.poll(0)
     if producer.flush(60):
@@ -183,11 +218,11 @@ def produce(bootstrap: str, msgs: list[tuple[int, bytes]]) -> None:
 
 
 def seed_users(store: OnlineStore) -> None:
-    """The USER view of every customer, as of just before the backlog, so each read finds its value."""
+    """The user view of every customer, as of just before the backlog, so each read finds its value."""
     rng = random.Random(2)
     ids = [f"u{u}" for u in range(CUSTOMERS)]
     for i in range(0, CUSTOMERS, 1000):
-        store.write(USER, ((u, START_MS - 60_000, [float(rng.randrange(40)), float(rng.randrange(8)),
+        store.write(SHOP.user, ((u, START_MS - 60_000, [float(rng.randrange(40)), float(rng.randrange(8)),
                                                     float(rng.randrange(4)), float(rng.randrange(2)),
                                                     float(rng.randrange(3600))]) for u in ids[i:i + 1000]))
 
@@ -196,18 +231,19 @@ def seed_users(store: OnlineStore) -> None:
 
 
 def build_model(kind: str, directory: Path, wide: tuple[int, ...]) -> Path:
-    """A seeded FraudMLP of the kind's shape (``wide``: its hidden layers), exported as the stage serves it."""
+    """A seeded ScoreMLP of the kind's shape (``fraud``: the model's trainer's hidden layers; ``wide``: its
+    hidden layers), exported as the stage serves it."""
     import torch  # here: the spawned load processes need no torch
 
-    from models.train import FraudMLP
-    from streams.stages.retrain import HYPERPARAMETERS
+    from models.train import ScoreMLP
 
     torch.manual_seed(SEED)
-    n = len(FEATURE_NAMES)
-    hidden = tuple(HYPERPARAMETERS["hidden"]) if kind == "fraud" else wide
-    mean, std = (torch.tensor([SCALE.get(f, (0, 1))[i] for f in FEATURE_NAMES], dtype=torch.float32) for i in (0, 1))
+    names = SHOP.model.feature_names
+    n = len(names)
+    hidden = tuple(SHOP.model.trainer.hyperparameters()["hidden"]) if kind == "fraud" else wide
+    mean, std = (torch.tensor([SCALE.get(f, (0, 1))[i] for f in names], dtype=torch.float32) for i in (0, 1))
     path = directory / f"{kind}.onnx"
-    export_onnx(FraudMLP(n, hidden, mean, std).eval(), n, path)
+    export_onnx(ScoreMLP(n, hidden, mean, std, task=SHOP.model.task).eval(), n, path)
     return path
 
 
@@ -312,7 +348,8 @@ def join(endpoints: Endpoints, scorer: OnnxScorer, batch: int, wait_ms: int, lab
     recorder = Recording(scorer)
     # as the pipeline builds it; the arguments left out default to its config's timeouts, threshold, audit and no
     # cache (not to its online fallback or short Redis timeout, which only act when the model or Redis fails)
-    stage = Timed(InferenceStage(OnlineStore(endpoints.redis_url), ModelSlot(recorder), max_batch=batch))
+    stage = Timed(InferenceStage(SHOP.project, SHOP.model, OnlineStore(endpoints.redis_url), ModelSlot(recorder),
+                                 max_batch=batch))
     runner = make_runner(stage, endpoints, wait_ms, label, profile)
     runner.paused.set()
     runner.start()
@@ -428,16 +465,17 @@ def profile_cell(endpoints: Endpoints, scorer: OnnxScorer, cell: Cell, n_msgs: i
 # ---------------------------------------------------------------------------------------------- half-rate latency
 
 
-def paced(bootstrap: str, registry: str, prefix: str, rate: float, n_msgs: int, partitions: int, out: Any) -> None:
+def paced(ref: str, bootstrap: str, registry: str, prefix: str, rate: float, n_msgs: int, partitions: int,
+          out: Any) -> None:
     """In its own process: ``n_msgs`` messages open-loop at ``rate`` payments/s, each payment stamped
     (event time and ``source_ms``) with its message's send time. Puts the achieved payments/s."""
-    schemas.use_registry(registry)
-    rng, codec, buckets = random.Random(3), AvroCodec(T.I_SCORING), card_buckets(partitions)
+    setup(ref, registry)
+    rng, codec, buckets = random.Random(3), AvroCodec(SHOP.scoring), card_buckets(partitions)
     msgs = [message_items(rng, buckets, k, prefix, 0) for k in range(n_msgs)]  # generated before the clock
     producer = Producer(producer_config(bootstrap))  # the features stage's producer settings
     # one message first, unmeasured: connections, metadata and producer ids (ours and the stage's) are set up
     warm = message_items(rng, buckets, 0, "warm-", int(time.time() * 1000))
-    producer.produce(T.I_SCORING, codec.encode({"items": warm}), None, partition=0)
+    producer.produce(SHOP.scoring, codec.encode({"items": warm}), None, partition=0)
     producer.flush(30)
     time.sleep(1.0)
     interval = PAYMENTS_PER_MESSAGE / rate
@@ -449,22 +487,23 @@ def paced(bootstrap: str, registry: str, prefix: str, rate: float, n_msgs: int, 
         now_ms = int(time.time() * 1000)
         for p in items:
             p["ts_ms"] = p["source_ms"] = now_ms
-        producer.produce(T.I_SCORING, codec.encode({"items": items}), None, partition=k % partitions)
+        producer.produce(SHOP.scoring, codec.encode({"items": items}), None, partition=k % partitions)
         producer.poll(0)
     sent_s = time.perf_counter() - t0
     producer.flush(60)
     out.put((n_msgs - 1) * PAYMENTS_PER_MESSAGE / max(sent_s, 1e-9))
 
 
-def subscribe(bootstrap: str, registry: str, prefix: str, expected: int, timeout_s: float, ready: Any,
+def subscribe(ref: str, bootstrap: str, registry: str, prefix: str, expected: int, timeout_s: float, ready: Any,
               out: Any) -> None:
     """In its own process, a subscriber of predictions.fraud: per prediction of this phase, arrival − event
     time and the record's own latency_ms. Puts both lists."""
-    schemas.use_registry(registry)
-    codec = AvroCodec(T.PREDICTIONS)
+    setup(ref, registry)
+    topic = SHOP.predictions
+    codec = AvroCodec(topic)
     consumer = Consumer(consumer_config(bootstrap, f"bench-subscriber-{time.time_ns()}"))
-    parts = consumer.list_topics(T.PREDICTIONS, timeout=10).topics[T.PREDICTIONS].partitions
-    consumer.assign([TopicPartition(T.PREDICTIONS, p, OFFSET_BEGINNING) for p in parts])
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     consumer.consume(1, 0.5)  # connected and fetching
     ready.set()
     e2e: list[float] = []
@@ -484,17 +523,18 @@ def subscribe(bootstrap: str, registry: str, prefix: str, expected: int, timeout
     out.put((e2e, at_scoring))
 
 
-def latency(endpoints: Endpoints, scorer: OnnxScorer, cell: Cell, rate: float, seconds: float, partitions: int,
-            model: str) -> dict[str, float]:
+def latency(ref: str, endpoints: Endpoints, scorer: OnnxScorer, cell: Cell, rate: float, seconds: float,
+            partitions: int, model: str) -> dict[str, float]:
     """Source → subscriber latency at ``rate`` payments/s, the stage on its runner at ``cell``'s setting."""
-    stage = Timed(InferenceStage(OnlineStore(endpoints.redis_url), ModelSlot(scorer), max_batch=cell.batch))
+    stage = Timed(InferenceStage(SHOP.project, SHOP.model, OnlineStore(endpoints.redis_url), ModelSlot(scorer),
+                                 max_batch=cell.batch))
     runner = make_runner(stage, endpoints, cell.wait_ms, f"{model}-latency")
     runner.start()
     n_msgs = max(2, round(rate * seconds / PAYMENTS_PER_MESSAGE))
     prefix = f"lat-{model}-"
     ctx = mp.get_context("spawn")
     results, sent, ready = ctx.Queue(), ctx.Queue(), ctx.Event()
-    args = (endpoints.kafka_bootstrap, endpoints.schema_registry_url, prefix)
+    args = (ref, endpoints.kafka_bootstrap, endpoints.schema_registry_url, prefix)
     sub = ctx.Process(target=subscribe, args=(*args, n_msgs * PAYMENTS_PER_MESSAGE, seconds + 60, ready, results),
                       daemon=True)
     sub.start()
@@ -561,7 +601,8 @@ def ints(text: str) -> list[int]:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("wide", "fraud", "both"), default="both")
+    ap.add_argument("--model", choices=("wide", "fraud", "both"), default=None,
+                    help="the bench model(s) (default both; with --smoke, fraud)")
     ap.add_argument("--events", type=int, default=16_000, help="payments pre-produced (in messages of 64)")
     ap.add_argument("--batch-sizes", type=ints, default=[32, 128, 512], help="the stage's max_batch (payments)")
     ap.add_argument("--max-waits", type=ints, default=[1, 5, 20], help="the runner's max_wait_ms")
@@ -569,27 +610,36 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--latency-seconds", type=float, default=15.0)
     ap.add_argument("--wide-hidden", type=ints, default=list(WIDE_HIDDEN), help="the wide model's hidden layers")
     ap.add_argument("--profile", action="store_true", help="one more cProfile'd drain of each best setting")
-    ap.add_argument("--quick", action="store_true", help="a ~1 minute smoke run (small load, 2×1 grid, 1 rep)")
+    ap.add_argument("--quick", action="store_true", help="a ~1 minute run (small load, 2×1 grid, 1 rep)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a run of well under a minute: the fraud model (unless --model), tiny load, one cell, "
+                         "1 rep (wide layers 256×256×256)")
+    add_project_option(ap)
     args = ap.parse_args()
     if args.quick:
         args.events, args.batch_sizes, args.max_waits = 3200, [32, 512], [5]
         args.reps, args.latency_seconds = 1, 4.0
+    if args.smoke:
+        args.events, args.batch_sizes, args.max_waits = 640, [64], [5]
+        args.reps, args.latency_seconds, args.wide_hidden = 1, 2.0, [256, 256, 256]
+    args.model = args.model or ("fraud" if args.smoke else "both")
     return args
 
 
 def main() -> None:
     args = parse_args()
+    setup(args.project)
     models = ["wide", "fraud"] if args.model == "both" else [args.model]
     n_msgs = max(1, args.events // PAYMENTS_PER_MESSAGE)
     t_start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         settings = WeirSettings(data_dir=Path(tmp) / "grid")
-        with Stack(settings, with_postgres=False) as endpoints:
+        with Stack(settings, SHOP.project, with_postgres=False) as endpoints:
             seed_users(OnlineStore(endpoints.redis_url))
             produce(endpoints.kafka_bootstrap, backlog(n_msgs, settings.partitions))
             print(f"inference alone: {n_msgs * PAYMENTS_PER_MESSAGE:,} payments in {n_msgs:,} messages of "
-                  f"{PAYMENTS_PER_MESSAGE}, {CUSTOMERS:,} customers' USER view in Redis; grid batch "
+                  f"{PAYMENTS_PER_MESSAGE}, {CUSTOMERS:,} customers' user view in Redis; grid batch "
                   f"{args.batch_sizes} × wait {args.max_waits} ms, {args.reps} rep(s)", flush=True)
             gc.collect()
             gc.freeze()  # as Pipeline.start does: what is loaded so far stays out of the collector's full scans
@@ -599,9 +649,9 @@ def main() -> None:
             # a fresh stack: the in-memory broker slows down as the grid's predictions pile up in it (measured:
             # with 1.3 M records in predictions.fraud, the wide model's p99 at 3,000/s went from 32 to 333 ms)
             settings = WeirSettings(data_dir=Path(tmp) / f"latency-{model}")
-            with Stack(settings, with_postgres=False) as endpoints:
+            with Stack(settings, SHOP.project, with_postgres=False) as endpoints:
                 seed_users(OnlineStore(endpoints.redis_url))
-                lat = latency(endpoints, scorer, best, best.median("weir") / 2, args.latency_seconds,
+                lat = latency(args.project, endpoints, scorer, best, best.median("weir") / 2, args.latency_seconds,
                               settings.partitions, model)
                 gc.collect()  # the runner's Kafka clients go before the broker does
             results[model] = summary(model, best, fastest, scorer, lat)

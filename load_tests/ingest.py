@@ -22,7 +22,11 @@ Prints the figures per rep; the last line is one JSON object with
 ``events_per_s`` (Weir, clicks, median), ``ceiling_events_per_s``, ``ratio``,
 the same for CDC changes through ingest (``cdc_*``), and
 ``connector_changes_per_s``.
-Run: .venv/bin/python load_tests/ingest.py [--events 300000] [--reps 3] [--cdc-rows 50000]
+
+The events are the fraud shop's (``--project``, default the shop: any project declaring its ``clicks``
+and ``payments`` sources). ``--smoke``: a few thousand events, one rep, a small CDC run (well under a
+minute; figures meaningless, for tests).
+Run: .venv/bin/python load_tests/ingest.py [--events 300000] [--reps 3] [--cdc-rows 50000] [--project REF]
 """
 
 from __future__ import annotations
@@ -45,10 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastavro
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streams import topics as T
+from load_tests.common import add_project_option, load_project, require_shop
 from streams.codec import AvroCodec
 from streams.kafka import consumer_config, ensure_topics, producer_config
 from streams.pipeline import PipelineConfig, ingest_stage
+from streams.project.contracts import silver_topic
+from streams.project.spec import Project, Source
 from streams.runtime import BatchRunner
 from streams.settings import WeirSettings
 from streams.stack import Endpoints, Stack
@@ -56,8 +62,8 @@ from streams.stack import Endpoints, Stack
 START_MS = int(time.time() * 1000) - 3 * 3600 * 1000  # three hours ago: inside ingest's age limits
 
 
-def clicks(n: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
-    rng, codec = random.Random(seed), AvroCodec(T.CLICKS)
+def clicks(source: Source, n: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
+    rng, codec = random.Random(seed), AvroCodec(source.topic)
     types = ["page_view", "page_view", "search", "add_to_cart", "login", "checkout"]
     out = []
     for i in range(n):
@@ -70,8 +76,8 @@ def clicks(n: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def changes(n: int, seed: int = 2) -> list[tuple[bytes, bytes]]:
-    rng, codec = random.Random(seed), AvroCodec(T.CDC_PAYMENTS)
+def changes(source: Source, n: int, seed: int = 2) -> list[tuple[bytes, bytes]]:
+    rng, codec = random.Random(seed), AvroCodec(source.topic)
     out = []
     for i in range(n):
         ts = START_MS + i * 20
@@ -80,10 +86,10 @@ def changes(n: int, seed: int = 2) -> list[tuple[bytes, bytes]]:
                "merchant_category": "retail", "amount": round(rng.lognormvariate(3.5, 1.0), 2), "currency": "EUR",
                "status": "authorized", "device_id": f"d{rng.randrange(40_000)}",
                "created_at": datetime.fromtimestamp(ts / 1000, UTC).isoformat()}
-        source = {"version": "load", "connector": "postgresql", "name": "weir", "ts_ms": ts, "snapshot": "false",
-                  "db": "postgres", "sequence": None, "schema": "public", "table": "payments", "txId": i, "lsn": i,
-                  "xmin": None}
-        env = {"before": None, "after": row, "source": source, "op": "c", "ts_ms": ts}
+        block = {"version": "load", "connector": "postgresql", "name": "weir", "ts_ms": ts, "snapshot": "false",
+                 "db": "postgres", "sequence": None, "schema": "public", "table": "payments", "txId": i, "lsn": i,
+                 "xmin": None}
+        env = {"before": None, "after": row, "source": block, "op": "c", "ts_ms": ts}
         out.append((row["payment_id"].encode(), codec.encode(env)))
     return out
 
@@ -98,9 +104,9 @@ def produce(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]) -> No
         raise RuntimeError("load not acknowledged")
 
 
-def weir_run(endpoints: Endpoints, topic: str, n: int, rep: int, tmp: Path) -> float:
+def weir_run(project: Project, endpoints: Endpoints, topic: str, n: int, rep: int, tmp: Path) -> float:
     """Events/s of the ingest stage draining ``n`` events of ``topic`` (its own fresh consumer group)."""
-    stage = ingest_stage(PipelineConfig(data_dir=tmp), endpoints.redis_url)  # as the pipeline builds it
+    stage = ingest_stage(project, PipelineConfig(data_dir=tmp), endpoints.redis_url)  # as the pipeline builds it
     stage.topics = (topic,)
     runner = BatchRunner(stage, endpoints.kafka_bootstrap, group_id=f"bench-ingest-{topic}-{rep}-{time.time_ns()}",
                          max_batch=500, max_wait_ms=5, fetch_wait_ms=10)
@@ -121,11 +127,12 @@ def weir_run(endpoints: Endpoints, topic: str, n: int, rep: int, tmp: Path) -> f
     return n / elapsed
 
 
-def ceiling_run(bootstrap: str, topic: str, n: int, partitions: int) -> float:
+def ceiling_run(bootstrap: str, project: Project, source: Source, n: int, partitions: int) -> float:
     """Events/s of the bare decode → validate → produce loop over the same ``n`` events."""
+    topic, cdc = source.topic, source.cdc is not None
     reader = AvroCodec(topic).subject.parsed
-    out_codec = AvroCodec(T.I_CLICKS if topic == T.CLICKS else T.I_PAYMENTS)
-    required = ("event_id", "user_id", "session_id") if topic == T.CLICKS else ("payment_id", "card_id")
+    out_codec = AvroCodec(silver_topic(project, source))
+    required = ("event_id", "user_id", "session_id") if not cdc else ("payment_id", "card_id")
     consumer = Consumer(consumer_config(bootstrap, "bench-ceiling", **{"fetch.wait.max.ms": 10}))
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
     producer = Producer(producer_config(bootstrap))
@@ -139,9 +146,9 @@ def ceiling_run(bootstrap: str, topic: str, n: int, partitions: int) -> float:
             body = io.BytesIO(m.value())
             body.seek(5)
             rec = fastavro.schemaless_reader(body, reader, reader)
-            row = rec if topic == T.CLICKS else rec["after"]
+            row = rec if not cdc else rec["after"]
             if all(row.get(f) for f in required):
-                groups[m.partition()].append(_item(topic, row))
+                groups[m.partition()].append(_item(cdc, row, m.timestamp()[1]))
         for p, items in groups.items():
             producer.produce("bench.ceiling", out_codec.encode({"items": items}), partition=p)
         producer.poll(0)
@@ -151,23 +158,24 @@ def ceiling_run(bootstrap: str, topic: str, n: int, partitions: int) -> float:
     return n / elapsed
 
 
-def _item(topic: str, r: dict[str, Any]) -> dict[str, Any]:
-    if topic == T.CLICKS:
-        return {"event_id": r["event_id"], "event_type": r["event_type"], "user_id": r["user_id"],
-                "session_id": r["session_id"], "device_id": r["device_id"],
-                "ts_ms": int(r["ts"].timestamp() * 1000), "amount": r["amount"]}
-    return {"event_id": r["payment_id"], "payment_id": r["payment_id"], "card_id": r["card_id"],
+def _item(cdc: bool, r: dict[str, Any], source_ms: int) -> dict[str, Any]:
+    """The silver record of a click or a payment row (the fields the shop's sources keep)."""
+    if not cdc:
+        return {"event_id": r["event_id"], "ts_ms": int(r["ts"].timestamp() * 1000), "source_ms": source_ms,
+                "event_type": r["event_type"], "user_id": r["user_id"], "session_id": r["session_id"],
+                "device_id": r["device_id"], "amount": r["amount"]}
+    return {"event_id": r["payment_id"], "ts_ms": int(datetime.fromisoformat(r["created_at"]).timestamp() * 1000),
+            "source_ms": source_ms, "payment_id": r["payment_id"], "card_id": r["card_id"],
             "customer_id": r["customer_id"], "merchant_id": r["merchant_id"],
-            "merchant_category": r["merchant_category"], "amount": r["amount"], "device_id": r["device_id"],
-            "ts_ms": int(datetime.fromisoformat(r["created_at"]).timestamp() * 1000), "source_ms": 0}
+            "merchant_category": r["merchant_category"], "amount": r["amount"], "device_id": r["device_id"]}
 
 
 def connector_run(endpoints: Endpoints, rows: int) -> float:
     """Changes/s of the CDC connector publishing ``rows`` inserts already committed in PostgreSQL."""
     import psycopg
 
+    from examples.fraud_shop.driver import ShopDriver
     from streams.cdc import CdcConnector
-    from streams.scenario.driver import ShopDriver
 
     ShopDriver(endpoints.postgres_dsn, endpoints.kafka_bootstrap).prepare()
     connector = CdcConnector(endpoints.postgres_dsn, endpoints.kafka_bootstrap, ["payments"], slot="bench_slot",
@@ -188,11 +196,13 @@ def connector_run(endpoints: Endpoints, rows: int) -> float:
     return rows / elapsed
 
 
-def measure(endpoints: Endpoints, topic: str, n: int, reps: int, partitions: int, tmp: Path) -> dict[str, float]:
+def measure(project: Project, endpoints: Endpoints, source: Source, n: int, reps: int, partitions: int,
+            tmp: Path) -> dict[str, float]:
+    topic = source.topic
     weir, ceiling = [], []
     for rep in range(reps):
-        ceiling.append(ceiling_run(endpoints.kafka_bootstrap, topic, n, partitions))
-        weir.append(weir_run(endpoints, topic, n, rep, tmp))
+        ceiling.append(ceiling_run(endpoints.kafka_bootstrap, project, source, n, partitions))
+        weir.append(weir_run(project, endpoints, topic, n, rep, tmp))
         print(f"  {topic} rep {rep + 1}: weir {weir[-1]:,.0f}/s, ceiling {ceiling[-1]:,.0f}/s", flush=True)
     w, c = statistics.median(weir), statistics.median(ceiling)
     return {"events_per_s": round(w), "ceiling_events_per_s": round(c), "ratio": round(w / c, 3)}
@@ -203,18 +213,25 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=100_000, help="clickstream events (CDC changes: half as many)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cdc-rows", type=int, default=50_000, help="rows for the CDC connector alone (0: skip)")
+    add_project_option(ap)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one rep: a run of well under a minute")
     args = ap.parse_args()
+    if args.smoke:
+        args.events, args.reps, args.cdc_rows = 4000, 1, 2000
+    project = load_project(args.project)
+    require_shop("load_tests/ingest.py", project, sources=("clicks", "payments"))
+    click_source, payment_source = project.source("clicks"), project.source("payments")
     with tempfile.TemporaryDirectory() as tmp:
         settings = WeirSettings(data_dir=Path(tmp) / "stack")
-        with Stack(settings, with_postgres=args.cdc_rows > 0) as endpoints:
+        with Stack(settings, project, with_postgres=args.cdc_rows > 0) as endpoints:
             ensure_topics(endpoints.kafka_bootstrap, ["bench.ceiling"], settings.partitions)
             n_cdc = args.events // 2
-            produce(endpoints.kafka_bootstrap, T.CLICKS, clicks(args.events))
-            produce(endpoints.kafka_bootstrap, T.CDC_PAYMENTS, changes(n_cdc))
+            produce(endpoints.kafka_bootstrap, click_source.topic, clicks(click_source, args.events))
+            produce(endpoints.kafka_bootstrap, payment_source.topic, changes(payment_source, n_cdc))
             print(f"ingest alone, {args.events:,} clicks and {n_cdc:,} CDC changes, {args.reps} reps, "
                   "medians:", flush=True)
-            click = measure(endpoints, T.CLICKS, args.events, args.reps, settings.partitions, Path(tmp))
-            cdc = measure(endpoints, T.CDC_PAYMENTS, n_cdc, args.reps, settings.partitions, Path(tmp))
+            click = measure(project, endpoints, click_source, args.events, args.reps, settings.partitions, Path(tmp))
+            cdc = measure(project, endpoints, payment_source, n_cdc, args.reps, settings.partitions, Path(tmp))
             connector = round(connector_run(endpoints, args.cdc_rows)) if args.cdc_rows else None
             print(f"  CDC connector: {connector:,} changes/s (PostgreSQL → Kafka, acknowledged)" if connector
                   else "  CDC connector: skipped", flush=True)

@@ -1,14 +1,31 @@
-"""Throughput and latency of ingest -> features -> inference on the embedded stack.
+"""Throughput and latency of a project's ingest -> features -> inference on the embedded stack.
 
 Two phases, one run:
-1. drain: N events (clicks and Debezium payment envelopes, ~15% payments) are
-   produced first, then the stages start; events/s = N / time until every
-   payment has a prediction.
-2. latency: a paced producer (another process) sends at half the drained
-   rate for a while; p50/p99 is event produced -> prediction produced.
+1. drain: N events are produced first, then the stages start; events/s = N / time until every
+   scored event has a prediction.
+2. latency: a paced producer (another process) sends at half the drained rate for a while; a
+   subscriber (another process) on the model's prediction topic takes, per prediction of this
+   phase, its arrival time minus the scored event's produce time (the source message's Kafka
+   timestamp, which the record carries as ``predicted_ts - latency_ms``): p50/p99 event produced
+   -> prediction received, three hops and the publish included. The records' own ``latency_ms``
+   (event produced -> prediction produced, stamped at scoring) is printed too.
+Baseline, same run: one bare produce -> consume hop through the same broker at the same rate.
 
-Prints figures; the last line is one JSON object with events_per_s, p50_ms, p99_ms.
-Run: .venv/bin/python load_tests/pipeline.py [--events 200000] [--seconds 20]
+Projects (``--project``; the events come from a generator per project, chosen by its name):
+
+* ``fraud_shop`` (the default, ``examples/fraud_shop``): clicks and Debezium payment envelopes,
+  ~15% payments; each payment is scored by ``fraud``. Stages: ingest | features + inference.
+* ``sensors`` (the minimal project, ``examples/minimal/project.py``): sensor readings, each one scored by
+  ``fault``, whose label is a field of the reading, so its learn stage learns right after
+  scoring. Stages: ingest | features + inference + learn; it also prints when learn had learnt
+  every drained reading.
+
+``--procs 1`` runs every stage in one process. ``--smoke``: tiny sizes and short phases (well under a
+minute; figures meaningless, for tests).
+
+Prints figures; the last line is one JSON object with events_per_s, p50_ms, p99_ms (subscriber),
+scoring_p50_ms, scoring_p99_ms (the records' latency_ms), the latency phase's rate and the baseline.
+Run: .venv/bin/python load_tests/pipeline.py [--events 200000] [--seconds 20] [--project REF]
 """
 
 from __future__ import annotations
@@ -17,6 +34,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import random
 import sys
 import tempfile
@@ -24,27 +42,36 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streams import schemas
-from streams import topics as T
+from load_tests.common import add_project_option, child_setup, fail, load_project
 from streams.codec import AvroCodec
-from streams.kafka import producer_config
-from streams.pipeline import Pipeline, PipelineConfig
+from streams.kafka import consumer_config, producer_config
+from streams.project.spec import Project
 from streams.settings import WeirSettings
-from streams.stack import Stack
+from streams.stack import Endpoints, Stack
 
-PAYMENT_SHARE = 0.15
-# Event times start three hours ago (ingest refuses events from the future or older than its max age).
-# Child processes are spawned: they read the start the parent fixed, so every process agrees on it.
+SCRIPT = "load_tests/pipeline.py"
+STEP_MS = 20  # event time between two generated events (less when a phase must fit before now)
+WARM_UP = 2000  # events produced (and scored) before the drain: every stage joined its group
+LATENCY_PREFIX = "lat-"  # ids of the latency phase's events
+# Event times start three hours ago (ingest refuses events from the future, older than its max age, or
+# later than its allowed lateness behind the newest of their partition); the warm-up comes just before,
+# the drain from START on, the latency phase after the drain. Child processes are spawned: they read the
+# start the parent fixed, so every process agrees on it.
 os.environ.setdefault("WEIR_BENCH_START_S", str(int(time.time()) - 3 * 3600))
-START = datetime.fromtimestamp(int(os.environ["WEIR_BENCH_START_S"]), UTC)
+START_MS = int(os.environ["WEIR_BENCH_START_S"]) * 1000
+
+Event = tuple[str, bytes, bytes]  # topic, key, encoded value
+
+
+# ---------------------------------------------------------------------------------------------- load
 
 
 def _source(ts_ms: int, lsn: int) -> dict[str, object]:
@@ -53,37 +80,115 @@ def _source(ts_ms: int, lsn: int) -> dict[str, object]:
             "xmin": None}
 
 
-def generate(n: int, seed: int, offset: int) -> list[tuple[str, bytes, bytes]]:
-    """n encoded (topic, key, value) events: clicks and Debezium payment envelopes."""
-    rng = random.Random(seed)
-    clicks, cdc = AvroCodec(T.CLICKS), AvroCodec(T.CDC_PAYMENTS)
-    types = ["page_view", "page_view", "search", "add_to_cart", "login", "checkout"]
-    out = []
-    for i in range(offset, offset + n):
-        ts = START.timestamp() * 1000 + i * 20
-        user = f"u{rng.randrange(20_000)}"
-        if rng.random() < PAYMENT_SHARE:
-            row = {"payment_id": f"p{i}", "order_id": f"o{i}", "customer_id": user,
-                   "card_id": f"c{rng.randrange(30_000)}", "merchant_id": f"m{rng.randrange(80)}",
-                   "merchant_category": rng.choice(["retail", "digital_goods"]),
-                   "amount": round(rng.lognormvariate(3.5, 1.0), 2), "currency": "EUR", "status": "authorized",
-                   "device_id": f"d{rng.randrange(40_000)}",
-                   "created_at": datetime.fromtimestamp(ts / 1000, UTC).isoformat().replace("+00:00", "Z")}
-            env = {"before": None, "after": row, "source": _source(int(ts), i), "op": "c", "ts_ms": int(ts)}
-            out.append((T.CDC_PAYMENTS, row["payment_id"].encode(), cdc.encode(env)))
-        else:
-            rec = {"event_id": f"e{i}", "event_type": rng.choice(types), "user_id": user,
-                   "session_id": f"s{i // 20}", "ts": int(ts), "device_id": f"d{rng.randrange(40_000)}", "ip": None,
-                   "page": "/p", "query": None, "product_id": None, "amount": None}
-            out.append((T.CLICKS, user.encode(), clicks.encode(rec)))
-    return out
+class Load:
+    """A project's events: which model scores them, the stage processes, and the generator."""
+
+    model: ClassVar[str]  # the model whose predictions are counted and subscribed to
+    stages: ClassVar[dict[int, list[tuple[str, ...]]]]  # the stage processes for --procs 1 and 2
+    scored_name: ClassVar[str]  # what the scored events are called (plural)
+    scored_topic: str  # the source topic of the scored events
+
+    def __init__(self, project: Project) -> None:
+        self.project = project.name
+        self.predictions = project.model(self.model).prediction_topic
+
+    def generate(self, n: int, seed: int, offset: int, prefix: str, t0_ms: float, step_ms: float) -> list[Event]:
+        """n encoded events, ids ``prefix`` + kind + ``offset + k``, event times ``t0_ms + k * step_ms``."""
+        raise NotImplementedError
 
 
-def produce(bootstrap: str, n: int, rate: float | None, seed: int, offset: int, payments: Any) -> None:
+class ShopLoad(Load):
+    """The fraud shop: clicks and Debezium payment envelopes (~15% payments); payments are scored."""
+
+    model = "fraud"
+    stages: ClassVar[dict[int, list[tuple[str, ...]]]] = {
+        1: [("ingest", "features", "inference")], 2: [("ingest",), ("features", "inference")]}
+    scored_name = "payments"
+    PAYMENT_SHARE = 0.15
+
+    def __init__(self, project: Project) -> None:
+        super().__init__(project)
+        self.clicks, self.payments = project.source("clicks").topic, project.source("payments").topic
+        self.scored_topic = self.payments
+
+    def generate(self, n: int, seed: int, offset: int, prefix: str, t0_ms: float, step_ms: float) -> list[Event]:
+        """n encoded events: clicks and Debezium payment envelopes, event times from ``t0_ms``."""
+        rng = random.Random(seed)
+        clicks, cdc = AvroCodec(self.clicks), AvroCodec(self.payments)
+        types = ["page_view", "page_view", "search", "add_to_cart", "login", "checkout"]
+        out = []
+        for k, i in enumerate(range(offset, offset + n)):
+            ts = int(t0_ms + k * step_ms)
+            user = f"u{rng.randrange(20_000)}"
+            if rng.random() < self.PAYMENT_SHARE:
+                pid = f"{prefix}p{i}"
+                row = {"payment_id": pid, "order_id": f"o{i}", "customer_id": user,
+                       "card_id": f"c{rng.randrange(30_000)}", "merchant_id": f"m{rng.randrange(80)}",
+                       "merchant_category": rng.choice(["retail", "digital_goods"]),
+                       "amount": round(rng.lognormvariate(3.5, 1.0), 2), "currency": "EUR", "status": "authorized",
+                       "device_id": f"d{rng.randrange(40_000)}",
+                       "created_at": datetime.fromtimestamp(ts / 1000, UTC).isoformat().replace("+00:00", "Z")}
+                env = {"before": None, "after": row, "source": _source(ts, i), "op": "c", "ts_ms": ts}
+                out.append((self.payments, pid.encode(), cdc.encode(env)))
+            else:
+                rec = {"event_id": f"{prefix}e{i}", "event_type": rng.choice(types), "user_id": user,
+                       "session_id": f"s{i // 20}", "ts": ts, "device_id": f"d{rng.randrange(40_000)}", "ip": None,
+                       "page": "/p", "query": None, "product_id": None, "amount": None}
+                out.append((self.clicks, user.encode(), clicks.encode(rec)))
+        return out
+
+
+class SensorLoad(Load):
+    """The minimal project: readings of 5,000 sensors; every reading is scored, its label is a field of it."""
+
+    model = "fault"
+    stages: ClassVar[dict[int, list[tuple[str, ...]]]] = {
+        1: [("ingest", "features", "inference", "learn")], 2: [("ingest",), ("features", "inference", "learn")]}
+    scored_name = "readings"
+    SENSORS = 5000
+
+    def __init__(self, project: Project) -> None:
+        super().__init__(project)
+        self.scored_topic = self.readings = project.source("readings").topic
+
+    def generate(self, n: int, seed: int, offset: int, prefix: str, t0_ms: float, step_ms: float) -> list[Event]:
+        """n encoded readings, event times from ``t0_ms``; a machine over 90 °C or shaking over 35 mm/s is
+        faulty (1% of the labels flipped)."""
+        rng = random.Random(seed)
+        codec = AvroCodec(self.readings)
+        out = []
+        for k, i in enumerate(range(offset, offset + n)):
+            sensor = f"s{rng.randrange(self.SENSORS)}"
+            temperature = round(min(149.0, max(-49.0, rng.gauss(70.0, 12.0))), 2)
+            vibration = round(min(99.0, abs(rng.gauss(12.0, 9.0))), 2)
+            faulty = (temperature > 90.0 or vibration > 35.0) != (rng.random() < 0.01)
+            rec = {"reading_id": f"{prefix}r{i}", "sensor_id": sensor, "ts": int(t0_ms + k * step_ms),
+                   "temperature": temperature, "vibration": vibration, "faulty": faulty}
+            out.append((self.readings, sensor.encode(), codec.encode(rec)))
+        return out
+
+
+LOADS: dict[str, type[Load]] = {"fraud_shop": ShopLoad, "sensors": SensorLoad}  # by project name
+
+
+def load_for(project: Project) -> Load:
+    cls = LOADS.get(project.name)
+    if cls is None:
+        fail(SCRIPT, f"no event generator for project {project.name!r} (supported: {', '.join(LOADS)})")
+    try:
+        return cls(project)
+    except KeyError as exc:  # a project of that name, but not of that shape
+        fail(SCRIPT, f"the {project.name} event generator does not fit: {exc.args[0]}")
+
+
+def produce(ref: str, endpoints: Endpoints, n: int, rate: float | None, seed: int, offset: int, prefix: str,
+            t0_ms: float, step_ms: float, scored: Any) -> None:
     """Produce n events, as fast as possible or paced at ``rate``/s (encoded before the clock starts,
-    so the load generator costs little CPU). Runs in a child process; stores the payment count."""
-    events = generate(n, seed, offset)
-    producer = Producer(producer_config(bootstrap, **{"linger.ms": 5}))
+    so the load generator costs little CPU). Runs in a child process; stores the scored event count."""
+    project = child_setup(ref, endpoints.schema_registry_url)
+    load = load_for(project)
+    events = load.generate(n, seed, offset, prefix, t0_ms, step_ms)
+    producer = Producer(producer_config(endpoints.kafka_bootstrap, **{"linger.ms": 5}))
     t0 = time.perf_counter()
     for i, (topic, key, value) in enumerate(events):
         producer.produce(topic, value, key)
@@ -93,22 +198,61 @@ def produce(bootstrap: str, n: int, rate: float | None, seed: int, offset: int, 
             ahead = i / rate - (time.perf_counter() - t0)
             if ahead > 0:
                 time.sleep(ahead)
-    producer.flush(60)
-    payments.value = sum(1 for topic, _, _ in events if topic == T.CDC_PAYMENTS)
+    if producer.flush(60):
+        raise RuntimeError("load not acknowledged")
+    scored.value = sum(1 for topic, _, _ in events if topic == load.scored_topic)
+
+
+def fit_step(t0_ms: float, n: int) -> float:
+    """Event time between events so that ``n`` of them from ``t0_ms`` end a minute before now."""
+    room = time.time() * 1000 - 60_000 - t0_ms
+    if room <= 0:
+        raise RuntimeError("the phase would start in the future: fewer events, or start earlier")
+    return min(STEP_MS, room / max(n, 1))
+
+
+# ---------------------------------------------------------------------------------------------- measures
+
+
+def subscribe(ref: str, endpoints: Endpoints, topic: str, expected: Any, ready: Any, stop: Any, out: Any) -> None:
+    """In its own process, a subscriber of ``topic`` from its current end: per prediction of the latency phase,
+    arrival − the scored event's produce time, and the record's own latency_ms. Puts both lists once it has
+    ``expected`` (known when the producer is done) or ``stop`` is set."""
+    child_setup(ref, endpoints.schema_registry_url)
+    codec = AvroCodec(topic)
+    consumer = Consumer(consumer_config(endpoints.kafka_bootstrap, f"bench-subscriber-{time.time_ns()}"))
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts]
+    consumer.assign([TopicPartition(topic, p, end) for p, end in zip(parts, ends, strict=True)])
+    consumer.consume(1, 0.5)  # connected and fetching
+    ready.set()
+    e2e: list[float] = []
+    at_scoring: list[float] = []
+    while not stop.is_set() and not (expected.value and len(e2e) >= expected.value):
+        msgs = consumer.consume(10_000, 0.002)  # returns when it has 10,000 or the timeout passed,
+        now_ms = time.time() * 1000  # so an arrival is late by at most ~2 ms
+        for m in msgs:
+            if m.error() is not None:
+                continue
+            rec = codec.decode(m.value())
+            if rec["event_id"].startswith(LATENCY_PREFIX):
+                produced_ms = rec["predicted_ts"].timestamp() * 1000 - rec["latency_ms"]  # the source message's
+                e2e.append(now_ms - produced_ms)
+                at_scoring.append(rec["latency_ms"])
+    consumer.close()
+    out.put((e2e, at_scoring))
 
 
 def bare_hop(bootstrap: str, rate: float, seconds: float) -> tuple[float, float]:
     """Baseline in the same run: p50/p99 of one produce -> consume hop through the same broker at
     ``rate`` messages/s, with a bare confluent-kafka consumer and nothing else running."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    from streams.kafka import consumer_config, ensure_topics
+    from streams.kafka import ensure_topics
 
     ensure_topics(bootstrap, ["bench.hop"], 4)
     consumer = Consumer(consumer_config(bootstrap, "bench-hop"))
     consumer.assign([TopicPartition("bench.hop", p, 0) for p in range(4)])
     producer = Producer(producer_config(bootstrap, **{"linger.ms": 5}))
-    n, lats = int(rate * seconds), []
+    n, lats = max(1, int(rate * seconds)), []
     stop = threading.Event()
 
     def consume() -> None:
@@ -138,14 +282,18 @@ def bare_hop(bootstrap: str, rate: float, seconds: float) -> tuple[float, float]
     return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
 
 
-def worker(endpoints: Any, tmp: Path, stages: tuple[str, ...], scored: Any, reset: Any, stop: Any,
-           latencies: Any, pause: Any, cpu: Any) -> None:
-    """A child process running some stages; reports scored payments and latencies through shared values."""
-    schemas.use_registry(endpoints.schema_registry_url)  # a spawned process: take ids from the registry
+def worker(ref: str, endpoints: Endpoints, tmp: Path, stages: tuple[str, ...], scored: Any, learned: Any,
+           stop: Any, pause: Any, cpu: Any) -> None:
+    """A child process running some stages; reports scored (and learnt) events through shared values."""
+    from streams.pipeline import Pipeline, PipelineConfig  # here: the load processes need none of it
+
+    project = child_setup(ref, endpoints.schema_registry_url)  # a spawned process: take ids from the registry
+    model = load_for(project).model
     config = PipelineConfig(data_dir=tmp, stages=stages)
-    pipeline = Pipeline(endpoints, config)
+    pipeline = Pipeline(project, endpoints, config)
     pipeline.start()
-    stage = pipeline.stages.get("inference")
+    inference = pipeline.stages.get(f"inference-{model}")
+    learn = pipeline.stages.get(f"learn-{model}")
     try:
         paused = False
         while not stop.is_set():
@@ -154,14 +302,11 @@ def worker(endpoints: Any, tmp: Path, stages: tuple[str, ...], scored: Any, rese
                 paused = pause.is_set()
                 for r in pipeline.runners.values():
                     (r.paused.set if paused else r.paused.clear)()
-            if stage is not None:
-                if reset.is_set():
-                    stage.latencies_ms.clear()
-                    reset.clear()
-                scored.value = stage.scored
+            if inference is not None:
+                scored.value = inference.scored
+            if learn is not None:
+                learned.value = learn.learned
             time.sleep(0.005)
-        if stage is not None:
-            latencies.put(list(stage.latencies_ms))
         with cpu.get_lock():
             cpu.value += time.process_time()
         for name, r in pipeline.runners.items():
@@ -172,14 +317,14 @@ def worker(endpoints: Any, tmp: Path, stages: tuple[str, ...], scored: Any, rese
         pipeline.stop()
 
 
-def _wait(scored: Any, target: int, timeout: float, procs: list[Any]) -> float:
-    """Seconds until ``target`` payments in all have been scored."""
+def _wait(counter: Any, target: int, timeout: float, procs: list[Any], what: str = "predictions") -> float:
+    """Seconds until ``counter`` reached ``target``."""
     t0 = time.perf_counter()
-    while scored.value < target:
+    while counter.value < target:
         if any(not p.is_alive() for p in procs):
             raise RuntimeError("a stage process died")
         if time.perf_counter() - t0 > timeout:
-            raise TimeoutError(f"only {scored.value} of {target} predictions after {timeout:.0f}s")
+            raise TimeoutError(f"only {counter.value} of {target} {what} after {timeout:.0f}s")
         time.sleep(0.005)
     return time.perf_counter() - t0
 
@@ -198,75 +343,121 @@ def services_cpu() -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rate", type=float, default=None,
                     help="events/s for the latency phase (default: half the drained rate)")
     ap.add_argument("--procs", type=int, choices=(1, 2), default=2,
-                    help="1: all stages in one process; 2: ingest | features+inference")
+                    help="1: all stages in one process; 2: ingest | the others")
+    add_project_option(ap)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, short phases: well under a minute")
     args = ap.parse_args()
+    args.warm_up = WARM_UP
+    if args.smoke:
+        args.events, args.seconds, args.warm_up = 3000, 2.0, 300
+    project = load_project(args.project)
+    load = load_for(project)
     with tempfile.TemporaryDirectory() as tmp:
         settings = WeirSettings(data_dir=Path(tmp))
-        stack = Stack(settings, with_postgres=False)
+        stack = Stack(settings, project, with_postgres=False)
         endpoints = stack.start()
         try:
-            run(endpoints, args, Path(tmp))
+            run(endpoints, args, load, Path(tmp))
         finally:
             stack.stop()
 
 
-def run(endpoints: Any, args: argparse.Namespace, tmp: Path) -> None:
+def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -> None:
     ctx = mp.get_context("spawn")
-    groups = [("ingest", "features", "inference")] if args.procs == 1 else [("ingest",), ("features", "inference")]
-    scored, reset, stop, latencies = ctx.Value("q", 0), ctx.Event(), ctx.Event(), ctx.Queue()
-    pause, cpu = ctx.Event(), ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=worker, args=(endpoints, tmp, g, scored, reset, stop, latencies, pause, cpu))
+    ref, kafka = args.project, endpoints.kafka_bootstrap
+    groups = load.stages[args.procs]
+    flow = " | ".join("+".join(g) for g in groups)
+    scored, learned, stop, pause, cpu = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
+    procs = [ctx.Process(target=worker, args=(ref, endpoints, tmp, g, scored, learned, stop, pause, cpu))
              for g in groups]
     for w in procs:
         w.start()
+    learns = any("learn" in g for g in groups)
+    sub_stop, results = ctx.Event(), ctx.Queue()
     try:
-        # warm-up: every stage joined its group and scored something, then pause and pre-produce
+        # warm-up: every stage joined its group and scored something (event times just before the drain's),
+        # then pause and pre-produce
         count = ctx.Value("q", 0)
-        w = ctx.Process(target=produce, args=(endpoints.kafka_bootstrap, 2000, None, 3, 10**9, count))
+        t_warm = START_MS - args.warm_up * STEP_MS - 60_000
+        w = ctx.Process(target=produce, args=(ref, endpoints, args.warm_up, None, 3, 10**9, "warm-", t_warm,
+                                              STEP_MS, count))
         w.start(); w.join()
-        _wait(scored, count.value, 120, procs)
+        _wait(scored, count.value, 180, procs)
         warm = scored.value
+        if learns:
+            _wait(learned, warm, 120, procs, "learnt")
         print(f"after warm-up: broker/redis CPU {services_cpu()}")
         pause.set()
         time.sleep(0.5)
-        p = ctx.Process(target=produce, args=(endpoints.kafka_bootstrap, args.events, None, 1, 0, count))
+        step = fit_step(START_MS, args.events)
+        p = ctx.Process(target=produce, args=(ref, endpoints, args.events, None, 1, 0, "", START_MS, step, count))
         t0 = time.perf_counter()
         p.start(); p.join()
-        payments = count.value + warm
-        print(f"pre-produced {args.events} events ({count.value} payments) in {time.perf_counter() - t0:.1f}s")
+        total = count.value + warm
+        print(f"pre-produced {args.events} events ({count.value} {load.scored_name}) in "
+              f"{time.perf_counter() - t0:.1f}s")
         pause.clear()
-        drain_s = _wait(scored, payments, 600, procs)
+        t_drain = time.perf_counter()
+        drain_s = _wait(scored, total, 600, procs)
         rate = args.events / drain_s
-        print(f"drain: {args.events} events ({payments} payments) through ingest->features->inference "
-              f"in {drain_s:.1f}s = {rate:,.0f} events/s ({args.procs} stage process(es))")
+        print(f"drain: {args.events} events ({total - warm} {load.scored_name}) through {flow} in {drain_s:.1f}s = "
+              f"{rate:,.0f} events/s ({args.procs} stage process(es))")
+        learn_s = None
+        if learns:
+            _wait(learned, total, 600, procs, "learnt")
+            learn_s = time.perf_counter() - t_drain
+            print(f"learn: every drained {load.scored_name[:-1]} learnt {learn_s:.1f}s after the drain began "
+                  f"({args.events / learn_s:,.0f} events/s)")
         print(f"after drain: broker/redis CPU {services_cpu()}")
-        reset.set()
         half = args.rate or rate / 2
-        n = int(half * args.seconds)
-        q = ctx.Process(target=produce, args=(endpoints.kafka_bootstrap, n, half, 2, args.events, count))
+        n = max(1, int(half * args.seconds))
+        t_lat = START_MS + args.events * step
+        expected, ready = ctx.Value("q", 0), ctx.Event()
+        sub = ctx.Process(target=subscribe, args=(ref, endpoints, load.predictions, expected,
+                                                  ready, sub_stop, results), daemon=True)
+        sub.start()
+        deadline = time.monotonic() + 120
+        while not ready.wait(0.2):
+            if not sub.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the subscriber did not start")
+        q = ctx.Process(target=produce, args=(ref, endpoints, n, half, 2, args.events, LATENCY_PREFIX, t_lat,
+                                              fit_step(t_lat, n), count))
         q.start(); q.join()
-        _wait(scored, payments + count.value, 300, procs)
+        expected.value = count.value
+        _wait(scored, total + count.value, 300, procs)
+        try:
+            e2e, at_scoring = results.get(timeout=60)
+        except queue.Empty:  # some predictions never came: take what it saw (checked below)
+            sub_stop.set()
+            e2e, at_scoring = results.get(timeout=30)
+        sub.join(10)
     finally:
+        sub_stop.set()
         stop.set()
-    lat = np.array(latencies.get(timeout=60))
     for w in procs:
         w.join(60)
-    p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
-    print(f"latency at {half:,.0f} events/s for {args.seconds:.0f}s ({len(lat)} payments): "
-          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (event -> prediction, three hops)")
-    hop50, hop99 = bare_hop(endpoints.kafka_bootstrap, half, min(args.seconds, 10))
+    if len(e2e) < expected.value:
+        raise RuntimeError(f"the subscriber saw {len(e2e)} of {expected.value} predictions")
+    (p50, p99), (s50, s99) = np.percentile(e2e, [50, 99]), np.percentile(at_scoring, [50, 99])
+    print(f"latency at {half:,.0f} events/s for {args.seconds:.0f}s ({len(e2e)} {load.scored_name}): "
+          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (event produced -> prediction received, three hops); at scoring "
+          f"(the record's latency_ms) p50 {s50:.1f} ms, p99 {s99:.1f} ms")
+    hop50, hop99 = bare_hop(kafka, half, min(args.seconds, 10))
     print(f"baseline, same broker, same rate: one bare produce -> consume hop p50 {hop50:.1f} ms, "
           f"p99 {hop99:.1f} ms")
     print(f"CPU seconds: stage processes {cpu.value:.1f}, services {services_cpu()} (whole run)")
-    print(json.dumps({"events_per_s": round(rate), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
+    print(json.dumps({"project": load.project, "model": load.model, "events_per_s": round(rate),
+                      "p50_ms": round(float(p50), 1), "p99_ms": round(float(p99), 1),
+                      "scoring_p50_ms": round(float(s50), 1), "scoring_p99_ms": round(float(s99), 1),
                       "latency_rate_events_per_s": round(half), "stage_processes": args.procs,
-                      "bare_hop_p50_ms": round(hop50, 1), "bare_hop_p99_ms": round(hop99, 1)}))
+                      "bare_hop_p50_ms": round(hop50, 1), "bare_hop_p99_ms": round(hop99, 1)}
+                     | ({"learn_events_per_s": round(args.events / learn_s)} if learn_s else {})))
 
 
 if __name__ == "__main__":

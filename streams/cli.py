@@ -22,6 +22,7 @@ from streams.settings import WeirSettings
 
 def _up(settings: WeirSettings, args: argparse.Namespace) -> int:
     from streams.demo import pipeline_config
+    from streams.health import HealthServer
     from streams.pipeline import Pipeline
     from streams.stack import Stack
 
@@ -35,14 +36,17 @@ def _up(settings: WeirSettings, args: argparse.Namespace) -> int:
             project.scenario.prepare(endpoints.postgres_dsn, endpoints.kafka_bootstrap, settings.partitions)
         pipeline = Pipeline(project, endpoints, pipeline_config(settings))
         pipeline.start()
+        health = HealthServer(pipeline.health, port=settings.health_port).start()
+        path.write_text(json.dumps({**json.loads(path.read_text()), "health_url": health.url}, indent=2) + "\n")
         print(f"weir is up with project {project.name}; endpoints in {path}:\n{path.read_text()}Ctrl-C to stop.",
               flush=True)
         try:
             while not stop.wait(1.0):
-                pipeline.check()
+                pipeline.check()  # logs a stage that fails (it is retried) or that the DLQ guard stopped
         except KeyboardInterrupt:
             pass
         finally:
+            health.stop()
             pipeline.stop()
     print("weir stopped.")
     return 0

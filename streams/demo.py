@@ -204,8 +204,8 @@ def summarize(pipeline: Pipeline, model: Model, run: ScenarioRun, produce_s: flo
         "serving": S.serving(ch, model),
         "events_per_s": round(run.events / produce_s, 1),
         "silver": {k: v for k, v in c.items() if k.startswith("silver_")},
-        "stages": {k: {"consumed": v["consumed"], "dead_lettered": v["dead_lettered"]}
-                   for k, v in pipeline.stats().items()},
+        "stages": {k: {key: v[key] for key in ("consumed", "dead_lettered", "state", "retries")}
+                   for k, v in pipeline.health()["stages"].items() if k != "cdc"},
         "ingest": dict(pipeline.stages["ingest"].counts) if "ingest" in pipeline.stages else {},
         "cdc": pipeline.cdc.stats.as_dict() if pipeline.cdc is not None else None,
     }

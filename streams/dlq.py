@@ -34,7 +34,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from streams.base import Rejected
+from streams.base import Reason, Rejected
 from streams.kafka import DeliveryTracker, consumer_config, flush_or_raise, producer_config
 from streams.stack import EndpointNotFound, endpoint
 
@@ -351,8 +351,9 @@ class DlqRatioExceeded(RuntimeError):
     """Too much of a stage's recent input went to the DLQ; the message says what to do."""
 
     def __init__(self, stage: str, rejected: int, seen: int, max_ratio: float,
-                 top: Sequence[tuple[tuple[str, str], int]]) -> None:
+                 top: Sequence[tuple[tuple[str, str], int]], duplicates: int = 0) -> None:
         self.stage, self.rejected, self.seen, self.max_ratio = stage, rejected, seen, max_ratio
+        self.duplicates = duplicates
         self.top = list(top)  # ((topic, reason), count), most frequent first
         reasons = ", ".join(f"{reason} from {topic}: {n}" for (topic, reason), n in self.top)
         first_topic, first_reason = self.top[0][0] if self.top else ("<topic>", "")
@@ -361,7 +362,9 @@ class DlqRatioExceeded(RuntimeError):
         replays = "; ".join(f"weir dlq replay {dlq_topic_name(t)}" for t in topics) or "weir dlq replay dlq.<topic>"
         super().__init__(
             f"stage {stage} stopped: {rejected} of its last {seen} input messages went to the dead-letter queue "
-            f"({rejected / seen:.0%}, limit {max_ratio:.0%}). Top reasons: {reasons or 'none'}. This usually "
+            f"({rejected / seen:.0%}, limit {max_ratio:.0%}). Top reasons: {reasons or 'none'} (duplicates, "
+            f"expected after a producer or the CDC connector sent again, are not counted: {duplicates} in the "
+            f"same messages). Only this stage stopped. This usually "
             f"means a producer (or this stage) was deployed with a change that breaks the input. What was "
             f"processed is committed and the rejected records are in the DLQ: nothing is lost. To do: look "
             f"at them with `{inspect_cmd}`, fix or roll back the producer (or this stage), restart, then send "
@@ -393,10 +396,11 @@ class DlqGuard:
         if self.enabled and min_events > window:
             raise ValueError(f"DlqGuard: min_events ({min_events}) > window ({window}) would never trip")
         self.max_ratio, self.window, self.min_events = max_ratio, window, min_events
-        self._batches: deque[tuple[int, int, Counter[tuple[str, str]]]] = deque()
+        self._batches: deque[tuple[int, int, Counter[tuple[str, str]], int]] = deque()
         self.seen = 0  # input messages in the window
         self.rejected = 0  # of which dead-lettered
         self._reasons: Counter[tuple[str, str]] = Counter()  # (topic, reason) -> count in the window
+        self.duplicates = 0  # of which duplicates: dead letters, but not counted as rejected
 
     @property
     def ratio(self) -> float:
@@ -406,32 +410,40 @@ class DlqGuard:
     def tripped(self) -> bool:
         return self.enabled and self.seen >= self.min_events and self.ratio > self.max_ratio
 
-    def add(self, n_in: int, rejected: dict[tuple[str, str], int] | Counter[tuple[str, str]]) -> None:
-        """Count one batch of ``n_in`` input messages, ``rejected`` of them by (topic, reason)."""
+    def add(self, n_in: int, rejected: dict[tuple[str, str], int] | Counter[tuple[str, str]],
+            duplicates: int = 0) -> None:
+        """Count one batch of ``n_in`` input messages, ``rejected`` of them by (topic, reason), and
+        ``duplicates`` more that were dead-lettered as duplicates (not counted as rejected)."""
         if not self.enabled or n_in <= 0:
             return
         counts = Counter(rejected)
         n_rej = sum(counts.values())
-        self._batches.append((n_in, n_rej, counts))
+        self._batches.append((n_in, n_rej, counts, duplicates))
         self.seen += n_in
         self.rejected += n_rej
+        self.duplicates += duplicates
         self._reasons.update(counts)
         while len(self._batches) > 1 and self.seen - self._batches[0][0] >= self.window:
-            old_in, old_rej, old_counts = self._batches.popleft()
+            old_in, old_rej, old_counts, old_dups = self._batches.popleft()
             self.seen -= old_in
             self.rejected -= old_rej
+            self.duplicates -= old_dups
             self._reasons.subtract(old_counts)
             for k in old_counts:
                 if self._reasons[k] <= 0:
                     del self._reasons[k]
 
     def observe(self, stage: str, n_in: int, rejected: Sequence[Rejected]) -> None:
-        """Count a processed batch; raise :class:`DlqRatioExceeded` if the guard trips."""
+        """Count a processed batch; raise :class:`DlqRatioExceeded` if the guard trips. Duplicates are dead
+        letters but not bad input (a producer or the CDC connector sent again after a failure): they count as
+        input, not as rejected."""
         if not self.enabled:
             return
-        self.add(n_in, Counter((r.message.topic, r.error.reason.value) for r in rejected))
+        bad = Counter((r.message.topic, r.error.reason.value) for r in rejected if r.error.reason != Reason.DUPLICATE)
+        self.add(n_in, bad, duplicates=len(rejected) - bad.total())
         if self.tripped:
-            raise DlqRatioExceeded(stage, self.rejected, self.seen, self.max_ratio, self._reasons.most_common(3))
+            raise DlqRatioExceeded(stage, self.rejected, self.seen, self.max_ratio, self._reasons.most_common(3),
+                                   duplicates=self.duplicates)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ scale out by consumer group.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
@@ -125,6 +126,8 @@ class Pipeline:
     _stop: threading.Event = field(default_factory=threading.Event)
     _scheduler: RetrainScheduler | None = None
     cdc: Any = None
+    cdc_health: dict[str, Any] = field(default_factory=lambda: {"state": "running", "failures": 0, "error": None})
+    _last_states: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         # Move everything imported so far (torch, scipy, river: ~260k objects) out of the collector's
@@ -226,28 +229,58 @@ class Pipeline:
         self._threads.append(thread)
 
     def _cdc_loop(self) -> None:
-        try:
-            self.cdc.run(self._stop)
-        except BaseException as exc:
-            self.stages["cdc_error"] = exc
-            log.exception("CDC connector stopped")
+        """Run the connector; when PostgreSQL or Kafka fails it, set it up again after a backoff (doubling to
+        30 s) and go on from the slot's confirmed position: what was not acknowledged is sent again."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                if failures:
+                    self.cdc.setup()
+                    log.warning("CDC connector running again after %d failed attempt(s)", failures)
+                    failures = 0
+                    self.cdc_health = {"state": "running", "failures": 0, "error": None}
+                self.cdc.run(self._stop)
+            except Exception as exc:  # noqa: BLE001 - retried: an outage must not end the connector
+                failures += 1
+                self.cdc_health = {"state": "retrying", "failures": failures, "error": f"{type(exc).__name__}: {exc}"}
+                delay = min(30.0, 0.5 * 2 ** (failures - 1))
+                log.warning("CDC connector: attempt %d failed (%s); next in %.1f s", failures, exc, delay)
+                with contextlib.suppress(Exception):  # half-open already; set up anew next attempt
+                    self.cdc.close()
+                self._stop.wait(delay)
+            else:
+                return
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Block until every runner has joined its group and holds partitions (or raise)."""
+        """Block until every runner has joined its group and holds partitions (or raise, with the stage's last
+        error if it has one)."""
         deadline = time.monotonic() + timeout
         for name, runner in self.runners.items():
             while not runner.ready.wait(0.2):
-                self.check()
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"stage {name} got no partitions within {timeout:.0f}s")
+                    why = f": {runner.health()['error']}" if runner.health()["error"] else ""
+                    raise TimeoutError(f"stage {name} got no partitions within {timeout:.0f}s{why}")
 
-    def check(self) -> None:
-        """Raise the first error a stage stopped with (the process should then stop)."""
-        for name, runner in self.runners.items():
-            if runner.error is not None:
-                raise RuntimeError(f"stage {name} failed: {runner.error!r}") from runner.error
-        if "cdc_error" in self.stages:
-            raise RuntimeError(f"CDC connector failed: {self.stages['cdc_error']!r}")
+    def health(self) -> dict[str, Any]:
+        """Every stage's (and the CDC connector's) state: ``ok`` is true when each is running."""
+        stages = {name: runner.health() for name, runner in self.runners.items()}
+        if self.cdc is not None:
+            stages["cdc"] = dict(self.cdc_health)
+        return {"project": self.project.name, "ok": all(h["state"] == "running" for h in stages.values()),
+                "stages": stages}
+
+    def check(self) -> dict[str, Any]:
+        """Log each stage that changed state since the last call (a failing stage is retried, a stage the DLQ
+        guard stopped stays stopped: neither stops the others); returns :meth:`health`."""
+        health = self.health()
+        for name, h in health["stages"].items():
+            if self._last_states.get(name) != h["state"]:
+                if h["state"] in ("retrying", "stopped"):
+                    log.error("stage %s is %s: %s", name, h["state"], h["error"])
+                elif self._last_states.get(name) in ("retrying", "stopped"):
+                    log.warning("stage %s is %s again", name, h["state"])
+                self._last_states[name] = h["state"]
+        return health
 
     def stop(self) -> None:
         self._stop.set()

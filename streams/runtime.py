@@ -28,9 +28,9 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from streams.base import Message, Produce, Rejected, StepResult
 from streams.dlq import DlqGuard, DlqRatioExceeded
@@ -139,13 +139,18 @@ class BatchRunner:
     """Runs one :class:`Stage` in a consumer group until stopped.
 
     ``run`` blocks the calling thread; ``start`` runs it in a daemon thread.
-    An unexpected exception from the stage stops the runner and is kept in
-    ``error`` (the process supervisor surfaces it); nothing is committed past it.
+
+    A failure never ends the runner (a dependency down, the broker unreachable, a bug the stage hits
+    on some input): it keeps what was processed if it can commit it, rewinds its partitions to their
+    committed offsets (rebuilding a stateful stage's state there through its :class:`Recoverable`
+    hooks), waits ``backoff_s`` doubled per consecutive failure up to ``backoff_max_s`` while staying
+    in its group, and tries again; nothing is committed past a failed batch. ``health()`` says which of
+    ``starting``, ``running``, ``retrying`` or ``stopped`` it is, with the last error.
 
     With a ``dlq_guard``, each batch is counted after its outputs and dead letters are produced;
     when too much of the recent input was dead-lettered (a bad deploy), the runner commits what it
     processed (flushing first, so the dead letters are durable) and stops with
-    :class:`~streams.dlq.DlqRatioExceeded` in ``error``.
+    :class:`~streams.dlq.DlqRatioExceeded` in ``error``: only this stage stops.
     """
 
     def __init__(
@@ -159,8 +164,16 @@ class BatchRunner:
         fetch_wait_ms: int = 10,
         commit_every_ms: int = 50,
         dlq_guard: DlqGuard | None = None,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 30.0,
     ) -> None:
         self.stage = stage
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self.failures = 0  # consecutive failed attempts; 0 once a batch went through again
+        self.retries = 0  # failed attempts since start
+        self.last_error: str | None = None
+        self._rewind_due = False
+        self._rewound_at = 0.0
         self.dlq_guard = dlq_guard
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
@@ -198,19 +211,117 @@ class BatchRunner:
         return self._thread is not None and self._thread.is_alive()
 
     def run(self) -> None:
-        self.subscribe()
         try:
+            self.subscribe()
             while not self._stop.is_set():
-                if self.paused.is_set():
-                    self.commit()
-                    self._hold()
-                self.run_once()
+                try:
+                    if self._rewind_due:
+                        self._rewind()
+                    if self.paused.is_set():
+                        self.commit()
+                        self._hold()
+                    if self.run_once() or time.monotonic() - self._rewound_at > 2.0:
+                        self._recovered()
+                except DlqRatioExceeded:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - any failure is retried; none ends the stage
+                    self._failed(exc)
             self.commit()
-        except BaseException as exc:  # surfaced by the supervisor, never swallowed
+        except BaseException as exc:  # the guard tripped, or the process is going down: kept, never swallowed
             self.error = exc
-            log.exception("stage %s stopped", self.stage.step_id)
+            if isinstance(exc, DlqRatioExceeded):
+                log.error("%s", exc)
+            else:
+                log.exception("stage %s stopped", self.stage.step_id)
         finally:
             self._consumer.close()
+
+    def health(self) -> dict[str, Any]:
+        """``state`` (starting, running, retrying or stopped), failed attempts (consecutive and in all),
+        the last error, and the counters."""
+        if self.error is not None:
+            state = "stopped"
+        elif self.failures:
+            state = "retrying"
+        elif self.ready.is_set():
+            state = "running"
+        else:
+            state = "starting"
+        error = str(self.error) if self.error is not None else self.last_error
+        return {"state": state, "failures": self.failures, "retries": self.retries, "error": error,
+                "consumed": self.stats.consumed, "dead_lettered": self.stats.dead_lettered}
+
+    def _recovered(self) -> None:
+        """A batch went through (or nothing was left to read again for a while) since the last failure."""
+        if self.failures:
+            log.warning("stage %s running again after %d failed attempt(s)", self.stage.step_id, self.failures)
+            self.failures = 0
+
+    def _failed(self, exc: Exception) -> None:
+        """Count a failed attempt, rewind to the committed offsets, and wait out the backoff in the group."""
+        self.failures += 1
+        self.retries += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        delay = min(self.backoff_max_s, self.backoff_s * 2 ** (self.failures - 1))
+        if self.failures == 1:
+            log.warning("stage %s failed; retrying from its committed offsets", self.stage.step_id, exc_info=exc)
+        log.warning("stage %s: attempt %d failed (%s); next in %.1f s", self.stage.step_id, self.failures,
+                    self.last_error, delay)
+        self._rewind_due = True
+        self._wait_in_group(delay)
+
+    def _rewind(self) -> None:
+        """Keep what was processed if it can be committed, then go back to the committed offsets of every
+        assigned partition: the failed batch (and anything not committed) is read again. A stage with
+        state rebuilds it there (``on_revoke`` then ``on_assign``, as after a rebalance)."""
+        try:
+            self.commit()
+        except Exception:  # noqa: BLE001 - not committed: read again from the last commit
+            log.warning("stage %s: could not commit before rewinding; its uncommitted batches are read again",
+                        self.stage.step_id)
+        self._uncommitted = {}
+        parts = self._consumer.assignment()
+        if parts:
+            keys = [(tp.topic, tp.partition) for tp in parts]
+            committed = {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
+                         for tp in self._consumer.committed(parts, timeout=10)}
+            starts: dict[tuple[str, int], int] = {}
+            on_revoke, on_assign = getattr(self.stage, "on_revoke", None), getattr(self.stage, "on_assign", None)
+            if on_revoke is not None:
+                on_revoke(keys)
+            if on_assign is not None:
+                starts = on_assign(keys, committed)
+            positions = []
+            for key in keys:
+                floor = committed.get(key)
+                if key in starts and floor is not None:
+                    self._floor[key] = floor
+                positions.append(TopicPartition(*key, starts.get(key, floor if floor is not None else OFFSET_BEGINNING)))
+            # re-assigning sets each start offset, where seek() may refuse a partition not yet fetched
+            if self._cooperative:
+                self._consumer.incremental_unassign(parts)
+                self._consumer.incremental_assign(positions)
+            else:
+                self._consumer.assign(positions)
+            self.ready.set()  # also when the failure was in the assignment's own hook
+        self._rewind_due = False
+        self._rewound_at = time.monotonic()
+
+    def _wait_in_group(self, seconds: float) -> None:
+        """Sleep ``seconds`` (or until stopped) with every partition paused, consuming nothing but still
+        polling, so the group keeps this member (and rebalance callbacks run)."""
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline and not self._stop.is_set():
+                self._consumer.pause(self._consumer.assignment())
+                self._consumer.consume(1, min(0.1, max(0.0, deadline - time.monotonic())))
+        except KafkaException as exc:
+            log.warning("stage %s: %s while waiting to retry", self.stage.step_id, exc)
+        finally:
+            try:
+                self._consumer.resume(self._consumer.assignment())
+            except KafkaException:
+                pass
 
     def subscribe(self) -> None:
         if not self._subscribed:

@@ -69,6 +69,26 @@ def endpoints(weir_dir: Path) -> Iterator[Endpoints]:
         stack.stop()
 
 
+@pytest.fixture
+def minimal(endpoints: Endpoints) -> Iterator[Project]:
+    """The minimal project (``examples/minimal``), its topics created, known to this process's catalog and
+    the session's registry for the test; the shop's again after it."""
+    from streams import schemas
+    from streams import topics as T
+    from streams.kafka import ensure_topics
+
+    project = load(str(Path(__file__).resolve().parent.parent / "examples/minimal/project.py"))
+    ensure_topics(endpoints.kafka_bootstrap, T.all_topics(project), 4)
+    previous = schemas.set_catalog(None)
+    use_project(project)
+    schemas.use_registry(endpoints.schema_registry_url)
+    try:
+        yield project
+    finally:
+        use_project(SHOP)
+        schemas.set_catalog(previous)
+
+
 @pytest.fixture(autouse=True)
 def fail_on_thread_exceptions(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A test fails when a background thread died of an exception it did not report."""

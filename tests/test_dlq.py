@@ -251,6 +251,21 @@ def test_guard_raises_an_actionable_error_with_top_reasons() -> None:
     assert "bad" not in text.replace("bad deploy", "")  # details (possibly input) stay out
 
 
+def test_guard_counts_duplicates_apart_from_bad_input() -> None:
+    """Duplicates are what a producer or the CDC connector sends again after a failure: dead letters, but no
+    bad deploy (a PostgreSQL restart re-sent 1,291 changes and the guard stopped ingest on them)."""
+    g = DlqGuard(max_ratio=0.5, window=100, min_events=10)
+    msgs = [Message("cdc.payments", 0, i, None, b"x", 0) for i in range(100)]
+    g.observe("ingest", 100, [Rejected(m, InvalidEvent(Reason.DUPLICATE, "seen")) for m in msgs[:90]])
+    assert (g.seen, g.rejected, g.duplicates, g.tripped) == (100, 0, 90, False)
+    with pytest.raises(DlqRatioExceeded) as info:
+        g.observe("ingest", 100, [Rejected(m, InvalidEvent(Reason.UNDECODABLE, "bad")) for m in msgs[:60]] +
+                  [Rejected(m, InvalidEvent(Reason.DUPLICATE, "seen")) for m in msgs[60:70]])
+    text = str(info.value)
+    assert "60 of its last 100" in text and "duplicate" not in text.split("Top reasons:")[1].split("(")[0]
+    assert "not counted: 10 in the same messages" in text and "Only this stage stopped" in text
+
+
 @pytest.mark.parametrize(("ratio", "window"), [(1.0, 100), (1.5, 100), (0.5, 0)])
 def test_guard_disabled(ratio: float, window: int) -> None:
     g = DlqGuard(max_ratio=ratio, window=window, min_events=0)

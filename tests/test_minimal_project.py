@@ -11,41 +11,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
-
 from examples.minimal import client
-from streams import schemas
-from streams import topics as T
-from streams.kafka import ensure_topics
 from streams.pipeline import Pipeline, PipelineConfig
-from streams.project.contracts import use_project
-from streams.project.load import load
 from streams.project.spec import Project
 from streams.stack import Endpoints
-from tests.conftest import SHOP
 
-ROOT = Path(__file__).resolve().parent.parent
-MINIMAL = "examples/minimal/project.py"
 N = 400
-
-
-@pytest.fixture
-def minimal(endpoints: Endpoints) -> Iterator[Project]:
-    """The minimal project, known to this process's catalog and the session's registry (the shop's back after)."""
-    project = load(str(ROOT / MINIMAL))
-    ensure_topics(endpoints.kafka_bootstrap, T.all_topics(project), 4)
-    previous = schemas.set_catalog(None)
-    use_project(project)
-    schemas.use_registry(endpoints.schema_registry_url)
-    try:
-        yield project
-    finally:
-        use_project(SHOP)
-        schemas.set_catalog(previous)
 
 
 def test_a_project_of_its_own_runs_end_to_end(minimal: Project, endpoints: Endpoints, tmp_path: Path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 import uuid
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streams.base import Message, StepResult
+from streams.base import Message, Produce, StepResult
 from streams.kafka import ensure_topics, producer_config
 from streams.runtime import BatchRunner
 from streams.stack import Endpoints
@@ -94,3 +94,81 @@ def test_a_batching_stage_gets_batches_full_by_units_or_after_the_max_wait(endpo
         runner.stop()
     assert runner.error is None
     assert stage.batches == [50, 50, 15] and len(stage.seen) == len(set(stage.seen)) == 23
+
+
+class Flaky:
+    """Keeps a running count of each partition's messages (state derived from its input, rebuilt from the
+    committed offset by the rebalance hooks), outputs ``offset:count`` per message, and fails (a dependency
+    down) on the calls in ``fail_on``, after it changed its state."""
+
+    step_id = "flaky"
+
+    def __init__(self, topic: str, out: str, fail_on: set[int]) -> None:
+        self.topics, self.out, self.fail_on = (topic,), out, fail_on
+        self.count: dict[tuple[str, int], int] = {}
+        self.calls = 0
+
+    def on_assign(self, assigned: list[tuple[str, int]],
+                  committed: dict[tuple[str, int], int | None]) -> dict[tuple[str, int], int]:
+        for key in assigned:
+            self.count[key] = committed.get(key) or 0  # offsets start at 0: the count before offset n is n
+        return {}
+
+    def on_revoke(self, revoked: list[tuple[str, int]]) -> None:
+        for key in revoked:
+            self.count.pop(key, None)
+
+    def handle(self, batch: list[Message]) -> StepResult:
+        self.calls += 1
+        out = []
+        for m in batch:
+            key = (m.topic, m.partition)
+            self.count[key] += 1
+            out.append(Produce(self.out, None, f"{m.offset}:{self.count[key]}".encode(), partition=m.partition))
+        if self.calls in self.fail_on:
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return StepResult(produce=out)
+
+
+def test_a_failing_stage_is_retried_from_its_committed_offsets_with_its_state_rebuilt(endpoints: Endpoints) -> None:
+    """A failure (here a dependency down for three attempts) neither ends the runner nor loses or miscounts a
+    message: it goes back to the committed offsets, the stage rebuilds its state there, and it retries
+    after a backoff, reporting ``retrying`` meanwhile."""
+    topic, out = (f"test.runtime.{uuid.uuid4().hex[:8]}{s}" for s in ("", ".out"))
+    ensure_topics(endpoints.kafka_bootstrap, [topic, out], 2)
+    producer = Producer(producer_config(endpoints.kafka_bootstrap))
+    for i in range(200):
+        producer.produce(topic, str(i).encode(), partition=i % 2)
+        if i % 20 == 19:
+            producer.flush(10)
+            time.sleep(0.05)  # several batches, so the failures fall between commits
+    assert producer.flush(10) == 0
+    stage = Flaky(topic, out, fail_on={3, 4, 5})
+    runner = BatchRunner(stage, endpoints.kafka_bootstrap, group_id=f"g-{topic}", max_batch=15, max_wait_ms=5,
+                         backoff_s=0.3)
+    states = set()
+    runner.start()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (stage.count.get((topic, 0)) == stage.count.get((topic, 1)) == 100
+                                              and stage.calls > 6 and not runner._uncommitted):
+            states.add(runner.health()["state"])
+            time.sleep(0.02)
+        health = runner.health()
+    finally:
+        runner.stop()
+    assert runner.error is None and "retrying" in states
+    assert health["state"] == "running" and health["retries"] == 3 and "Connection refused" in health["error"]
+
+    c = Consumer({"bootstrap.servers": endpoints.kafka_bootstrap, "group.id": f"r-{out}", "enable.auto.commit": False})
+    c.assign([TopicPartition(out, p, 0) for p in (0, 1)])
+    got: dict[tuple[int, int], set[int]] = {}
+    deadline = time.time() + 30
+    while time.time() < deadline and len(got) < 200:
+        for m in c.consume(1000, 0.5):
+            if m.error() is None:
+                offset, count = map(int, m.value().split(b":"))
+                got.setdefault((m.partition(), offset), set()).add(count)
+    c.close()
+    assert len(got) == 200  # every input has its output: nothing lost
+    assert all(counts == {offset + 1} for (_, offset), counts in got.items())  # re-read with the state rebuilt

@@ -292,6 +292,16 @@ def test_driver_writes_rows_to_postgres_and_clicks_to_kafka(tmp_path: Path) -> N
             captured = conn.execute("SELECT count(*) FROM payments WHERE status = 'captured'").fetchone()
             assert captured == (stats.payment_updates,)
 
+        # Preparing again beside a live writer takes no exclusive lock (ALTER TABLE on every start waited
+        # for writers, and once deadlocked one)
+        with psycopg.connect(pg.dsn) as writer:
+            writer.execute("UPDATE payments SET status = status WHERE payment_id = "
+                           "(SELECT min(payment_id) FROM payments)")  # an open transaction holding its lock
+            prepared = threading.Event()
+            threading.Thread(target=lambda: (driver.prepare(), prepared.set()), daemon=True).start()
+            assert prepared.wait(15), "prepare() waited for a live writer's lock"
+            writer.rollback()
+
         # Replaying the same seed is idempotent; a set stop event ends the run after one chunk.
         stop = threading.Event()
         stop.set()

@@ -48,8 +48,15 @@ CREATE TABLE IF NOT EXISTS payment_labels (
     labelled_at        timestamptz NOT NULL
 );
 
-ALTER TABLE customers REPLICA IDENTITY FULL;
-ALTER TABLE merchants REPLICA IDENTITY FULL;
-ALTER TABLE orders REPLICA IDENTITY FULL;
-ALTER TABLE payments REPLICA IDENTITY FULL;
-ALTER TABLE payment_labels REPLICA IDENTITY FULL;
+-- Only where it is not FULL yet: ALTER TABLE takes an exclusive lock, which on a live table waits for
+-- every writer and, with one, once deadlocked a start-up (CREATE ... IF NOT EXISTS of an existing
+-- table takes none).
+DO $$
+DECLARE t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['customers', 'merchants', 'orders', 'payments', 'payment_labels'] LOOP
+        IF (SELECT relreplident FROM pg_class WHERE oid = t::regclass) <> 'f' THEN
+            EXECUTE format('ALTER TABLE %I REPLICA IDENTITY FULL', t);
+        END IF;
+    END LOOP;
+END $$;

@@ -40,8 +40,8 @@ class WeirSettings(BaseSettings):
     dedup_horizon_s: int = Field(900, ge=1, description="How long ingest remembers an event id (in Redis).")
     event_max_future_s: int = Field(300, ge=0, description="Refuse events whose time is further ahead of the clock.")
     event_max_age_s: int = Field(7 * 86_400, ge=1, description="Refuse events older than this (snapshots excepted).")
-    allowed_lateness_s: int = Field(600, ge=0, description="How far behind its partition's newest event an event "
-                                                          "may be before it is refused as late.")
+    allowed_lateness_s: int = Field(600, ge=0, description="How far behind its partition's watermark base (its "
+                                                          "third newest event) an event may be before it is refused as late.")
     features_checkpoint_s: float = Field(
         5.0, gt=0, description="How often the features stage snapshots its window state to Redis (after a commit)."
     )

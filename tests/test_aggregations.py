@@ -47,23 +47,38 @@ def _in_window(w: WindowSpec, now: int, ts: int) -> bool:
 
 @dataclass
 class Reference:
-    """Keeps every accepted event; applies the late and duplicate rules on its own; aggregates from scratch."""
+    """Keeps every accepted event; applies the late and duplicate rules on its own; aggregates from scratch.
+
+    The watermark rule, written from its definition: the third greatest accepted ts (of the container, and of
+    the key), minus the lateness; none before three events."""
 
     specs: tuple[FeatureSpec, ...]
     lateness: int
-    max_ts: int | None = None
+    accepted: list[int] = field(default_factory=list)
     events: dict[str, list[tuple[int, int, str, float, str]]] = field(default_factory=dict)  # ts, arrival, id, v, tag
     arrivals: int = 0
 
+    @staticmethod
+    def third_newest(times: list[int]) -> int | None:
+        return sorted(times)[-3] if len(times) >= 3 else None
+
+    @property
+    def base(self) -> int | None:
+        return self.third_newest(self.accepted)
+
+    def key_base(self, key: str) -> int | None:
+        return self.third_newest([e[0] for e in self.events.get(key, [])])
+
     def add(self, key: str, eid: str, ts: int, value: float, tag: str) -> Status:
-        if self.max_ts is not None and ts < self.max_ts - self.lateness:
-            return Status.LATE
+        for b in (self.base, self.key_base(key)):
+            if b is not None and ts < b - self.lateness:
+                return Status.LATE
         evs = self.events.setdefault(key, [])
         if any(e[2] == eid for e in evs):
             return Status.DUPLICATE
         self.arrivals += 1
         evs.append((ts, self.arrivals, eid, value, tag))
-        self.max_ts = ts if self.max_ts is None else max(self.max_ts, ts)
+        self.accepted.append(ts)
         return Status.ACCEPTED
 
     def newest(self, key: str) -> int | None:
@@ -192,11 +207,11 @@ def test_matches_reference(specs: tuple[FeatureSpec, ...], events: list[Event], 
         newest = ref.newest(key)
         if newest is not None and key in aggs:  # any time the contract allows: >= newest - lateness
             queries.append((key, newest - lateness + off))
-        if ref.max_ts is not None:  # every key, dropped ones included, at or after the watermark
-            queries += [(k, ref.max_ts - lateness + off) for k in "abc"]
+        if ref.base is not None:  # every key, dropped ones included, at or after the watermark
+            queries += [(k, ref.base - lateness + off) for k in "abc"]
         for k, now in queries:
             assert_values_match(specs, aggs.values(k, now), ref.values(k, now), (i, k, now))
-        assert aggs.watermark == (None if ref.max_ts is None else ref.max_ts - lateness)
+        assert aggs.watermark == (None if ref.base is None else ref.base - lateness)
 
 
 def test_window_semantics_by_example() -> None:
@@ -232,10 +247,11 @@ def test_last_breaks_ties_by_arrival_and_since_last_in_seconds() -> None:
     assert e.values(14_000) == [-1.0, 10.0]  # nothing in (4000, 14000]
 
 
-def test_query_older_than_newest_minus_lateness_is_refused() -> None:
+def test_query_older_than_the_watermark_is_refused() -> None:
     e = EntityAggregator([FeatureSpec("n", Agg.COUNT, Sliding(100))], allowed_lateness_ms=50)
-    e.add("a", 1_000)
-    assert e.values(950) == [0.0]  # the event at 1000 is after now
+    for i in range(3):
+        e.add(f"e{i}", 1_000)
+    assert e.values(950) == [0.0]  # the events at 1000 are after now
     with pytest.raises(ValueError):
         e.values(949)
 
@@ -246,8 +262,9 @@ def test_state_is_bounded_by_the_longest_window_plus_lateness() -> None:
     e = EntityAggregator(specs, allowed_lateness_ms=100)
     for i in range(10_000):
         e.add(f"e{i}", i * 10, float(i), "login" if i % 3 == 0 else "x")
-    # all events within 1100 ms (110), logins within 2100 ms (every third of 210)
-    assert len(e) <= 110 + 70 + 2
+    # all events within 1100 ms (110), logins within 2100 ms (every third of 210) of the watermark's base,
+    # which trails the newest by two events (20 ms)
+    assert len(e) <= 110 + 70 + 2 + 2
 
 
 def test_specs_are_validated() -> None:
@@ -341,8 +358,9 @@ def test_ttl_bounds_the_number_of_entities() -> None:
     aggs = Aggregators(specs, allowed_lateness_ms=100, ttl_ms=1000)
     for i in range(5000):
         aggs.add(f"k{i}", f"e{i}", i * 10)
-        # held: keys seen within ttl of the watermark (newest - lateness), plus one sweep interval (ttl / 8)
-        assert len(aggs) <= (1000 + 100 + 1000 // 8) // 10 + 2
+        # held: keys seen within ttl of the watermark (third newest - lateness), plus one sweep interval (ttl / 8)
+        # and the two newest keys the watermark trails
+        assert len(aggs) <= (1000 + 100 + 1000 // 8) // 10 + 2 + 2
     assert "k4999" in aggs and "k0" not in aggs
 
 

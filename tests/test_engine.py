@@ -73,11 +73,11 @@ def reference(view: FeatureView, events: list[dict[str, Any]]) -> list[tuple[Sta
     as of the event's own time, computed from scratch over the events accepted so far."""
     accepted: list[dict[str, Any]] = []
     out: list[tuple[Status, list[float] | None]] = []
-    max_ts: int | None = None
+    times: list[int] = []  # accepted event times: the watermark is the third newest minus the lateness
     seen_ids: set[tuple[str, str]] = set()
     devices: dict[str, tuple[int, list[Any]]] = {}  # per FirstSeen (one here): entity -> (newest ts, known)
     for e in events:
-        if max_ts is not None and e["ts_ms"] < max_ts - view.allowed_lateness_ms:
+        if len(times) >= 3 and e["ts_ms"] < sorted(times)[-3] - view.allowed_lateness_ms:
             out.append((Status.LATE, None))
             continue
         e = dict(e)
@@ -97,7 +97,7 @@ def reference(view: FeatureView, events: list[dict[str, Any]]) -> list[tuple[Sta
             continue
         seen_ids.add((e[view.entity], e["event_id"]))
         accepted.append(e)
-        max_ts = e["ts_ms"] if max_ts is None else max(max_ts, e["ts_ms"])
+        times.append(e["ts_ms"])
         mine = [(i, a) for i, a in enumerate(accepted) if a[view.entity] == e[view.entity]]
         out.append((Status.ACCEPTED, [_feature(f, mine, e["ts_ms"]) for f in view.specs]))
     return out
@@ -161,7 +161,8 @@ def test_user_view_new_device_logins_and_time_since_login() -> None:
         assert state.add({"event_id": f"e{i}", "user_id": "u", "ts_ms": ts, "event_type": kind,
                           "device_id": device}) is Status.ACCEPTED
     assert state.values("u") == (180_000, [5.0, 1.0, 0.0, 1.0, 30.0])
-    late = {"event_id": "old", "user_id": "u", "ts_ms": 180_000 - USER.allowed_lateness_ms - 1,
+    # the watermark: the third newest event time (120 s) minus the lateness
+    late = {"event_id": "old", "user_id": "u", "ts_ms": 120_000 - USER.allowed_lateness_ms - 1,
             "event_type": "search", "device_id": None}
     assert state.add(late) is Status.LATE and state.late == 1
     assert state.add({"event_id": "e4", "user_id": "u", "ts_ms": 180_000, "event_type": "search",

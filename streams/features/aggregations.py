@@ -29,23 +29,27 @@ the one that arrived last); ``since_last`` (``(now - ts of the newest event)
 give 0 and every other aggregation gives the feature's ``default``.
 
 **Event time.** :class:`Aggregators` (key -> :class:`EntityAggregator`) keeps
-one watermark: the greatest event ts it has accepted minus
-``allowed_lateness_ms``. ``add`` answers :class:`Status`: ``LATE`` (ts below
-the watermark; checked first), ``DUPLICATE`` (an event id already accepted
-for that key and still retained), else ``ACCEPTED``. Refused events change
-nothing. Redelivered events are assumed to carry their original ts: an id is
-remembered while its ts is at or above the entity's own watermark, and a
-redelivery older than that is refused as ``LATE``.
+one watermark, by the rule of :mod:`streams.event_time`: the third greatest
+event ts it has accepted (its *base*) minus ``allowed_lateness_ms``, so one
+outlier cannot move it; each entity keeps its own by the same rule over its
+own events (never above the container's). ``add`` answers :class:`Status`:
+``LATE`` (ts below the container's or the entity's watermark; checked first),
+``DUPLICATE`` (an event id already accepted for that key and still
+retained), else ``ACCEPTED``. Refused events change nothing. Redelivered
+events are assumed to carry their original ts: an id is remembered while its
+ts is at or above the entity's own watermark, and a redelivery older than
+that is refused as ``LATE``.
 
 **Queries.** ``values(now)`` is exact for every ``now >= newest - allowed_lateness_ms``
-(``newest``: the entity's greatest accepted ts); that includes the ts of any event
-just accepted and any ``now`` at or above the container's watermark. Older
-``now`` raises :class:`ValueError`: the events it would need may be evicted.
+(``newest``: the entity's greatest accepted ts), for the ts of any event just
+accepted (even one far behind an outlier newest) and for any ``now`` at or
+above the container's watermark. A ``now`` below the entity's own watermark
+raises :class:`ValueError`: the events it would need may be evicted.
 
 **Bounded state.** An entity keeps only events with
-``ts > newest - allowed_lateness_ms - longest window extent``. Entities idle
-for more than ``ttl_ms`` of event time (the container's watermark minus the
-entity's newest ts) are dropped; ``ttl_ms`` must be at least the lateness plus
+``ts > base - allowed_lateness_ms - longest window extent`` (its own base).
+Entities idle for more than ``ttl_ms`` of event time (the container's
+watermark minus the entity's newest ts) are dropped; ``ttl_ms`` must be at least the lateness plus
 the longest extent, so a dropped entity's events lie outside every window any
 valid later query reads, even after a new event for it as old as the
 watermark: dropping never changes a value.
@@ -62,19 +66,22 @@ values and statuses to an uninterrupted run.
 ...     FeatureSpec("secs_since_login", Agg.SINCE_LAST, Sliding(3_600_000), default=3600.0, where_tag="login"),
 ... )
 >>> aggs = Aggregators(specs, allowed_lateness_ms=5_000, ttl_ms=2 * 3_600_000)
->>> aggs.add("card1", "e1", 10_000, 5.0, "m1"), aggs.add("card1", "e2", 70_000, 7.0, "m2")
-(<Status.ACCEPTED: 1>, <Status.ACCEPTED: 1>)
->>> aggs.add("card1", "e2", 70_000, 7.0, "m2"), aggs.add("card1", "e0", 64_000, 1.0, "m1")
+>>> [aggs.add("card1", f"e{i}", ts, v, m) for i, ts, v, m in [(1, 10_000, 5.0, "m1"), (2, 68_000, 7.0, "m2"),
+...                                                        (4, 69_000, 0.5, "m4"), (5, 70_000, 1.5, "m5")]]
+[<Status.ACCEPTED: 1>, <Status.ACCEPTED: 1>, <Status.ACCEPTED: 1>, <Status.ACCEPTED: 1>]
+>>> aggs.watermark  # the third newest (68 s) minus the lateness
+63000
+>>> aggs.add("card1", "e2", 68_000, 7.0, "m2"), aggs.add("card1", "e0", 62_000, 1.0, "m1")
 (<Status.DUPLICATE: 3>, <Status.LATE: 2>)
 >>> aggs.add("card1", "e3", 66_000, 2.0, "m3")
 <Status.ACCEPTED: 1>
 >>> aggs.values("card1", 70_000)
-[2.0, 9.0, 7.0, 3.0, 3600.0]
+[4.0, 11.0, 7.0, 5.0, 3600.0]
 >>> aggs.values("nobody", 70_000)
 [0.0, 0.0, -1.0, 0.0, 3600.0]
 >>> fresh = Aggregators(specs, allowed_lateness_ms=5_000, ttl_ms=2 * 3_600_000)
 >>> fresh.restore(aggs.snapshot()); fresh.values("card1", 70_000)
-[2.0, 9.0, 7.0, 3.0, 3600.0]
+[4.0, 11.0, 7.0, 5.0, 3600.0]
 """
 
 from __future__ import annotations
@@ -85,11 +92,13 @@ import io
 import pickle
 import struct
 import zlib
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import fsum, sqrt
 from typing import Any
+
+from streams.event_time import CONFIRMATIONS, UNSET, new_top
 
 __all__ = [
     "Agg",
@@ -340,26 +349,26 @@ class EntityAggregator:
     """The state of one entity for a tuple of specs: its retained events and the ids it has seen.
 
     On its own it applies the same rules per entity as :class:`Aggregators`
-    does per container (watermark: this entity's newest ts minus the
+    does per container (watermark: this entity's third newest ts minus the
     lateness). ``add`` costs O(1) amortized for in-order events, plus a
     memmove for out-of-order ones; ``values`` costs O(log n) per window plus
     O(events in the window) in C for sum, mean, std, min, max and distinct.
 
     >>> e = EntityAggregator([FeatureSpec("n", Agg.COUNT, Sliding(10)), FeatureSpec("last", Agg.LAST, Sliding(10))])
-    >>> e.add("a", 5, 1.0), e.add("b", 5, 2.0), e.add("c", 3, 3.0), e.add("a", 5, 1.0)
-    (<Status.ACCEPTED: 1>, <Status.ACCEPTED: 1>, <Status.LATE: 2>, <Status.DUPLICATE: 3>)
+    >>> e.add("a", 5, 1.0), e.add("b", 5, 2.0), e.add("c", 5, 3.0), e.add("d", 3, 4.0), e.add("a", 5, 1.0)
+    (<Status.ACCEPTED: 1>, <Status.ACCEPTED: 1>, <Status.ACCEPTED: 1>, <Status.LATE: 2>, <Status.DUPLICATE: 3>)
     >>> e.values(5), e.values(14), e.values(15)
-    ([2.0, 2.0], [2.0, 2.0], [0.0, 0.0])
+    ([3.0, 3.0], [3.0, 3.0], [0.0, 0.0])
     """
 
-    __slots__ = ("_id_list", "_id_ts", "_ids", "_newest", "_plan", "_stores")
+    __slots__ = ("_id_list", "_id_ts", "_ids", "_plan", "_stores", "_top")
 
     def __init__(self, specs: Sequence[FeatureSpec], allowed_lateness_ms: int = 0, *,
                  _plan: _Plan | None = None) -> None:
         plan = _plan if _plan is not None else _Plan(specs, allowed_lateness_ms)
         self._plan = plan
         self._stores = [_Store(i in plan.sq_stores) for i in range(plan.n_stores)]
-        self._newest: int | None = None
+        self._top = new_top()  # the CONFIRMATIONS greatest accepted ts; top[0]: the watermark's base
         # ids of retained events with ts >= this entity's watermark: older redeliveries are LATE anyway
         self._ids: set[str] = set()
         self._id_ts: list[int] = []
@@ -368,17 +377,18 @@ class EntityAggregator:
     @property
     def newest(self) -> int | None:
         """The greatest accepted ts; ``None`` before the first event."""
-        return self._newest
+        newest = self._top[-1]
+        return None if newest == UNSET else newest
 
     def __len__(self) -> int:
         """Events retained, summed over the stores (an event can sit in two: all events and its tag's)."""
         return sum(len(s.ts) for s in self._stores)
 
     def add(self, event_id: str, ts: int, value: float = 0.0, tag: str = "") -> Status:
-        """Record one event (``LATE``: ts below this entity's newest minus the lateness; ``DUPLICATE``)."""
+        """Record one event (``LATE``: ts below this entity's watermark; ``DUPLICATE``)."""
         plan = self._plan
-        newest = self._newest
-        if newest is not None and ts < newest - plan.lateness:
+        top = self._top
+        if ts < top[0] - plan.lateness:
             return _LATE
         ids = self._ids
         if event_id in ids:
@@ -392,9 +402,6 @@ class EntityAggregator:
             i = bisect_right(id_ts, ts)
             id_ts.insert(i, ts)
             self._id_list.insert(i, event_id)
-        moved = newest is None or ts > newest
-        if moved:
-            self._newest = newest = ts
         stores = self._stores
         for i in plan.targets_by_tag.get(tag, plan.targets_all):
             s = stores[i]
@@ -412,13 +419,19 @@ class EntityAggregator:
                 s.tags.insert(j, tag)
                 if s.sq is not None:
                     s.sq.insert(j, value * value)
-        if moved:
-            self._evict(ts)
+        if ts > top[0]:  # streams.event_time.confirm, inlined: the base may rise
+            del top[0]
+            if ts >= top[-1]:
+                top.append(ts)
+            else:
+                insort(top, ts)
+            if top[0] != UNSET:
+                self._evict(top[0])
         return _ACCEPTED
 
-    def _evict(self, newest: int) -> None:
+    def _evict(self, base: int) -> None:
         plan = self._plan
-        cutoff = newest - plan.lateness  # ids below the entity's watermark: redeliveries are LATE
+        cutoff = base - plan.lateness  # ids below the entity's watermark: redeliveries are LATE
         id_ts = self._id_ts
         if id_ts[0] < cutoff:
             i = bisect_left(id_ts, cutoff)
@@ -428,21 +441,22 @@ class EntityAggregator:
             del id_ts[:i], self._id_list[:i]
         for s, horizon in zip(self._stores, plan.horizons, strict=True):
             st = s.ts
-            if st and st[0] <= newest - horizon:
-                i = bisect_right(st, newest - horizon)
+            if st and st[0] <= base - horizon:
+                i = bisect_right(st, base - horizon)
                 del st[:i], s.vals[:i], s.tags[:i]
                 if s.sq is not None:
                     del s.sq[:i]
 
     def values(self, now: int) -> list[float]:
         """The features at event time ``now``, in spec order. Raises ``ValueError`` if ``now`` is too old
-        (below ``newest - allowed_lateness_ms``) for the retained events to answer exactly."""
+        (below this entity's watermark) for the retained events to answer exactly."""
         plan = self._plan
-        newest = self._newest
-        if newest is None:
+        if self._top[-1] == UNSET:
             return _defaults(plan)
-        if now < newest - plan.lateness:
-            raise ValueError(f"now={now} is older than newest {newest} minus the lateness {plan.lateness}")
+        top = self._top
+        if now < top[0] - plan.lateness:
+            raise ValueError(f"now={now} is older than the entity's watermark base {top[0]} minus the lateness "
+                             f"{plan.lateness}")
         res: list[float] = [0.0] * plan.n_out
         stores = self._stores
         his: list[int] = [-1] * plan.n_stores
@@ -508,9 +522,9 @@ class Aggregators:
 
     Not thread-safe: one instance per worker and source partition (keys
     partitioned by entity), fed in the partition's order. The watermark is
-    the greatest accepted ts minus ``allowed_lateness_ms``, over all keys, so
-    feeding it from several partitions that lag each other refuses the
-    laggard's events as ``LATE``.
+    the third greatest accepted ts minus ``allowed_lateness_ms``, over all
+    keys, so feeding it from several partitions that lag each other refuses
+    the laggard's events as ``LATE``.
     """
 
     def __init__(self, specs: Sequence[FeatureSpec], *, allowed_lateness_ms: int, ttl_ms: int) -> None:
@@ -524,8 +538,8 @@ class Aggregators:
         self._sweep_every = max(1, ttl_ms // 8)
         self._fingerprint = plan.fingerprint(ttl_ms)
         self._entities: dict[str, EntityAggregator] = {}
-        self._max_ts: int | None = None
-        self._next_sweep = 0
+        self._top = new_top()  # the CONFIRMATIONS greatest accepted ts; top[0]: the watermark's base
+        self._next_sweep: int | None = None
 
     @property
     def specs(self) -> tuple[FeatureSpec, ...]:
@@ -534,7 +548,8 @@ class Aggregators:
     @property
     def watermark(self) -> int | None:
         """Events with ts below it are ``LATE``; ``None`` before the first accepted event."""
-        return None if self._max_ts is None else self._max_ts - self._lateness
+        b = self._top[0]
+        return None if b == UNSET else b - self._lateness
 
     def __len__(self) -> int:
         return len(self._entities)
@@ -549,37 +564,44 @@ class Aggregators:
     def newest(self, key: str) -> int | None:
         """``key`` 's greatest accepted ts; ``None`` if the key is not held."""
         ent = self._entities.get(key)
-        return None if ent is None else ent._newest
+        return None if ent is None else ent.newest
 
     def add(self, key: str, event_id: str, ts: int, value: float = 0.0, tag: str = "") -> Status:
         """Record one event of entity ``key``; refused events (``LATE``, ``DUPLICATE``) change nothing.
 
         ``value`` must be finite; ``ts`` is event time in ms.
         """
-        max_ts = self._max_ts
-        if max_ts is not None and ts < max_ts - self._lateness:
+        top = self._top
+        if ts < top[0] - self._lateness:
             return _LATE
         ent = self._entities.get(key)
         if ent is None:
             ent = self._entities[key] = EntityAggregator((), _plan=self._plan)
         status = ent.add(event_id, ts, value, tag)
-        if status is _ACCEPTED and (max_ts is None or ts > max_ts):
-            self._max_ts = ts
-            if max_ts is None:
-                self._next_sweep = ts + self._sweep_every
-            elif ts >= self._next_sweep:
-                self._sweep(ts)
+        if status is _ACCEPTED and ts > top[0]:  # streams.event_time.confirm, inlined
+            del top[0]
+            if ts >= top[-1]:
+                top.append(ts)
+            else:
+                insort(top, ts)
+            base = top[0]
+            if base == UNSET:
+                pass
+            elif self._next_sweep is None:
+                self._next_sweep = base + self._sweep_every
+            elif base >= self._next_sweep:
+                self._sweep(base)
         return status
 
-    def _sweep(self, max_ts: int) -> None:
+    def _sweep(self, base: int) -> None:
         # Idle relative to the *watermark*, not the newest ts: a dropped key may get a new event as old as
         # the watermark, after which queries may reach lateness + extent further back; measured from the
         # watermark, ttl >= lateness + extent keeps everything such a query could read.
-        cutoff = max_ts - self._lateness - self._ttl_ms
-        idle = [k for k, e in self._entities.items() if e._newest is not None and e._newest < cutoff]
+        cutoff = base - self._lateness - self._ttl_ms
+        idle = [k for k, e in self._entities.items() if e._top[-1] < cutoff]  # held entities have an event
         for k in idle:
             del self._entities[k]
-        self._next_sweep = max_ts + self._sweep_every
+        self._next_sweep = base + self._sweep_every
 
     def values(self, key: str, now: int) -> list[float]:
         """``key`` 's features at event time ``now`` (see :meth:`EntityAggregator.values`).
@@ -600,10 +622,10 @@ class Aggregators:
         Take it between events (e.g. on commit, together with the offsets it covers).
         """
         entities = [
-            (key, e._newest, e._id_ts, e._id_list, [(st.ts, st.vals, st.tags) for st in e._stores])
+            (key, e._top, e._id_ts, e._id_list, [(st.ts, st.vals, st.tags) for st in e._stores])
             for key, e in self._entities.items()
         ]
-        payload = pickle.dumps((self._max_ts, self._next_sweep, entities), protocol=5)
+        payload = pickle.dumps((self._top, self._next_sweep, entities), protocol=5)
         header = _HEADER.pack(_MAGIC, _VERSION, self._fingerprint, len(payload), zlib.crc32(payload))
         return header + payload
 
@@ -623,14 +645,14 @@ class Aggregators:
         if len(payload) != length or zlib.crc32(payload) != crc:
             raise SnapshotError("payload length or CRC mismatch")
         try:
-            max_ts, next_sweep, rows = plain_loads(payload)
+            top, next_sweep, rows = plain_loads(payload)
             entities: dict[str, EntityAggregator] = {}
             plan = self._plan
-            for key, newest, id_ts, id_list, stores in rows:
+            for key, entity_top, id_ts, id_list, stores in rows:
                 e = EntityAggregator((), _plan=plan)
-                if len(stores) != plan.n_stores or len(id_ts) != len(id_list):
+                if len(stores) != plan.n_stores or len(id_ts) != len(id_list) or len(entity_top) != CONFIRMATIONS:
                     raise SnapshotError("entity shape does not match the specs")
-                e._newest, e._id_ts, e._id_list, e._ids = newest, id_ts, id_list, set(id_list)
+                e._top, e._id_ts, e._id_list, e._ids = entity_top, id_ts, id_list, set(id_list)
                 for st, (ts, vals, tags) in zip(e._stores, stores, strict=True):
                     if not len(ts) == len(vals) == len(tags):
                         raise SnapshotError("store lists of unequal length")
@@ -642,11 +664,13 @@ class Aggregators:
             raise
         except Exception as exc:  # any malformed payload
             raise SnapshotError(f"malformed payload: {exc!r}") from exc
-        self._entities, self._max_ts, self._next_sweep = entities, max_ts, next_sweep
+        if len(top) != CONFIRMATIONS:
+            raise SnapshotError("watermark of another shape")
+        self._entities, self._top, self._next_sweep = entities, top, next_sweep
 
 
 _MAGIC = b"WEIRAGG\x00"
-_VERSION = 1
+_VERSION = 2  # 2: watermarks by the third newest event time (streams.event_time)
 _HEADER = struct.Struct(">8sH16sQI")  # magic, version, config fingerprint, payload length, CRC-32
 
 

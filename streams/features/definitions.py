@@ -95,7 +95,7 @@ class FeatureView:
     source: str  # the project source (by name) whose events feed it; every view over a source is keyed alike
     specs: tuple[Feature, ...]
     ttl_ms: int  # online values older than this at read time are stale; idle entities' state is dropped
-    allowed_lateness_ms: int = 10 * MINUTE  # events further behind the partition's newest are refused (LATE)
+    allowed_lateness_ms: int = 10 * MINUTE  # further behind the partition's third newest: LATE
     derive: tuple[FirstSeen, ...] = ()
     owner: str = ""
     description: str = ""

@@ -22,9 +22,10 @@ a feature that reads no tag joins any such lane. An event whose value field is
 missing or not a finite number is left out of the features that read that
 field (and only those); a missing tag is ``""``.
 
-**Event time.** The view keeps one watermark per partition: the newest event
-time it accepted minus the view's ``allowed_lateness_ms``. An event below it is
-``LATE`` and changes nothing; an event id the entity already has is a
+**Event time.** The view keeps one watermark per partition, by the rule of
+:mod:`streams.event_time`: the third newest event time it accepted minus the
+view's ``allowed_lateness_ms`` (one outlier cannot move it). An event below it
+is ``LATE`` and changes nothing; an event id the entity already has is a
 ``DUPLICATE`` (ingest dedups before this, so that is a redelivery). An entity's
 values are as of its newest accepted event: a late-but-allowed event updates
 the windows, and the values stay as of the newest event.
@@ -57,6 +58,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.event_time import CONFIRMATIONS, UNSET, confirm, new_top
 from streams.features.aggregations import Aggregators, FeatureSpec, SnapshotError, Status, plain_loads
 from streams.features.definitions import Condition, Feature, FeatureView, FirstSeen
 
@@ -64,7 +66,7 @@ __all__ = ["ViewState"]
 
 _MAGIC = b"WEIRVIEW"
 _HEADER = struct.Struct(">8sH6s")  # magic, format, view fingerprint (12 hex digits as 6 bytes)
-_FORMAT = 1
+_FORMAT = 2  # 2: watermarks by the third newest event time
 
 
 @dataclass
@@ -155,8 +157,8 @@ class ViewState:
         self._lanes = compile_lanes(view)
         self._aggs = [lane.aggs for lane in self._lanes if lane.aggs is not None]
         self._derive = [_FirstSeenState(rule, view.ttl_ms) for rule in view.derive]
-        self._max_ts: int | None = None
-        self._next_sweep = 0
+        self._top = new_top()  # the CONFIRMATIONS newest accepted event times; top[0]: the watermark's base
+        self._next_sweep: int | None = None
         self.late = 0
         self.duplicates = 0
 
@@ -168,9 +170,9 @@ class ViewState:
         """Feed one event (a source record: the entity field, ``event_id``, ``ts_ms`` and what the features read)."""
         ts: int = event["ts_ms"]
         key: str = event[self._key]
-        max_ts = self._max_ts
+        top = self._top
         lateness = self.view.allowed_lateness_ms
-        if max_ts is not None and ts < max_ts - lateness:
+        if ts < top[0] - lateness:
             self.late += 1
             return Status.LATE
         if self._derive:
@@ -194,18 +196,18 @@ class ViewState:
                 status = Status.DUPLICATE
         if status is Status.DUPLICATE:
             self.duplicates += 1
-        elif max_ts is None or ts > max_ts:
-            self._max_ts = ts
-            if ts >= self._next_sweep:
+        elif confirm(top, ts) and top[0] != UNSET:
+            base = top[0]
+            if self._next_sweep is None or base >= self._next_sweep:
                 for d in self._derive:
-                    d.sweep(ts - lateness)
-                self._next_sweep = ts + max(1, self.view.ttl_ms // 8)
+                    d.sweep(base - lateness)
+                self._next_sweep = base + max(1, self.view.ttl_ms // 8)
         return status
 
     def values(self, key: str, at: int | None = None) -> tuple[int, list[float]] | None:
         """``key`` 's values as of event time ``at`` (default: its newest accepted event), with that time;
-        ``None`` if no lane holds the key. ``at`` must not be older than the newest minus the lateness
-        (the time of any event just accepted qualifies)."""
+        ``None`` if no lane holds the key. ``at`` must not be below the watermark (the time of any event
+        just accepted qualifies)."""
         newest = [ts for a in self._aggs if (ts := a.newest(key)) is not None]
         if not newest:
             return None
@@ -226,7 +228,7 @@ class ViewState:
     def snapshot(self) -> bytes:
         """All state as bytes: header (format, view fingerprint), then builtins only (each lane's own
         CRC-checked :meth:`Aggregators.snapshot`)."""
-        body = (self._max_ts, self._next_sweep, [a.snapshot() for a in self._aggs], [d.seen for d in self._derive])
+        body = (self._top, self._next_sweep, [a.snapshot() for a in self._aggs], [d.seen for d in self._derive])
         return _HEADER.pack(_MAGIC, _FORMAT, bytes.fromhex(self.view.fingerprint)) + pickle.dumps(body, protocol=5)
 
     @classmethod
@@ -241,7 +243,7 @@ class ViewState:
         if fingerprint.hex() != view.fingerprint:
             raise SnapshotError(f"snapshot of another definition of view {view.name!r}")
         try:
-            max_ts, next_sweep, lanes, derived = plain_loads(memoryview(data)[_HEADER.size:])
+            top, next_sweep, lanes, derived = plain_loads(memoryview(data)[_HEADER.size:])
         except SnapshotError:
             raise
         except Exception as exc:  # any malformed pickle
@@ -253,5 +255,7 @@ class ViewState:
             aggs.restore(blob)
         for d, seen in zip(state._derive, derived, strict=True):
             d.seen = seen
-        state._max_ts, state._next_sweep = max_ts, next_sweep
+        if len(top) != CONFIRMATIONS:
+            raise SnapshotError("view snapshot's watermark of another shape")
+        state._top, state._next_sweep = top, next_sweep
         return state

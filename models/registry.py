@@ -28,7 +28,9 @@ from typing import Any, Final, Literal, get_args
 from models.base import InvalidModelInput, ModelIntegrityError
 from models.export import sha256_file
 
-__all__ = ["STAGES", "ModelRegistry", "ModelVersion", "Stage"]
+__all__ = ["FIRST_REVISION", "STAGES", "ModelRegistry", "ModelVersion", "Stage"]
+
+FIRST_REVISION: Final = 1  # a version's registration; each stage change adds one
 
 Stage = Literal["candidate", "shadow", "canary", "production", "archived"]
 STAGES: Final[tuple[str, ...]] = get_args(Stage)
@@ -54,7 +56,7 @@ class ModelVersion:
     created_at: datetime
     metrics: dict[str, float] = field(default_factory=dict)
     lineage: dict[str, str] = field(default_factory=dict)
-    revision: int = 1
+    revision: int = FIRST_REVISION
 
     @property
     def path(self) -> Path:

@@ -21,6 +21,18 @@ stays a candidate and the failed gates are logged and announced. Each
 transition is one ``model.events`` record (actor, reason, metrics, lineage),
 which the ClickHouse sink keeps in ``model_events``; inference swaps to a new
 production version without a restart.
+
+**Crash safety.** The registry (ClickHouse) is written first; the
+``model.events`` records follow in the batch's output, and the request's
+offset is committed only after they are acknowledged. A crash in between
+leaves the request uncommitted, so it is delivered again; every version
+records the requests it served (lineage ``retrain_requests``), so the stage
+recognises a redelivered request as done: it finishes what the crash cut
+short (a candidate whose gates passed is promoted) and announces the
+version's transitions again instead of training another. Each announcement's
+``event_id`` is derived from (model, version, revision, stage), so a
+transition announced twice is one row of ``model_events`` (a
+``ReplacingMergeTree`` on ``event_id``) and one change of serving.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +62,7 @@ from models.export import export_onnx, export_torchscript, sha256_file
 from models.gates import GatePolicy, decide, expected_calibration_error
 from models.lineage import code_version
 from models.metrics import roc_auc
-from models.registry import ModelRegistry, ModelVersion
+from models.registry import FIRST_REVISION, ModelRegistry, ModelVersion
 from models.scorer import OnnxScorer
 from models.train import train_mlp
 from models.variants import evaluate_variants, report_metrics
@@ -63,6 +76,8 @@ from streams.kafka import producer_config
 from streams.project.spec import LabelStream, Model, Project
 
 log = logging.getLogger(__name__)
+
+EVENT_IDS = uuid.UUID("5b0d6c8e-2f7a-4c41-9a57-1f0e6d3b9a21")  # namespace of the derived model.events ids
 
 
 class CommandRefused(ValueError):
@@ -178,7 +193,7 @@ class RetrainStage:
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
-        requests: dict[str, list[tuple[str, int]]] = {}
+        requests: dict[str, list[tuple[str, int, str]]] = {}  # model -> (reason, since ms, request id)
         for msg, req in decoded(batch, self._in, result):
             if msg.topic == T.MODEL_COMMANDS:
                 result.produce.append(self.command(req))
@@ -189,16 +204,50 @@ class RetrainStage:
                             self.project.name, name)
                 continue
             since = req["since_ts"]
-            requests.setdefault(name, []).append((req["reason"], int(since.timestamp() * 1000) if since else 0))
-        for name, reasons in requests.items():
+            requests.setdefault(name, []).append((req["reason"], int(since.timestamp() * 1000) if since else 0,
+                                                  req["request_id"]))
+        for name, reqs in requests.items():
+            model = self.project.model(name)
+            served = self._served(model, [r for _, _, r in reqs])
+            for version in {v.version: v for v in served.values()}.values():
+                result.produce.extend(self._announce(v, why) for v, why in self._finish(model, version))
+            todo = [r for r in reqs if r[2] not in served]
+            if not todo:
+                continue
             self.busy = True
             try:
-                transitions = self.train(self.project.model(name), ", ".join(r for r, _ in reasons),
-                                         min(s for _, s in reasons))
+                transitions = self.train(model, ", ".join(r for r, _, _ in todo), min(s for _, s, _ in todo),
+                                         request_ids=[r for _, _, r in todo])
             finally:
                 self.busy = False
             result.produce.extend(self._announce(v, why) for v, why in transitions)
         return result
+
+    def _served(self, model: Model, request_ids: list[str]) -> dict[str, ModelVersion]:
+        """The versions that already served some of ``request_ids`` (by request id): a redelivery after a
+        crash between the registry write and the commit."""
+        wanted = set(request_ids)
+        served: dict[str, ModelVersion] = {}
+        for v in self.registry.list(model.name):
+            for rid in v.lineage.get("retrain_requests", "").split(","):
+                if rid in wanted:
+                    served[rid] = v
+        if served:
+            log.warning("retrain request(s) %s already served by %s (delivered again after a restart): "
+                        "announced again, not retrained", ", ".join(sorted(served)),
+                        ", ".join(sorted({model.version_name(v.version) for v in served.values()})))
+        return served
+
+    def _finish(self, model: Model, v: ModelVersion) -> list[tuple[ModelVersion, str]]:
+        """The transitions of a version a run registered before a crash, completed: a candidate whose gates
+        passed is promoted, as the run would have done; the same announcements (and event ids) as the run's."""
+        transitions = [(replace(v, stage="candidate", revision=FIRST_REVISION),
+                        f"registered after a retrain request ({v.lineage.get('reason', '')})")]
+        if v.stage == "candidate" and v.revision == FIRST_REVISION and v.metrics.get("gates_passed") == 1.0:
+            v = self.registry.set_stage(model.name, v.version, "production")
+        if v.stage == "production":
+            transitions.append((v, f"gates passed: {v.lineage.get('gates', '')}"))
+        return transitions
 
     @staticmethod
     def maturity_ms(model: Model) -> int:
@@ -222,9 +271,11 @@ class RetrainStage:
         order = np.argsort(ts_set.event_ts, kind="stable")
         return (ts_set.X[order], ts_set.y[order].astype(np.float32), ts_set.event_ts[order], ts_set.sha256)
 
-    def train(self, model: Model, reason: str, since_ms: int = 0) -> list[tuple[ModelVersion, str]]:
+    def train(self, model: Model, reason: str, since_ms: int = 0, *,
+              request_ids: list[str] | tuple[str, ...] = ()) -> list[tuple[ModelVersion, str]]:
         """One training run of ``model``: register it as a candidate, judge it with the gates, promote it to
-        production if they pass. Returns the transitions to announce (none when the data cannot train one)."""
+        production if they pass. Returns the transitions to announce (none when the data cannot train one).
+        ``request_ids``: the retrain requests it serves, kept in the lineage."""
         X, y, ts, content = self.training_set(model, since_ms)
         binary = model.task == "binary"
         run: dict[str, Any] = {"model": model.name, "reason": reason, "rows": len(y)}
@@ -255,7 +306,7 @@ class RetrainStage:
             torchscript = path.with_suffix(".pt")
             lineage = self.lineage(model, reason, X, y, ts, content, champion) | {
                 "gates": decision.summary(), "learning_curve": json.dumps([[round(x, 6) for x in row] for row in curve]),
-                "torchscript_sha256": sha256_file(torchscript)}
+                "torchscript_sha256": sha256_file(torchscript), "retrain_requests": ",".join(request_ids)}
             version = self.registry.register(model.name, path, metrics=metrics, lineage=lineage, stage="candidate",
                                              companions=[torchscript])
         run.update(version=version.version, gates=decision.summary(), **metrics)
@@ -330,21 +381,25 @@ class RetrainStage:
         return self.registry.set_stage(name, previous, "production")
 
     def _refusal(self, cmd: dict[str, Any], reason: str) -> Produce:
-        return self._event(cmd["model_name"], cmd["version"], "refused", cmd["actor"], reason)
+        return self._event(cmd["model_name"], cmd["version"], "refused", cmd["actor"], reason,
+                           key=f"refused/{cmd['command_id']}")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _announce(self, v: ModelVersion, reason: str, actor: str = "retrain") -> Produce:
         return self._event(v.name, v.version, v.stage, actor, reason, artifact_uri=v.artifact_uri, sha256=v.sha256,
-                           metrics={k: float(x) for k, x in v.metrics.items()}, lineage=dict(v.lineage))
+                           metrics={k: float(x) for k, x in v.metrics.items()}, lineage=dict(v.lineage),
+                           key=f"{v.name}/v{v.version}/r{v.revision}/{v.stage}/{v.sha256}")
 
-    def _event(self, name: str, version: int, stage: str, actor: str, reason: str, *, artifact_uri: str = "",
-               sha256: str = "", metrics: dict[str, float] | None = None, lineage: dict[str, str] | None = None
-               ) -> Produce:
-        """One ``model.events`` record (a transition, or a refused command with empty artifact fields)."""
+    def _event(self, name: str, version: int, stage: str, actor: str, reason: str, *, key: str,
+               artifact_uri: str = "", sha256: str = "", metrics: dict[str, float] | None = None,
+               lineage: dict[str, str] | None = None) -> Produce:
+        """One ``model.events`` record (a transition, or a refused command with empty artifact fields); its
+        ``event_id`` derives from ``key``, so the same transition announced twice is one event downstream."""
         event = {
-            "event_id": str(uuid.uuid4()), "ts": int(self.clock() * 1000), "model_name": name, "version": version,
+            "event_id": str(uuid.uuid5(EVENT_IDS, key)), "ts": int(self.clock() * 1000), "model_name": name,
+            "version": version,
             "stage": stage, "artifact_uri": artifact_uri, "sha256": sha256, "metrics": metrics or {},
             "actor": actor, "reason": reason, "lineage": lineage or {},
         }

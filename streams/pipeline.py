@@ -90,6 +90,7 @@ class PipelineConfig:
     dlq_max_ratio: float = 0.5
     dlq_window: int = 1000
     dlq_min_events: int = 200
+    dlq_pause_s: float = 30.0
 
 
 def ingest_stage(project: Project, c: PipelineConfig, redis_url: str) -> IngestStage:
@@ -212,6 +213,7 @@ class Pipeline:
             max_wait_ms=(max_wait_ms or c.batch_max_wait_ms) if hot else (max_wait_ms or 100),
             fetch_wait_ms=c.fetch_wait_ms if hot else 100,
             dlq_guard=DlqGuard(c.dlq_max_ratio, c.dlq_window, c.dlq_min_events),  # one per runner: it has state
+            guard_pause_s=c.dlq_pause_s,
         )
         runner.start()
         self.runners[stage.step_id] = runner
@@ -271,13 +273,13 @@ class Pipeline:
 
     def check(self) -> dict[str, Any]:
         """Log each stage that changed state since the last call (a failing stage is retried, a stage the DLQ
-        guard stopped stays stopped: neither stops the others); returns :meth:`health`."""
+        guard tripped pauses and resumes: neither stops the others); returns :meth:`health`."""
         health = self.health()
         for name, h in health["stages"].items():
             if self._last_states.get(name) != h["state"]:
-                if h["state"] in ("retrying", "stopped"):
+                if h["state"] in ("retrying", "stopped", "paused"):
                     log.error("stage %s is %s: %s", name, h["state"], h["error"])
-                elif self._last_states.get(name) in ("retrying", "stopped"):
+                elif self._last_states.get(name) in ("retrying", "stopped", "paused"):
                     log.warning("stage %s is %s again", name, h["state"])
                 self._last_states[name] = h["state"]
         return health

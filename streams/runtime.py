@@ -148,9 +148,12 @@ class BatchRunner:
     ``starting``, ``running``, ``retrying`` or ``stopped`` it is, with the last error.
 
     With a ``dlq_guard``, each batch is counted after its outputs and dead letters are produced;
-    when too much of the recent input was dead-lettered (a bad deploy), the runner commits what it
-    processed (flushing first, so the dead letters are durable) and stops with
-    :class:`~streams.dlq.DlqRatioExceeded` in ``error``: only this stage stops.
+    when too much of the recent input was dead-lettered (a bad deploy, or a burst of garbage), the
+    runner commits what it processed (flushing first, so the dead letters are durable) and pauses
+    (state ``paused``, the :class:`~streams.dlq.DlqRatioExceeded` message as its error) for
+    ``guard_pause_s``, doubled per consecutive trip up to ``guard_pause_max_s``, staying in its group;
+    then it resumes with a fresh window. Only this stage pauses; a burst costs one pause, a producer that
+    keeps sending garbage sends at most a window's worth to the DLQ per pause.
     """
 
     def __init__(
@@ -166,9 +169,14 @@ class BatchRunner:
         dlq_guard: DlqGuard | None = None,
         backoff_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        guard_pause_s: float = 30.0,
+        guard_pause_max_s: float = 900.0,
     ) -> None:
         self.stage = stage
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self.guard_pause_s, self.guard_pause_max_s = guard_pause_s, guard_pause_max_s
+        self.guard_trips = 0  # consecutive DLQ-guard pauses; 0 once a full window passed under the limit
+        self._guard_paused = False
         self.failures = 0  # consecutive failed attempts; 0 once a batch went through again
         self.retries = 0  # failed attempts since start
         self.last_error: str | None = None
@@ -222,25 +230,24 @@ class BatchRunner:
                         self._hold()
                     if self.run_once() or time.monotonic() - self._rewound_at > 2.0:
                         self._recovered()
-                except DlqRatioExceeded:
-                    raise
+                except DlqRatioExceeded as exc:
+                    self._pause_for_guard(exc)
                 except Exception as exc:  # noqa: BLE001 - any failure is retried; none ends the stage
                     self._failed(exc)
             self.commit()
-        except BaseException as exc:  # the guard tripped, or the process is going down: kept, never swallowed
+        except BaseException as exc:  # the process is going down: kept, never swallowed
             self.error = exc
-            if isinstance(exc, DlqRatioExceeded):
-                log.error("%s", exc)
-            else:
-                log.exception("stage %s stopped", self.stage.step_id)
+            log.exception("stage %s stopped", self.stage.step_id)
         finally:
             self._consumer.close()
 
     def health(self) -> dict[str, Any]:
-        """``state`` (starting, running, retrying or stopped), failed attempts (consecutive and in all),
-        the last error, and the counters."""
+        """``state`` (starting, running, retrying, paused by the DLQ guard, or stopped), failed attempts
+        (consecutive and in all), the last error, and the counters."""
         if self.error is not None:
             state = "stopped"
+        elif self._guard_paused:
+            state = "paused"
         elif self.failures:
             state = "retrying"
         elif self.ready.is_set():
@@ -256,6 +263,21 @@ class BatchRunner:
         if self.failures:
             log.warning("stage %s running again after %d failed attempt(s)", self.stage.step_id, self.failures)
             self.failures = 0
+
+    def _pause_for_guard(self, exc: DlqRatioExceeded) -> None:
+        """The guard tripped (what was processed is committed): pause in the group, then count afresh."""
+        self.guard_trips += 1
+        self.last_error = str(exc)
+        log.error("%s", exc)
+        self._guard_paused = True
+        try:
+            self._wait_in_group(exc.pause_s)
+        finally:
+            self._guard_paused = False
+            if self.dlq_guard is not None:
+                self.dlq_guard.reset()
+        log.warning("stage %s resumes after the DLQ guard's pause (%d in a row)", self.stage.step_id,
+                    self.guard_trips)
 
     def _failed(self, exc: Exception) -> None:
         """Count a failed attempt, rewind to the committed offsets, and wait out the backoff in the group."""
@@ -437,11 +459,15 @@ class BatchRunner:
         """Count the batch in the DLQ guard; when it trips, commit what was processed, then raise."""
         if self.dlq_guard is None:
             return
+        guard = self.dlq_guard
+        pause = min(self.guard_pause_max_s, self.guard_pause_s * 2 ** self.guard_trips)
         try:
-            self.dlq_guard.observe(self.stage.step_id, len(batch), result.rejected)
+            guard.observe(self.stage.step_id, len(batch), result.rejected, pause_s=pause)
         except DlqRatioExceeded:
             self.commit()  # outputs and dead letters acknowledged, offsets committed: nothing lost
             raise
+        if self.guard_trips and guard.seen >= guard.window:  # a whole window under the limit: the input is good
+            self.guard_trips = 0
 
     def _handle_slow(self, batch: list[Message]) -> StepResult:
         """Run a long ``handle`` (e.g. training) in a helper thread while this one keeps the

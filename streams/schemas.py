@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ import fastavro.schema
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 DEFAULT_COMPATIBILITY = "BACKWARD"
+UNKNOWN_ID_TTL_S = 30.0  # how long a schema id the registry does not know is not asked for again
+UNKNOWN_IDS_KEPT = 10_000  # distinct unknown ids remembered at most (then forgotten all at once)
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,11 @@ class Catalog:
     Without a registry it knows only those folders (ids from :func:`schema_id_of`).
     With one, ids are the registry's and an id seen for the first time is
     fetched from it (then cached). ``writer`` returns ``None`` for an id no one
-    registered; a registry that cannot be reached raises (that is an outage,
-    not bad input).
+    registered, and remembers that for ``UNKNOWN_ID_TTL_S``: a burst of garbage
+    framed with one id costs one lookup, not one per message (300 such records
+    once cost 10 s of registry round trips, past the consumer's poll interval,
+    so their batch never completed). A registry that cannot be reached raises
+    (that is an outage, not bad input).
     """
 
     def __init__(self, registry: Any | None = None, roots: tuple[Path, ...] | None = None,
@@ -97,6 +103,7 @@ class Catalog:
         self.generated = dict(generated if generated is not None else _generated)
         self._current: dict[str, Subject] = {}
         self._writers: dict[int, Any] = {}
+        self._unknown: dict[int, float] = {}  # id -> monotonic time until which it is known to be unknown
         self._lock = threading.Lock()
         if registry is None:
             self._index_local()
@@ -152,12 +159,18 @@ class Catalog:
         found = self._writers.get(schema_id)
         if found is not None or self.registry is None:
             return found
+        if self._unknown.get(schema_id, 0.0) > time.monotonic():
+            return None
         from confluent_kafka.schema_registry.error import SchemaRegistryError
 
         try:
             schema = self.registry.get_schema(schema_id)
         except SchemaRegistryError as exc:
             if exc.http_status_code == 404:
+                with self._lock:
+                    if len(self._unknown) >= UNKNOWN_IDS_KEPT:
+                        self._unknown.clear()
+                    self._unknown[schema_id] = time.monotonic() + UNKNOWN_ID_TTL_S
                 return None
             raise
         if schema.schema_type not in (None, "AVRO"):

@@ -40,8 +40,9 @@ class WeirSettings(BaseSettings):
     dedup_horizon_s: int = Field(900, ge=1, description="How long ingest remembers an event id (in Redis).")
     event_max_future_s: int = Field(300, ge=0, description="Refuse events whose time is further ahead of the clock.")
     event_max_age_s: int = Field(7 * 86_400, ge=1, description="Refuse events older than this (snapshots excepted).")
-    allowed_lateness_s: int = Field(600, ge=0, description="How far behind its partition's watermark base (its "
-                                                          "third newest event) an event may be before it is refused as late.")
+    allowed_lateness_s: int = Field(600, ge=0, description="How far behind its partition's watermark base "
+                                                          "(its third newest event) an event may be before it is "
+                                                          "refused as late.")
     features_checkpoint_s: float = Field(
         5.0, gt=0, description="How often the features stage snapshots its window state to Redis (after a commit)."
     )
@@ -81,8 +82,10 @@ class WeirSettings(BaseSettings):
                              "(200 when every stage runs, else 503, with each stage's state); 0: a free port, "
                              "written to endpoints.json as health_url.")
     dlq_max_ratio: float = Field(
-        0.5, ge=0, description="Stop a stage when more than this share of its last dlq_window input messages "
+        0.5, ge=0, description="Pause a stage when more than this share of its last dlq_window input messages "
                                "went to the dead-letter queue (a bad deploy upstream); >= 1 disables the guard.")
+    dlq_pause_s: float = Field(30.0, gt=0, description="How long the DLQ ratio guard pauses a stage; doubled per "
+                                                      "consecutive trip, up to 15 min.")
     dlq_window: int = Field(1000, ge=0, description="Input messages per stage the DLQ ratio guard looks back "
                                                     "over; 0 disables the guard.")
     dlq_min_events: int = Field(200, ge=0, description="The DLQ ratio guard never trips before its window holds "

@@ -263,7 +263,7 @@ def test_guard_counts_duplicates_apart_from_bad_input() -> None:
                   [Rejected(m, InvalidEvent(Reason.DUPLICATE, "seen")) for m in msgs[60:70]])
     text = str(info.value)
     assert "60 of its last 100" in text and "duplicate" not in text.split("Top reasons:")[1].split("(")[0]
-    assert "not counted: 10 in the same messages" in text and "Only this stage stopped" in text
+    assert "not counted: 10 in the same messages" in text and "Only this stage pauses" in text
 
 
 @pytest.mark.parametrize(("ratio", "window"), [(1.0, 100), (1.5, 100), (0.5, 0)])
@@ -306,39 +306,63 @@ def feed(bootstrap: str, topic: str, good: Sequence[bool]) -> None:
     assert producer.flush(30) == 0
 
 
-def runner_for(bootstrap: str, src: str, guard: DlqGuard) -> tuple[BatchRunner, str, str]:
+def runner_for(bootstrap: str, src: str, guard: DlqGuard, **kwargs: float) -> tuple[BatchRunner, str, str]:
     out = fresh("dlqout")
     ensure_topics(bootstrap, [out], 1)
     group = fresh("guard")
     stage = SortingStage(fresh("sorter"), (src,), out)
-    return BatchRunner(stage, bootstrap, group_id=group, max_batch=10, dlq_guard=guard), out, group
+    return BatchRunner(stage, bootstrap, group_id=group, max_batch=10, dlq_guard=guard, **kwargs), out, group
 
 
 def index(value: bytes) -> int:
     return int(value.rsplit(b"-", 1)[1])
 
 
-def test_guard_stops_a_runner_on_mostly_bad_input_and_loses_nothing(endpoints: Endpoints) -> None:
+def run_until_consumed(runner: BatchRunner, n: int, timeout: float = 90.0) -> set[str]:
+    """Run until ``n`` messages are consumed; the states the runner went through."""
+    states = set()
+    runner.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while runner.stats.consumed < n and time.monotonic() < deadline:
+            states.add(runner.health()["state"])
+            time.sleep(0.05)
+    finally:
+        runner.stop()
+    return states
+
+
+def test_guard_pauses_a_runner_on_mostly_bad_input_and_loses_nothing(endpoints: Endpoints) -> None:
+    """A broken producer deploy: the stage pauses, resumes, pauses again (each time longer), and every input
+    ends up forwarded or in the DLQ, once. It used to stop the stage for good (and, before that, the process)."""
     b = endpoints.kafka_bootstrap
     src = topics_with_dlq(b, partitions=1)
-    feed(b, src, [i % 10 == 0 for i in range(300)])  # 90% bad: a broken producer deploy
-    runner, out, group = runner_for(b, src, DlqGuard(max_ratio=0.5, window=50, min_events=30))
-    runner.start()
-    runner._thread.join(60)  # type: ignore[union-attr]
-    assert not runner.alive, "the guard did not stop the runner"
-
-    assert isinstance(runner.error, DlqRatioExceeded)
-    text = str(runner.error)
-    assert f"stage {runner.stage.step_id}" in text and f"weir dlq inspect dlq.{src}" in text
+    feed(b, src, [i % 10 == 0 for i in range(300)])  # 90% bad
+    runner, out, group = runner_for(b, src, DlqGuard(max_ratio=0.5, window=50, min_events=30),
+                                    guard_pause_s=0.2, guard_pause_max_s=0.4)
+    states = run_until_consumed(runner, 300)
+    assert runner.error is None and "paused" in states and runner.guard_trips >= 2
+    text = str(runner.health()["error"])
+    assert f"stage {runner.stage.step_id} paused" in text and f"weir dlq inspect dlq.{src}" in text
     assert f"weir dlq replay dlq.{src}" in text and "undecodable" in text
 
-    done = committed(b, group, src, 1)[0]
-    assert 30 <= done < 300  # stopped early, and what it processed is committed
+    assert committed(b, group, src, 1)[0] == 300
     forwarded = [index(m.value()) for m in read_topic(b, out)]
     dead = [d.offset for d in inspect(b, src, limit=None)]
-    assert sorted(forwarded + dead) == list(range(done))  # every processed input is out or in the DLQ, once
+    assert sorted(forwarded + dead) == list(range(300))  # every input is out or in the DLQ, once
     assert all(i % 10 == 0 for i in forwarded) and all(i % 10 for i in dead)
-    assert runner.stats.consumed == done
+
+
+def test_a_burst_of_garbage_costs_one_pause(endpoints: Endpoints) -> None:
+    """1,500 garbage records in a chaos run stopped ingest for good; now the stage pauses once and goes on."""
+    b = endpoints.kafka_bootstrap
+    src = topics_with_dlq(b, partitions=1)
+    feed(b, src, [i >= 60 for i in range(300)])  # a burst of 60 bad records, then good input
+    runner, out, _ = runner_for(b, src, DlqGuard(max_ratio=0.5, window=50, min_events=30), guard_pause_s=0.2)
+    states = run_until_consumed(runner, 300)
+    assert runner.error is None and "paused" in states
+    assert runner.guard_trips == 0 and runner.health()["state"] == "running"  # a good window reset the count
+    assert len(read_topic(b, out)) == 240
 
 
 def test_guard_does_not_trip_under_the_ratio_or_below_min_events(endpoints: Endpoints) -> None:

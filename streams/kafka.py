@@ -97,3 +97,24 @@ def produce_waiting(producer: Producer, topic: str, value: bytes, key: bytes | N
             return
         except BufferError:
             producer.poll(0.05)
+
+
+def read_until_idle(bootstrap: str, topics: list[str], partitions: int, idle_s: float = 3.0) -> list[Any]:
+    """Every message of ``partitions`` partitions of each of ``topics``, from the start, read with assign()
+    (no group join), until ``idle_s`` passes without one: for tools and tests that read a topic back whole.
+    Messages with an error are left out."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "weir-reader", "enable.auto.commit": False,
+                         "fetch.wait.max.ms": 50})
+    consumer.assign([TopicPartition(t, p, 0) for t in topics for p in range(partitions)])
+    out: list[Any] = []
+    idle = 0.0
+    try:
+        while idle < idle_s:
+            batch = consumer.consume(10_000, 0.5)
+            idle = idle + 0.5 if not batch else 0.0
+            out.extend(m for m in batch if m.error() is None)
+    finally:
+        consumer.close()
+    return out

@@ -21,7 +21,7 @@ import numpy as np
 import psycopg
 import pytest
 import redis
-from confluent_kafka import Consumer, DeserializingConsumer, Producer, SerializingProducer, TopicPartition
+from confluent_kafka import DeserializingConsumer, Producer, SerializingProducer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 
@@ -34,6 +34,7 @@ from streams import topics as T
 from streams.codec import AvroCodec, DecodeError
 from streams.demo import DemoOptions, pipeline_config, run_demo, timeline_start
 from streams.features import backfill, offline
+from streams.kafka import read_until_idle
 from streams.project.spec import ViewFeatures
 from streams.settings import WeirSettings
 from streams.stack import Endpoints
@@ -59,18 +60,7 @@ def _missing_field_record() -> bytes:
 
 def read_topic(bootstrap: str, topic: str | list[str], partitions: int, idle_s: float = 3.0) -> list[Any]:
     """Every message of one or more topics, read with assign() (no group join), until idle."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-reader", "enable.auto.commit": False,
-                  "fetch.wait.max.ms": 50})
-    c.assign([TopicPartition(t, p, 0) for t in ([topic] if isinstance(topic, str) else topic)
-              for p in range(partitions)])
-    out: list[Any] = []
-    empty = 0.0
-    while empty < idle_s:
-        batch = c.consume(10_000, 0.5)
-        empty = empty + 0.5 if not batch else 0.0
-        out.extend(m for m in batch if m.error() is None)
-    c.close()
-    return out
+    return read_until_idle(bootstrap, [topic] if isinstance(topic, str) else topic, partitions, idle_s)
 
 
 # 24,000 events (20 s) before the drift point: the first champion (bootstrapped at ~300 mature labels, 15-17 s in

@@ -103,11 +103,13 @@ def test_a_retrained_model_serves_after_a_hot_swap(demo: Any) -> None:
 def test_the_slowdown_raises_a_drift_alert_and_a_retrain_after_it(demo: Any) -> None:
     summary, ch = demo
     shift = summary["drift_at_event_ms"]
-    # the version serving when traffic slowed is worse after it than before: the shift is real
+    # the version serving when traffic slowed underestimates more after it than before: the shift is real (its
+    # absolute error need not grow: a young version that overestimated before the slowdown can err less after it;
+    # one full run saw MAE 14.6 before and 13.8 after)
     (serving,) = ch.rows("SELECT argMax(model_version, event_ts) FROM predictions FINAL WHERE model_name = 'eta' "
                          "AND toUnixTimestamp64Milli(event_ts) < {s:Int64}", {"s": shift})[0]
     before, after = ch.rows(
-        "SELECT avgIf(abs(p.score - o.label), p.ts < {s:Int64}), avgIf(abs(p.score - o.label), p.ts >= {s:Int64}) "
+        "SELECT avgIf(o.label - p.score, p.ts < {s:Int64}), avgIf(o.label - p.score, p.ts >= {s:Int64}) "
         "FROM (SELECT event_id, score, toUnixTimestamp64Milli(event_ts) AS ts FROM predictions FINAL "
         "      WHERE model_version = {v:String}) AS p "
         "INNER JOIN (SELECT event_id, label FROM outcomes FINAL WHERE model_name = 'eta') AS o "

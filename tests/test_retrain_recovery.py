@@ -52,7 +52,8 @@ def test_a_redelivered_request_is_not_trained_again_and_repeats_the_same_events(
         stage.close()
 
 
-def test_a_promotion_cut_short_by_a_crash_is_finished_on_redelivery(ch: ClickHouse, tmp_path: Path) -> None:  # noqa: F811
+def test_a_promotion_cut_short_by_a_crash_is_finished_on_redelivery(
+        ch: ClickHouse, tmp_path: Path) -> None:  # noqa: F811
     """The kill 48 ms after the registry write: the candidate, whose gates passed, is in the registry but was
     neither promoted nor announced."""
     registry = ModelRegistry(ch.client, tmp_path / "models")
@@ -68,5 +69,6 @@ def test_a_promotion_cut_short_by_a_crash_is_finished_on_redelivery(ch: ClickHou
         stage.close()
     assert stage.runs == []  # nothing trained
     assert [(e["version"], e["stage"]) for e in events] == [(v.version, "candidate"), (v.version, "production")]
-    assert registry.latest(MODEL.name) is not None and registry.latest(MODEL.name).version == v.version  # type: ignore[union-attr]
+    champion = registry.latest(MODEL.name)
+    assert champion is not None and champion.version == v.version
     assert events[1]["reason"] == "gates passed: auc ok"

@@ -9,6 +9,7 @@ is idempotent); updates set every non-key column.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -23,12 +24,16 @@ from examples.fraud_shop.simulator import PRIMARY_KEYS, Click, Row, ShopEvent
 from streams.codec import AvroCodec
 from streams.kafka import DeliveryTracker, ensure_topics, flush_or_raise, produce_waiting, producer_config
 
+log = logging.getLogger(__name__)
+
 SHOP_SQL = Path(__file__).with_name("shop.sql")
 
 _CHUNK = 256  # events between pacing / stop / progress checks, at most
 _CHUNKS_PER_S = 100  # ... and at least this many checks per second when paced
+
 _MAX_ROWS = 200  # rows per Postgres transaction, at most
 _MAX_TXN_AGE_S = 0.05  # commit buffered rows at least this often
+_OUTAGE_S = 120.0  # how long the driver waits out an unreachable PostgreSQL before it gives up
 
 
 @dataclass
@@ -136,7 +141,8 @@ class ShopDriver:
         started = time.monotonic()
         pacer = _Pacer(self.rate) if self.rate is not None else None
         buffer = _RowBuffer()
-        with psycopg.connect(self.dsn) as conn:
+        self._conn: psycopg.Connection[Any] = psycopg.connect(self.dsn)  # reconnected by _commit
+        try:
             for n, event in enumerate(events, 1):
                 if isinstance(event, Click):
                     self._produce(producer, event, tracker)
@@ -147,18 +153,20 @@ class ShopDriver:
                     buffer.rows.append(event)
                     self._count_row(stats, event)
                     if len(buffer.rows) >= _MAX_ROWS:
-                        self._commit(conn, buffer, stats)
+                        self._commit(buffer, stats)
                 if n % self._chunk == 0:
                     producer.poll(0)
                     if buffer.rows and time.monotonic() - buffer.since >= _MAX_TXN_AGE_S:
-                        self._commit(conn, buffer, stats)
+                        self._commit(buffer, stats)
                     if pacer is not None:
-                        self._pace(pacer, conn, buffer, stats)
+                        self._pace(pacer, buffer, stats)
                     if progress is not None:
                         progress(n)
                     if stop is not None and stop.is_set():
                         break
-            self._commit(conn, buffer, stats)
+            self._commit(buffer, stats)
+        finally:
+            self._conn.close()
         flush_or_raise(producer, tracker, timeout=60.0)
         stats.elapsed_s = time.monotonic() - started
         if progress is not None:
@@ -169,11 +177,11 @@ class ShopDriver:
         produce_waiting(producer, self.clicks_topic, self._codec.encode(click.record),
                         click.record["user_id"].encode(), on_delivery)
 
-    def _pace(self, pacer: _Pacer, conn: psycopg.Connection[Any], buffer: _RowBuffer, stats: DriverStats) -> None:
+    def _pace(self, pacer: _Pacer, buffer: _RowBuffer, stats: DriverStats) -> None:
         """Sleep off any lead over ``rate``, once per chunk."""
         ahead = pacer.lead(self._chunk)
         if ahead > 0.002:
-            self._commit(conn, buffer, stats)  # never hold rows back while sleeping
+            self._commit(buffer, stats)  # never hold rows back while sleeping
             time.sleep(ahead)
 
     # ---- Postgres ---------------------------------------------------------------------------
@@ -194,8 +202,31 @@ class ShopDriver:
         else:
             stats.reference_rows += 1
 
-    def _commit(self, conn: psycopg.Connection[Any], buffer: _RowBuffer, stats: DriverStats) -> None:
+    def _commit(self, buffer: _RowBuffer, stats: DriverStats) -> None:
+        """Write the buffered rows in one transaction; while PostgreSQL is unreachable, reconnect with backoff
+        (up to ``_OUTAGE_S``) and write them again: inserts do nothing on conflict and updates set values, so
+        a transaction that did commit before the connection broke is written twice harmlessly."""
+        delay = 0.5
+        deadline = time.monotonic() + _OUTAGE_S
+        while True:
+            try:
+                return self._write(buffer, stats)
+            except psycopg.OperationalError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("shop: PostgreSQL unreachable (%s); writing %d rows again in %.1f s",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__, len(buffer.rows), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                try:
+                    self._conn.close()
+                    self._conn = psycopg.connect(self.dsn)
+                except psycopg.OperationalError:
+                    continue
+
+    def _write(self, buffer: _RowBuffer, stats: DriverStats) -> None:
         """Write the buffered rows in one transaction, grouping consecutive rows of one statement."""
+        conn = self._conn
         rows = buffer.rows
         if not rows:
             return

@@ -65,11 +65,12 @@ class EmbeddedPostgres:
     on the same ``data_dir``.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, port: int = 0) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.pgdata = self.data_dir / "pgdata"
         self.log_path = self.data_dir / "postgres.log"
         self.port = 0
+        self._fixed_port = port  # 0: a free one at each start; else this one (a restart keeps its DSN)
         self._proc: subprocess.Popen[bytes] | None = None
         self._user = SYSTEM_USER if os.geteuid() == 0 else None
 
@@ -100,7 +101,7 @@ class EmbeddedPostgres:
         self._clear_stale_server()
         deadline = time.monotonic() + timeout
         for attempt in range(3):
-            port = free_port()
+            port = self._fixed_port or free_port()
             try:
                 self._launch(port, deadline)
                 return

@@ -294,7 +294,9 @@ def ceiling(session: ort.InferenceSession, batches: list[npt.NDArray[np.float32]
 
 
 class Timed:
-    """The stage as its runner sees it, each ``handle`` timed; the optional hooks are the stage's own."""
+    """The stage as its runner sees it, each ``handle`` timed; every other hook (``streams.base.Stage``) is the
+    stage's own, through ``__getattr__`` (so this wrapper must not subclass ``Stage``, whose defaults would hide
+    them)."""
 
     def __init__(self, stage: InferenceStage) -> None:
         self.stage = stage

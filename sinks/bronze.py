@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from sinks.clickhouse import ClickHouse
-from streams.base import Message, StepResult
+from streams.base import Message, Stage, StepResult
 from streams.codec import AvroCodec, DecodeError
 from streams.project.spec import Project
 from streams.pseudonymize import Pseudonymizer, topic_pii
@@ -33,7 +33,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-class BronzeSink:
+class BronzeSink(Stage):
     """Stage writing ``bronze_events``; one ClickHouse insert per batch."""
 
     step_id = "sink-bronze"

@@ -20,7 +20,7 @@ from typing import Any
 
 from sinks.clickhouse import ClickHouse
 from streams import topics as T
-from streams.base import Message, StepResult
+from streams.base import Message, Stage, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.project.contracts import silver_table, silver_topic
 from streams.project.spec import Model, Project, Source
@@ -154,7 +154,7 @@ def dlq_row(msg: Message) -> Row:
             len(msg.value or b""), hashlib.sha256(msg.value or b"").hexdigest(), _dt(msg.timestamp_ms)]
 
 
-class ClickHouseSink:
+class ClickHouseSink(Stage):
     """Writes every table of :func:`project_tables` and the dead letters of every topic."""
 
     step_id = "sink-clickhouse"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 
 class Reason(str, enum.Enum):
@@ -85,3 +85,60 @@ class StepResult:
 
     produce: list[Produce] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+
+
+TopicPartitionKey = tuple[str, int]
+
+
+class Stage:
+    """The base of every stage a :class:`~streams.runtime.BatchRunner` drives: every hook the runtime calls is
+    declared here with its contract; a stage overrides what it needs, and the defaults do nothing. The runner
+    calls every hook on its own thread (the rebalance ones from inside ``consume``), never two at once.
+
+    A subclass sets ``step_id`` (the name in errors, metrics, the consumer group and ``/healthz``) and
+    ``topics`` (what it consumes), as class attributes or in ``__init__``.
+    """
+
+    step_id: str
+    topics: tuple[str, ...]
+    slow: ClassVar[bool] = False
+    """``handle`` may take minutes (training): the runner calls it in a helper thread and keeps the consumer in
+    its group meanwhile (partitions paused)."""
+
+    def handle(self, batch: list[Message]) -> StepResult:
+        """Process the messages of one consume call (any mix of the subscribed topics and partitions, in offset
+        order per partition) and return what to produce and which messages were refused.
+
+        Must not raise on bad input: a refused message comes back in ``rejected`` (the runtime dead-letters it).
+        Any other exception is a failure: the runner rewinds to the committed offsets and retries with backoff.
+        Any durable write it does must be complete when it returns."""
+        raise NotImplementedError
+
+    @property
+    def max_units(self) -> int:
+        """0: a batch is what one consume call returns. Above 0: the messages carry several units of work (the
+        events of a micro-batch record) and the runner keeps consuming, for at most its ``max_wait_ms`` from
+        the first call, until they hold ``max_units`` :meth:`units` or the wait is over."""
+        return 0
+
+    def units(self, message: Message) -> int:
+        """The units of work in ``message`` (read only when :attr:`max_units` is above 0)."""
+        return 1
+
+    def on_assign(self, assigned: list[TopicPartitionKey],
+                  committed: dict[TopicPartitionKey, int | None]) -> dict[TopicPartitionKey, int]:
+        """The group gave this member ``assigned``; ``committed`` is the group's committed offset of each (None:
+        never committed). Returns the offset to start reading at for the partitions that must not start at the
+        committed offset (a snapshot's offset, or ``-2`` for the log's beginning, to replay state). For a
+        partition started below its committed offset C the runner never commits below C, so a replay never
+        moves the group backwards. Also called after a failure's rewind, following :meth:`on_revoke`."""
+        return {}
+
+    def on_revoke(self, revoked: list[TopicPartitionKey]) -> None:
+        """After the runner committed what it processed, ``revoked`` leave this member (revoked, lost, or
+        rewound after a failure): drop their state."""
+
+    def after_commit(self, offsets: dict[TopicPartitionKey, int]) -> None:
+        """After each successful commit, with the offsets it committed: every message :meth:`handle` has seen
+        is at or below its partition's committed offset (the moment to snapshot state). Not called when the
+        commit was lost to a rebalance."""

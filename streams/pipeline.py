@@ -29,6 +29,7 @@ from sinks.bronze import BronzeSink
 from sinks.clickhouse import ClickHouse
 from sinks.events import ClickHouseSink
 from sinks.redis_store import OnlineStore
+from streams.base import Stage
 from streams.dedup import RedisDedup
 from streams.dlq import DlqGuard
 from streams.event_time import EventTimeGuard
@@ -37,7 +38,7 @@ from streams.gcpolicy import StateFreezer
 from streams.project.contracts import tables
 from streams.project.spec import Model, Project
 from streams.pseudonymize import Pseudonymizer
-from streams.runtime import BatchRunner, Stage
+from streams.runtime import BatchRunner
 from streams.serving.cache import ResponseCache
 from streams.serving.resilience import OnlineFallback, ScoringChain, rules_for
 from streams.serving.routing import ModelSlot

@@ -37,7 +37,7 @@ from models.online import SPECS, RiverLearner
 from models.progressive import CLASSIFICATION_METRICS as METRICS
 from models.progressive import ProgressiveEvaluator
 from streams import topics as T
-from streams.base import Message, StepResult
+from streams.base import Message, Stage, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.kafka import ensure_topics, producer_config
 from streams.runtime import BatchRunner
@@ -92,7 +92,7 @@ def river_metric(rows: list[Example], model: str, metric: str, seed: int) -> flo
     return float(result.get())
 
 
-class ReplayLearnStage:
+class ReplayLearnStage(Stage):
     """Tests then trains one learner on each ``weir.replay`` record of one run, in log order."""
 
     step_id = "replay-learn"

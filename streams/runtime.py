@@ -17,8 +17,9 @@ the per-batch path free of broker round trips (measured on the embedded
 broker: flush + commit cost 10-14 ms per batch under load, a hop's whole
 latency budget).
 
-Stateful stages may define the optional hooks of :class:`Recoverable` to
-rebuild their state from the log after a crash or a rebalance.
+Every hook the runner calls is declared on :class:`streams.base.Stage`, with its
+contract; stateful stages override ``on_assign``/``on_revoke``/``after_commit`` to
+rebuild their state from the log after a crash, a failure or a rebalance.
 """
 
 from __future__ import annotations
@@ -28,74 +29,15 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from streams.base import Message, Produce, Rejected, StepResult
+from streams.base import Message, Produce, Rejected, Stage, StepResult
 from streams.dlq import DlqGuard, DlqRatioExceeded
 from streams.kafka import DeliveryTracker, consumer_config, flush_or_raise, producer_config
 
 log = logging.getLogger(__name__)
-
-
-class Stage(Protocol):
-    """What a :class:`BatchRunner` drives.
-
-    ``handle`` receives the messages of one consume call (any mix of the
-    subscribed topics and partitions, in offset order per partition) and must
-    not raise on bad input: refused messages come back in ``rejected``. Any
-    durable write it does must be complete when it returns.
-    """
-
-    @property
-    def step_id(self) -> str: ...
-
-    @property
-    def topics(self) -> tuple[str, ...]: ...
-
-    def handle(self, batch: list[Message]) -> StepResult: ...
-
-
-class Recoverable(Protocol):
-    """Optional hooks of a stage that keeps state derived from its input partitions.
-
-    A stage may define any of them; the runner calls the ones it finds, on its
-    own thread (from inside ``consume``, for the rebalance ones).
-
-    * ``on_assign(assigned, committed)``: the group gave this member
-      ``assigned`` (topic, partition) pairs; ``committed`` is the group's committed
-      offset of each (None: never committed). Returns the offset to start
-      reading at for the partitions that must not start at the committed offset
-      (e.g. a snapshot's offset, or ``-2`` for the log's beginning, to replay).
-      For a partition started below its committed offset C, the runner never
-      commits an offset below C, so the replay never moves the group backwards.
-    * ``on_revoke(revoked)``: after the runner committed what it processed,
-      these partitions leave this member (revoked or lost): drop their state.
-    * ``after_commit(offsets)``: after each successful commit, with the offsets
-      it committed. When it is called, every message ``handle`` has seen is at or
-      below its partition's committed offset. Not called when the commit was lost
-      to a rebalance.
-    """
-
-    def on_assign(self, assigned: list[tuple[str, int]],
-                  committed: dict[tuple[str, int], int | None]) -> dict[tuple[str, int], int]: ...
-
-    def on_revoke(self, revoked: list[tuple[str, int]]) -> None: ...
-
-    def after_commit(self, offsets: dict[tuple[str, int], int]) -> None: ...
-
-
-class Batching(Protocol):
-    """Optional: a stage whose messages carry several units of work (the events of a micro-batch record).
-
-    The runner then keeps consuming, for at most its ``max_wait_ms`` from the first consume call, until the
-    messages hold ``max_units`` units (``units(message)`` each) or the wait is over; so a batch is full by
-    units, not by messages, and no unit waits longer than ``max_wait_ms`` for it to fill."""
-
-    max_units: int
-
-    def units(self, message: Message) -> int: ...
 
 
 # Commit errors that mean "the group moved on": the batches are re-delivered to whoever owns the
@@ -142,7 +84,7 @@ class BatchRunner:
 
     A failure never ends the runner (a dependency down, the broker unreachable, a bug the stage hits
     on some input): it keeps what was processed if it can commit it, rewinds its partitions to their
-    committed offsets (rebuilding a stateful stage's state there through its :class:`Recoverable`
+    committed offsets (rebuilding a stateful stage's state there through its :class:`~streams.base.Stage`
     hooks), waits ``backoff_s`` doubled per consecutive failure up to ``backoff_max_s`` while staying
     in its group, and tries again; nothing is committed past a failed batch. ``health()`` says which of
     ``starting``, ``running``, ``retrying`` or ``stopped`` it is, with the last error.
@@ -307,12 +249,8 @@ class BatchRunner:
             keys = [(tp.topic, tp.partition) for tp in parts]
             committed = {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
                          for tp in self._consumer.committed(parts, timeout=10)}
-            starts: dict[tuple[str, int], int] = {}
-            on_revoke, on_assign = getattr(self.stage, "on_revoke", None), getattr(self.stage, "on_assign", None)
-            if on_revoke is not None:
-                on_revoke(keys)
-            if on_assign is not None:
-                starts = on_assign(keys, committed)
+            self.stage.on_revoke(keys)
+            starts = self.stage.on_assign(keys, committed)
             positions = []
             for key in keys:
                 floor = committed.get(key)
@@ -352,12 +290,14 @@ class BatchRunner:
             self._subscribed = True
 
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        hook = getattr(self.stage, "on_assign", None)
-        if hook is not None and parts:
+        if parts:
             keys = [(tp.topic, tp.partition) for tp in parts]
             committed = {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
                          for tp in consumer.committed(parts, timeout=30)}
-            starts: dict[tuple[str, int], int] = hook(keys, committed)
+            starts = self.stage.on_assign(keys, committed)
+            if not starts:  # every partition starts at its committed offset: the automatic assignment
+                self.ready.set()
+                return
             for tp, key in zip(parts, keys, strict=True):
                 if key in starts:
                     tp.offset = starts[key]
@@ -376,9 +316,7 @@ class BatchRunner:
         keys = [(tp.topic, tp.partition) for tp in parts]
         for key in keys:
             self._floor.pop(key, None)
-        hook = getattr(self.stage, "on_revoke", None)
-        if hook is not None:
-            hook(keys)
+        self.stage.on_revoke(keys)
 
     def _hold(self) -> None:
         """Stay in the group without consuming while ``paused`` is set (backpressure, benchmarks)."""
@@ -399,7 +337,7 @@ class BatchRunner:
         batch = self._gather()
         if batch:
             started = time.perf_counter()
-            result = self._handle_slow(batch) if getattr(self.stage, "slow", False) else self.stage.handle(batch)
+            result = self._handle_slow(batch) if self.stage.slow else self.stage.handle(batch)
             self._produce(result)
             for m in batch:
                 self._uncommitted[(m.topic, m.partition)] = m.offset + 1
@@ -412,14 +350,15 @@ class BatchRunner:
         return len(batch)
 
     def _gather(self) -> list[Message]:
-        """One consume call; for a stage that counts units per message (:class:`Batching`), more calls until
-        it has ``max_units`` or ``max_wait_ms`` passed since the first (a micro-batch of micro-batches)."""
+        """One consume call; for a stage that counts units per message (``Stage.max_units`` above 0), more calls
+        until it has ``max_units`` or ``max_wait_ms`` passed since the first (a micro-batch of micro-batches)."""
         started = time.monotonic()
         batch = self._messages(self._consumer.consume(self.max_batch, self.max_wait_s))
-        units = getattr(self.stage, "units", None)
-        if units is None or not batch:
+        want = self.stage.max_units
+        if want <= 0 or not batch:
             return batch
-        have, want = sum(map(units, batch)), self.stage.max_units  # type: ignore[attr-defined]
+        units = self.stage.units
+        have = sum(map(units, batch))
         while have < want and (left := self.max_wait_s - (time.monotonic() - started)) > 0:
             more = self._messages(self._consumer.consume(self.max_batch, left))
             batch += more
@@ -451,9 +390,7 @@ class BatchRunner:
                             self.stage.step_id, exc.args[0].name())
                 return
         self.stats.last_commit_at = self._last_commit
-        hook = getattr(self.stage, "after_commit", None)
-        if hook is not None:
-            hook(done)
+        self.stage.after_commit(done)
 
     def _guard(self, batch: list[Message], result: StepResult) -> None:
         """Count the batch in the DLQ guard; when it trips, commit what was processed, then raise."""

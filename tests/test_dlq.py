@@ -18,7 +18,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, StepResult
+from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, Stage, StepResult
 from streams.dlq import (
     REPLAYED_FROM,
     DlqError,
@@ -282,7 +282,7 @@ def test_guard_rejects_settings_that_never_trip() -> None:
 
 
 @dataclass
-class SortingStage:
+class SortingStage(Stage):
     """Forwards ``good-*`` values to ``out`` and refuses the rest as undecodable."""
 
     step_id: str

@@ -7,13 +7,13 @@ import uuid
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streams.base import Message, Produce, StepResult
+from streams.base import Message, Produce, Stage, StepResult
 from streams.kafka import ensure_topics, producer_config
 from streams.runtime import BatchRunner
 from streams.stack import Endpoints
 
 
-class Collect:
+class Collect(Stage):
     step_id = "collect"
 
     def __init__(self, topic: str) -> None:
@@ -53,7 +53,7 @@ def test_a_pause_across_the_group_join_loses_nothing(endpoints: Endpoints) -> No
 
 
 class Units(Collect):
-    """A stage whose messages each carry ``int(value)`` units of work (see streams.runtime.Batching)."""
+    """A stage whose messages each carry ``int(value)`` units of work (``Stage.max_units``)."""
 
     max_units = 50
 
@@ -96,7 +96,7 @@ def test_a_batching_stage_gets_batches_full_by_units_or_after_the_max_wait(endpo
     assert stage.batches == [50, 50, 15] and len(stage.seen) == len(set(stage.seen)) == 23
 
 
-class Flaky:
+class Flaky(Stage):
     """Keeps a running count of each partition's messages (state derived from its input, rebuilt from the
     committed offset by the rebalance hooks), outputs ``offset:count`` per message, and fails (a dependency
     down) on the calls in ``fail_on``, after it changed its state."""

@@ -39,7 +39,7 @@ from river.drift import ADWIN
 from scipy.stats import beta, binom
 
 from streams import topics as T
-from streams.base import Message, Produce, StepResult
+from streams.base import Message, Produce, Stage, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.project.spec import Model, Project
 
@@ -146,7 +146,7 @@ class DriftDetector:
         }
 
 
-class DriftStage:
+class DriftStage(Stage):
     """Every model's detectors (see the module docstring); outcomes of models it does not know are ignored."""
 
     step_id = "drift"

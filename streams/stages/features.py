@@ -48,7 +48,7 @@ import redis
 
 from sinks.redis_store import OnlineStore
 from streams import topics as T
-from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, StepResult
+from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, Stage, StepResult
 from streams.codec import AvroCodec, DecodeError
 from streams.features.aggregations import SnapshotError, Status
 from streams.features.checkpoint import RedisSnapshots, SnapshotCodec
@@ -155,7 +155,7 @@ class _Input:
     scoring: tuple[str, AvroCodec] | None
 
 
-class FeaturesStage:
+class FeaturesStage(Stage):
     """The features stage: see the module docstring for what it writes and how it recovers.
 
     ``project`` gives the views and the sources; ``rename`` maps one of the project's topic names
@@ -275,7 +275,7 @@ class FeaturesStage:
             log.warning("features: %d late and %d duplicate events left out of the windows (totals %d, %d)",
                         late - late_before, duplicates - duplicates_before, self.late, self.duplicates)
 
-    # --- recovery hooks, called by the BatchRunner (see streams.runtime.Recoverable) ---
+    # --- recovery hooks, called by the BatchRunner (see streams.base.Stage) ---
 
     def on_assign(self, assigned: list[TopicPartition],
                   committed: dict[TopicPartition, int | None]) -> dict[TopicPartition, int]:

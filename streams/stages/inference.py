@@ -3,7 +3,7 @@
 Input: the ``weir.<project>.scoring.<source>`` micro-batches of the model's scored
 source. The runner gathers messages across every assigned partition until
 they hold ``PIPELINE_DEPTH`` batches of ``max_batch`` events
-(``WEIR_INFERENCE_MAX_BATCH``; :class:`streams.runtime.Batching`) or its max
+(``WEIR_INFERENCE_MAX_BATCH``; ``Stage.max_units``) or its max
 wait passed (``WEIR_INFERENCE_MAX_WAIT_MS``: the longest an event waits for
 its batch to fill); the stage pools their events and scores them in batches
 of at most ``max_batch``. Per batch:
@@ -48,7 +48,7 @@ from models.base import BatchScorer
 from models.scorer import RuleScorer
 from sinks.redis_store import OnlineStore
 from streams import topics as T
-from streams.base import Message, Produce, StepResult
+from streams.base import Message, Produce, Stage, StepResult
 from streams.codec import AvroCodec, decoded, leading_array_length
 from streams.project.contracts import scoring_topic
 from streams.project.spec import LabelField, Model, Project
@@ -123,7 +123,7 @@ class Job:
     lookup_s: float
 
 
-class InferenceStage:
+class InferenceStage(Stage):
     """Scores the events of one model of ``project`` (see the module docstring).
 
     ``slot`` holds the versions that serve (the rules until ``model.events`` names one); ``chain`` the
@@ -173,7 +173,7 @@ class InferenceStage:
     @property
     def max_units(self) -> int:
         """The runner gathers messages until they hold ``PIPELINE_DEPTH`` inference batches, or its max wait
-        passed (see :class:`streams.runtime.Batching`): batches pipeline only within one ``handle``."""
+        passed (see :attr:`streams.base.Stage.max_units`): batches pipeline only within one ``handle``."""
         return self.max_batch * PIPELINE_DEPTH
 
     def units(self, message: Message) -> int:

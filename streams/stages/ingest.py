@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from streams import topics as T
-from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, StepResult
+from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, Stage, StepResult
 from streams.codec import AvroCodec
 from streams.dedup import DedupStore
 from streams.event_time import EventTimeGuard
@@ -113,7 +113,7 @@ class SourcePlan:
         return out
 
 
-class IngestStage:
+class IngestStage(Stage):
     """Validation, event time, pseudonymization, dedup and re-keying of every source of a project.
 
     State: event-time watermarks in memory (see :mod:`streams.event_time`) and

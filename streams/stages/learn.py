@@ -45,7 +45,7 @@ from river import metrics
 from models.online import RiverLearner
 from models.progressive import Prediction, ProgressiveEvaluator
 from streams import topics as T
-from streams.base import Message, Produce, StepResult
+from streams.base import Message, Produce, Stage, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.project.contracts import silver_topic
 from streams.project.spec import LabelStream, Model, Project
@@ -93,7 +93,7 @@ class BoundedMap(OrderedDict[str, Any]):
             self.popitem(last=False)
 
 
-class LearnStage:
+class LearnStage(Stage):
     """Scores every served event of one model with its online learner, learns on its label, keeps its
     progressive metric.
 
@@ -185,7 +185,7 @@ class LearnStage:
         """The primary online model (the evaluator's: restoring a snapshot replaces both at once)."""
         return self.evaluator.learner
 
-    # --- recovery: the runner's hooks (see streams.runtime.Recoverable) ---
+    # --- recovery: the runner's hooks (see streams.base.Stage) ---
 
     @property
     def snapshot_name(self) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 from models.base import BatchScorer
 from models.scorer import load_scorer
 from streams import topics as T
-from streams.base import Message, StepResult
+from streams.base import Message, Stage, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.project.spec import Model
 from streams.serving.routing import ModelSet, ModelSlot
@@ -46,7 +46,7 @@ def load_event_artifact(event: dict[str, Any], backend: str = "onnx") -> BatchSc
     return scorer
 
 
-class ModelWatchStage:
+class ModelWatchStage(Stage):
     """Keeps one model's serving set current (see the module docstring). ``rename`` maps the default topic
     name to the one actually used (tests)."""
 

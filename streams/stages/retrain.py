@@ -68,7 +68,7 @@ from models.train import train_mlp
 from models.variants import evaluate_variants, report_metrics
 from sinks.clickhouse import ClickHouse
 from streams import topics as T
-from streams.base import Message, Produce, StepResult
+from streams.base import Message, Produce, Stage, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.features import offline
 from streams.features.definitions import view_key
@@ -168,7 +168,7 @@ def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, pa
     return metrics, trained.curve
 
 
-class RetrainStage:
+class RetrainStage(Stage):
     """Trains, registers and gates every model of a project; the model registry's one writer."""
 
     step_id = "retrain"

@@ -201,7 +201,7 @@ def chaos_topic(project: Project) -> Source | None:
 def outliers(bootstrap: str, source: Source, n: int) -> int:
     """``n`` copies of ``source`` 's latest events with new ids, stamped 290 s ahead of the wall clock."""
     codec = AvroCodec(source.topic)
-    latest = [m for m in read_all(bootstrap, [source.topic], idle_s=2.0)][-n:]
+    latest = read_all(bootstrap, [source.topic], idle_s=2.0)[-n:]
     producer = Producer({"bootstrap.servers": bootstrap})
     ahead = datetime.now(UTC) + timedelta(seconds=290)
     sent = 0

@@ -585,12 +585,11 @@ class Aggregators:
             else:
                 insort(top, ts)
             base = top[0]
-            if base == UNSET:
-                pass
-            elif self._next_sweep is None:
-                self._next_sweep = base + self._sweep_every
-            elif base >= self._next_sweep:
-                self._sweep(base)
+            if base != UNSET:  # a watermark exists: sweep idle keys every ttl / 8 of its progress
+                if self._next_sweep is None:
+                    self._next_sweep = base + self._sweep_every
+                elif base >= self._next_sweep:
+                    self._sweep(base)
         return status
 
     def _sweep(self, base: int) -> None:

@@ -80,6 +80,16 @@ log = logging.getLogger(__name__)
 EVENT_IDS = uuid.UUID("5b0d6c8e-2f7a-4c41-9a57-1f0e6d3b9a21")  # namespace of the derived model.events ids
 
 
+def registered_because(reason: str) -> str:
+    """The ``model.events`` reason of a version a training run registered (also when announced again)."""
+    return f"registered after a retrain request ({reason})"
+
+
+def promoted_because(gates: str) -> str:
+    """The ``model.events`` reason of a version its gates promoted (also when announced again)."""
+    return f"gates passed: {gates}"
+
+
 class CommandRefused(ValueError):
     """A model command that cannot be carried out, with the reason a person can act on."""
 
@@ -242,11 +252,11 @@ class RetrainStage(Stage):
         """The transitions of a version a run registered before a crash, completed: a candidate whose gates
         passed is promoted, as the run would have done; the same announcements (and event ids) as the run's."""
         transitions = [(replace(v, stage="candidate", revision=FIRST_REVISION),
-                        f"registered after a retrain request ({v.lineage.get('reason', '')})")]
+                        registered_because(v.lineage.get("reason", "")))]
         if v.stage == "candidate" and v.revision == FIRST_REVISION and v.metrics.get("gates_passed") == 1.0:
             v = self.registry.set_stage(model.name, v.version, "production")
         if v.stage == "production":
-            transitions.append((v, f"gates passed: {v.lineage.get('gates', '')}"))
+            transitions.append((v, promoted_because(v.lineage.get("gates", ""))))
         return transitions
 
     @staticmethod
@@ -310,10 +320,10 @@ class RetrainStage(Stage):
             version = self.registry.register(model.name, path, metrics=metrics, lineage=lineage, stage="candidate",
                                              companions=[torchscript])
         run.update(version=version.version, gates=decision.summary(), **metrics)
-        transitions = [(version, f"registered after a retrain request ({reason})")]
+        transitions = [(version, registered_because(reason))]
         if decision.passed:
             version = self.registry.set_stage(model.name, version.version, "production")
-            transitions.append((version, f"gates passed: {decision.summary()}"))
+            transitions.append((version, promoted_because(decision.summary())))
             run["promoted"] = True
             log.warning("retrained %s on %d rows (%s), promoted: %s", model.version_name(version.version), len(y),
                         reason, decision.summary())

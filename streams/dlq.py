@@ -13,7 +13,7 @@ operator's side of that:
   whole stream into the DLQ.
 
 Readers use ``assign()`` and ``enable.partition.eof`` to know where each partition ends: the
-embedded broker's ListOffsets is wrong (DESIGN.md), fetch responses are right. Payload bytes are
+embedded broker's ListOffsets is wrong (docs/runtime.md), fetch responses are right. Payload bytes are
 never logged or printed unless asked (``--show-payload``): they may hold personal data.
 """
 

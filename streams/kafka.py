@@ -34,7 +34,7 @@ def consumer_config(bootstrap: str, group_id: str, **overrides: Any) -> dict[str
     conf: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
         "group.id": group_id,
-        "auto.offset.reset": "earliest",  # LATEST is unreliable on Tansu (DESIGN.md)
+        "auto.offset.reset": "earliest",  # LATEST is unreliable on Tansu (docs/runtime.md)
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "fetch.wait.max.ms": 5,

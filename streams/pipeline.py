@@ -33,7 +33,6 @@ from streams.base import Stage
 from streams.dedup import RedisDedup
 from streams.dlq import DlqGuard
 from streams.event_time import EventTimeGuard
-from streams.features.checkpoint import RedisSnapshots
 from streams.gcpolicy import StateFreezer
 from streams.project.contracts import tables
 from streams.project.spec import Model, Project
@@ -146,7 +145,8 @@ class Pipeline:
         if "ingest" in wanted:
             self._run(ingest_stage(p, c, e.redis_url), hot=True)
         if "features" in wanted:
-            snapshots = RedisSnapshots.from_url(e.redis_url)  # window state survives a crash (docs/features.md)
+            # window state survives a crash (docs/features.md)
+            snapshots = SignedSnapshots.from_url(e.redis_url, c.pseudonym_key)
             stage = FeaturesStage(p, OnlineStore(e.redis_url), snapshots=snapshots,
                                   checkpoint_every_s=c.features_checkpoint_s,
                                   after_commit_hook=StateFreezer())  # the windows: out of full GC scans

@@ -23,28 +23,24 @@ import pytest
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from examples.fraud_shop.project import MINUTE
+from examples.fraud_shop.project import card as CARD
+from examples.fraud_shop.project import user as USER
 from sinks.redis_store import unpack
 from streams import topics as T
 from streams.base import Message
 from streams.codec import AvroCodec
-from streams.features.aggregations import plain_loads
-from streams.features.checkpoint import RedisSnapshots, SnapshotCodec, SnapshotError
-from examples.fraud_shop.project import MINUTE
-from examples.fraud_shop.project import card as CARD
-from examples.fraud_shop.project import user as USER
+from streams.features.aggregations import SnapshotError, plain_loads
 from streams.features.definitions import FeatureView
 from streams.kafka import consumer_config, ensure_topics, producer_config
+from streams.recovery import OFFSET_BEGINNING
 from streams.stack import Endpoints
-from streams.stages.features import (
-    OFFSET_BEGINNING,
-    FeatureComputer,
-    FeaturesStage,
-    Touched,
-    snapshot_codec,
-)
+from streams.stages.features import FeatureComputer, FeaturesStage, Touched, snapshot_definition
+from streams.state import SignedSnapshots
 from tests.conftest import SHOP
 
 ROOT = Path(__file__).resolve().parent.parent
+KEY = b"features-recovery-test-key"
 PARTITIONS = 4
 T0 = 1_700_000_000_000
 EVENT_TYPES = ["page_view", "page_view", "search", "add_to_cart", "login", "checkout"]
@@ -188,13 +184,12 @@ def _decoded(state: list[tuple[str, bytes]]) -> list[Any]:
 
 def test_snapshot_round_trip_continues_identically() -> None:
     payments, clicks = events("rt", n=1200)
-    codec = snapshot_codec(VIEWS)
+    snaps = SignedSnapshots(DictRedis(), b"k")  # type: ignore[arg-type]
     live = FeatureComputer(VIEWS)
     half = len(payments) // 2
     _feed(live, payments[:half], clicks[:half])
-    offset, state = codec.decode(codec.encode(123, live.state()))
-    restored = FeatureComputer.from_state(state, VIEWS)
-    assert offset == 123
+    snaps.save("p", live.state(), snapshot_definition(VIEWS))
+    restored = FeatureComputer.from_state(snaps.load("p", snapshot_definition(VIEWS)), VIEWS)
     # every entity's events, seen ids and devices, the watermarks and the next sweeps (TTL eviction's clock)
     assert _decoded(restored.state()) == _decoded(live.state())
     assert _feed(live, payments[half:], clicks[half:]) == _feed(restored, payments[half:], clicks[half:])
@@ -202,19 +197,13 @@ def test_snapshot_round_trip_continues_identically() -> None:
     assert all(len(live.states[v]) == len(restored.states[v]) > 0 for v in live.states)
 
 
-def test_snapshot_refuses_foreign_definitions_and_code() -> None:
+def test_a_view_state_refuses_foreign_definitions_and_code() -> None:
     live = FeatureComputer(VIEWS)
     _feed(live, *events("rf", n=50))
-    data = snapshot_codec(VIEWS).encode(5, live.state())
-    with pytest.raises(SnapshotError, match="another feature definition"):
-        SnapshotCodec(b"another view").decode(data)
-    with pytest.raises(SnapshotError, match="format"):
-        snapshot_codec(VIEWS).decode(data[:3] + bytes([9]) + data[4:])
-    evil = data[:28] + pickle.dumps(os.getcwd)  # the 28-byte header, then a pickle that names a function
+    (name, blob), user = live.state()
+    evil = blob[:16] + pickle.dumps(os.getcwd)  # the view header, then a pickle that names a function
     with pytest.raises(SnapshotError, match="names"):
-        snapshot_codec(VIEWS).decode(evil)
-    with pytest.raises(SnapshotError):
-        snapshot_codec(VIEWS).decode(data[:40])
+        FeatureComputer.from_state([(name, evil), user], VIEWS)
     with pytest.raises(SnapshotError, match="not hold"):
         FeatureComputer.from_state([("x", b"y")], VIEWS)
     changed = dataclasses.replace(CARD, ttl_ms=CARD.ttl_ms + 1)  # a view snapshot names its definition
@@ -244,7 +233,7 @@ def test_state_only_replay_produces_nothing_and_rebuilds_the_state() -> None:
     replay = [m for m in msgs if m.offset < committed.get((m.topic, m.partition), -1)]
     result = stage.handle(replay)
     assert result.produce == [] and result.rejected == [] and store.rows == []
-    assert stage.replayed == len(replay) - 1  # the undecodable one is skipped, not dead-lettered again
+    assert stage.replayed == len(replay)  # the undecodable one among them is skipped, not dead-lettered again
 
     # from the committed offset on, it is a normal run whose state includes the replayed events
     rest = [m for m in msgs if (m.topic, m.partition) in committed and m.offset >= committed[(m.topic, m.partition)]]
@@ -260,17 +249,26 @@ def test_state_only_replay_produces_nothing_and_rebuilds_the_state() -> None:
     assert written_users and all(last[("user", k)] == (ref_users[k][0], ref_users[k][2]) for k in written_users)
 
 
-class MemorySnapshots:
-    """Stands in for :class:`RedisSnapshots` in the pure tests."""
+class DictRedis:
+    """Stands in for Redis under :class:`SignedSnapshots` in the pure tests."""
 
     def __init__(self) -> None:
-        self.data: dict[tuple[str, int], bytes] = {}
+        self.data: dict[str, bytes] = {}
 
-    def save(self, topic: str, partition: int, data: bytes) -> None:
-        self.data[(topic, partition)] = data
+    def set(self, key: str, value: bytes) -> None:
+        self.data[key] = value
 
-    def load(self, topic: str, partition: int) -> bytes | None:
-        return self.data.get((topic, partition))
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+
+def snapshot_at(snaps: SignedSnapshots, tp: tuple[str, int]) -> int | None:
+    """The offset the saved state of ``tp`` is after (None: no snapshot)."""
+    saved = snaps.load(f"features:{tp[0]}:{tp[1]}", snapshot_definition(VIEWS))
+    return None if saved is None else int(saved["positions"][tp])
 
 
 def test_checkpoints_only_committed_state_on_the_clock() -> None:
@@ -278,27 +276,92 @@ def test_checkpoints_only_committed_state_on_the_clock() -> None:
     msgs = _messages(PAYMENTS, micro_batches(payments, "card_id"), AvroCodec(PAYMENTS))
     p0 = [m for m in msgs if m.partition == 0]
     now = [100.0]
-    snaps = MemorySnapshots()
+    memory = DictRedis()
+    snaps = SignedSnapshots(memory, b"k")  # type: ignore[arg-type]
     stage = FeaturesStage(SHOP, RecordingStore(), snapshots=snaps, checkpoint_every_s=5,  # type: ignore[arg-type]
                           clock=lambda: now[0])
     stage.handle(p0[:4])
     stage.on_revoke([(PAYMENTS, 0)])  # handled but not committed (a lost commit): nothing saved
-    assert snaps.data == {}
+    assert memory.data == {}
     stage.handle(p0[:4])
     stage.after_commit({(PAYMENTS, 0): 4})
-    assert snaps.data == {}  # not due yet
+    assert memory.data == {}  # not due yet
     now[0] += 5
     stage.after_commit({})
-    assert snapshot_codec(VIEWS).decode(snaps.data[(PAYMENTS, 0)])[0] == 4
+    assert snapshot_at(snaps, (PAYMENTS, 0)) == 4
     stage.handle(p0[4:6])
     stage.after_commit({(PAYMENTS, 0): 6})
     stage.on_revoke([(PAYMENTS, 0)])  # clean handoff: saved at once, then dropped
-    assert snapshot_codec(VIEWS).decode(snaps.data[(PAYMENTS, 0)])[0] == 6 and stage.partitions == {}
+    assert snapshot_at(snaps, (PAYMENTS, 0)) == 6 and stage.partitions == {}
 
     # the next owner restores it and replays nothing; a snapshot past the committed offset is not used
     other = FeaturesStage(SHOP, RecordingStore(), snapshots=snaps)  # type: ignore[arg-type]
     assert other.on_assign([(PAYMENTS, 0)], {(PAYMENTS, 0): 6}) == {(PAYMENTS, 0): 6}
     assert other.on_assign([(PAYMENTS, 0)], {(PAYMENTS, 0): 5}) == {(PAYMENTS, 0): OFFSET_BEGINNING}
+
+
+def _log_rows(result: Any) -> list[tuple[str, str, str, int, list[float]]]:
+    """The feature-log rows a stage's result produces: (view, entity, event id, as-of ts, values)."""
+    rows = []
+    for p in result.produce:
+        if p.topic == FEATURE_LOG:
+            rec = AvroCodec(FEATURE_LOG).decode(p.value)
+            n = rec["n_features"]
+            rows += [(rec["view"].split(":")[0], e, rec["event_ids"][i], rec["ts_ms"][i],
+                      rec["values"][i * n:(i + 1) * n]) for i, e in enumerate(rec["entity_ids"])]
+    return rows
+
+
+def test_partitions_move_between_workers_with_their_state() -> None:
+    """A rebalance hands half the partitions to a second worker after a lost commit: each restores the last
+    snapshot, replays to the committed offset and goes on. Every row either worker writes, and the online
+    store's final values, equal an uninterrupted run's; the re-processed messages produce the same rows."""
+    payments, clicks = events("mv", n=1600)
+    pay, clk = micro_batches(payments, "card_id"), micro_batches(clicks, "user_id")
+    msgs = _messages(PAYMENTS, pay, AvroCodec(PAYMENTS)) + _messages(CLICKS, clk, AvroCodec(CLICKS))
+    tps = sorted({(m.topic, m.partition) for m in msgs})
+    ends = {tp: sum(1 for m in msgs if (m.topic, m.partition) == tp) for tp in tps}
+
+    def part(lo: float, hi: float) -> list[Message]:
+        return [m for m in msgs if ends[(m.topic, m.partition)] * lo <= m.offset < ends[(m.topic, m.partition)] * hi]
+
+    expected = reference_rows(pay, clk)
+    ref_cards, ref_users = reference(pay, clk)
+    now = [0.0]
+    snaps = SignedSnapshots(DictRedis(), b"k")  # type: ignore[arg-type]
+    a_store, b_store = RecordingStore(), RecordingStore()
+    a = FeaturesStage(SHOP, a_store, snapshots=snaps, checkpoint_every_s=10, clock=lambda: now[0])  # type: ignore[arg-type]
+    b = FeaturesStage(SHOP, b_store, snapshots=snaps, checkpoint_every_s=10, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert a.on_assign(tps, dict.fromkeys(tps)) == {}  # a new group: nothing to restore
+    rows = _log_rows(a.handle(part(0, 0.25)))
+    now[0] = 10
+    a.after_commit({})  # snapshot at 1/4
+    rows += _log_rows(a.handle(part(0.25, 0.5)))
+    a.after_commit({})  # committed at 1/2, no snapshot (not due)
+    committed = {tp: sum(1 for m in part(0, 0.5) if (m.topic, m.partition) == tp) for tp in tps}
+    rows += _log_rows(a.handle(part(0.5, 0.75)))  # processed and produced, but the commit is lost
+    a.on_revoke(tps)
+    assert a.partitions == {} and a.positions == {}
+
+    moved = [tp for tp in tps if tp[1] % 2 == 1]
+    stays = [tp for tp in tps if tp[1] % 2 == 0]
+    starts = a.on_assign(stays, {tp: committed[tp] for tp in stays}) | b.on_assign(moved, {tp: committed[tp]
+                                                                                         for tp in moved})
+    assert starts == {tp: int(ends[tp] * 0.25) + (ends[tp] * 0.25 % 1 > 0) for tp in tps}  # the snapshot's
+    assert a.restored == {f"features:{t}:{p}": "snapshot" for t, p in stays}
+    rest = [m for m in msgs if m.offset >= starts[(m.topic, m.partition)]]
+    for stage, own in ((a, stays), (b, moved)):
+        result = stage.handle([m for m in rest if (m.topic, m.partition) in own])
+        rows += _log_rows(result)
+    assert a.replayed == sum(committed[tp] - starts[tp] for tp in stays)  # exactly S..C-1, produced nothing
+    assert b.replayed == sum(committed[tp] - starts[tp] for tp in moved)
+
+    wrong = [r for r in rows if expected[(r[0], r[1], r[2])] != (r[3], r[4])]
+    assert not wrong, f"{len(wrong)} of {len(rows)} rows differ, e.g. {wrong[:2]}"
+    assert {(v, k, eid) for v, k, eid, _, _ in rows} == set(expected)
+    last = {(view, k): (ts, v) for view, k, ts, v in a_store.rows + b_store.rows}  # per entity: one worker
+    assert {k: last[("card", k)] for k in ref_cards} == {k: (ts, v) for k, (ts, _, v) in ref_cards.items()}
+    assert {k: last[("user", k)] for k in ref_users} == {k: (ts, v) for k, (ts, _, v) in ref_users.items()}
 
 
 def test_values_do_not_depend_on_batching() -> None:
@@ -330,12 +393,12 @@ schemas.use_registry(cfg["registry"])
 # small fetches, so the worker moves through every partition of both topics at once (not one after another)
 runtime.consumer_config = lambda b, g, **o: kafka.consumer_config(b, g, **o, **{"max.partition.fetch.bytes": 4096})
 from sinks.redis_store import OnlineStore
-from streams.features.aggregations import plain_loads
-from streams.features.checkpoint import RedisSnapshots
 from streams.runtime import BatchRunner
 from streams.stages.features import FeaturesStage
+from streams.state import SignedSnapshots
 
-stage = FeaturesStage(project, OnlineStore(cfg["redis"]), snapshots=RedisSnapshots.from_url(cfg["redis"]),
+snapshots = SignedSnapshots.from_url(cfg["redis"], cfg["key"].encode())
+stage = FeaturesStage(project, OnlineStore(cfg["redis"]), snapshots=snapshots,
                       checkpoint_every_s=cfg["checkpoint_s"],
                       rename={"weir.fraud_shop.silver.clicks": cfg["clicks"],
                               "weir.fraud_shop.silver.payments": cfg["payments"]})
@@ -350,8 +413,7 @@ ends = {(t, int(p)): e for t, per in cfg["ends"].items() for p, e in per.items()
 while True:
     if runner.error is not None:
         raise SystemExit(f"worker failed: {runner.error!r}")
-    parts = stage.partitions
-    if all(tp in parts and parts[tp].position >= e for tp, e in ends.items()):
+    if all(stage.positions.get(tp, 0) >= e for tp, e in ends.items()):
         break
     time.sleep(0.02)
 runner.stop()
@@ -377,7 +439,7 @@ def _committed(consumer: Consumer, topics: list[str]) -> dict[tuple[str, int], i
 
 def _worker(endpoints: Endpoints, cfg: dict[str, Any]) -> subprocess.Popen[str]:
     full = cfg | {"root": str(ROOT), "bootstrap": endpoints.kafka_bootstrap, "redis": endpoints.redis_url,
-                  "registry": endpoints.schema_registry_url}
+                  "registry": endpoints.schema_registry_url, "key": KEY.decode()}
     return subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(full)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -394,7 +456,7 @@ def test_kill_9_mid_stream_then_restart_equals_uninterrupted(endpoints: Endpoint
     ends = {payments_topic: {p: len(m) for p, m in pay.items()}, clicks_topic: {p: len(m) for p, m in clk.items()}}
     total = sum(e for per in ends.values() for e in per.values())
     group = f"recovery-{tag}"
-    snaps = RedisSnapshots.from_url(endpoints.redis_url)
+    snaps = SignedSnapshots.from_url(endpoints.redis_url, KEY)
     topics = [clicks_topic, payments_topic]
     cfg = {"group": group, "clicks": clicks_topic, "payments": payments_topic, "ends": ends, "max_batch": 4}
 
@@ -408,7 +470,7 @@ def test_kill_9_mid_stream_then_restart_equals_uninterrupted(endpoints: Endpoint
             assert time.monotonic() < deadline, "first worker made no progress"
             done = _committed(watcher, topics)
             per_topic = {t: sum(o for (tt, _), o in done.items() if tt == t) / sum(ends[t].values()) for t in topics}
-            saved = {t for t in topics for p in range(PARTITIONS) if snaps.load(t, p) is not None}
+            saved = {t for t in topics for p in range(PARTITIONS) if snapshot_at(snaps, (t, p)) is not None}
             if sum(done.values()) >= total * 0.25 and min(per_topic.values()) >= 0.1 and len(saved) == 2:
                 break
             time.sleep(0.05)
@@ -418,26 +480,25 @@ def test_kill_9_mid_stream_then_restart_equals_uninterrupted(endpoints: Endpoint
     committed = _committed(watcher, topics)
     watcher.close()
     assert 0 < sum(committed.values()) < total * 0.9, "killed too late to be mid-stream"
-    snapshot_at = {}
+    saved_at = {}
     for t in topics:
         for p in range(PARTITIONS):
-            raw = snaps.load(t, p)
-            if raw is not None:
-                snapshot_at[(t, p)] = snapshot_codec(VIEWS).decode(raw)[0]
+            if (at := snapshot_at(snaps, (t, p))) is not None:
+                saved_at[(t, p)] = at
             if lose_snapshots:
-                snaps.delete(t, p)
-    assert all(s <= committed[tp] for tp, s in snapshot_at.items())
+                snaps.delete(f"features:{t}:{p}")
+    assert all(s <= committed[tp] for tp, s in saved_at.items())
 
     # 2. a new worker in the same group finishes the stream
     second = _worker(endpoints, cfg | {"delay_s": 0.0, "checkpoint_s": 600.0})
     out, err = second.communicate(timeout=180)
     assert second.returncode == 0, err[-3000:]
     report = json.loads(out.strip().splitlines()[-1])
-    starts = {tp: 0 if lose_snapshots else snapshot_at.get(tp, 0) for tp in committed}
+    starts = {tp: 0 if lose_snapshots else saved_at.get(tp, 0) for tp in committed}
     assert report["replayed"] == sum(c - starts[tp] for tp, c in committed.items())  # exactly S..C-1
     assert report["consumed"] == report["replayed"] + total - sum(committed.values())
     # it stopped cleanly: on leaving the group it saved every partition's state at the end of its log
-    final = {tp: snapshot_codec(VIEWS).decode(raw)[0] for tp in committed if (raw := snaps.load(*tp)) is not None}
+    final = {tp: at for tp in committed if (at := snapshot_at(snaps, tp)) is not None}
     assert final == {(t, p): e for t, per in ends.items() for p, e in per.items()}
 
     # 3. every feature-log row (the killed worker's and the new one's) has the values of an uninterrupted run,

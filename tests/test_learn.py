@@ -168,7 +168,7 @@ def test_a_restarted_learner_continues_from_its_snapshot(endpoints: Endpoints) -
 
     second = stage()
     starts = second.on_assign(list(committed), committed)
-    assert starts == _committed(msgs[:300]) and second.restored_from == "snapshot"
+    assert starts == _committed(msgs[:300]) and second.restored[second.snapshot_name] == "snapshot"
     scores = _feed(second, msgs)  # what the runner re-delivers from the start offsets on, and the rest
     assert second.replayed == 200  # 300..499: state only, nothing produced again
     assert scores == expected[len(_online_scores_of(msgs[:500])):]
@@ -185,7 +185,7 @@ def test_a_restarted_learner_continues_from_its_snapshot(endpoints: Endpoints) -
     redis.Redis.from_url(endpoints.redis_url).set(key, raw[:-1] + bytes([raw[-1] ^ 1]))
     third = stage()
     assert third.on_assign(list(committed), committed) == dict.fromkeys(committed, -2)
-    assert third.restored_from == "log"
+    assert third.restored[third.snapshot_name] == "log"
     assert _feed(third, msgs) == expected[len(_online_scores_of(msgs[:500])):]
     assert third.evaluator.value == reference.evaluator.value and third.replayed == 500
 

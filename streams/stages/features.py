@@ -17,23 +17,18 @@ batch.
 **State and recovery.** Ingest partitions each silver topic by the
 source's partition key, the key of every view over it, so every entity's
 events are in one partition and the window state is partition-local: one
-:class:`FeatureComputer` per input
-(topic, partition), a function of that partition's log alone. After a
-successful commit, at most every ``checkpoint_every_s``, the stage saves each
-changed partition's state with the offset it is the state *after* (a
-:mod:`~streams.features.checkpoint` snapshot). When the group assigns it a
-partition with committed offset C, it restores the snapshot (offset S ≤ C) and
-asks the runner to start at S; without a usable snapshot (none, another
-definition, or S > C because Redis lost it or the group was reset) it starts at
-the log's beginning. Messages below C are **replayed**: they update the windows
-and nothing else (no Redis write, no feature-log or scoring record, no dead
-letter), because they were processed and committed before. From C on it
-processes normally, so after a crash (kill -9 included) the values equal those
-of an uninterrupted run. Replay costs time proportional to the log since S:
-without a snapshot that is the whole log (the embedded broker keeps every
-record in memory; on a real Kafka, the topic's retention). Memory stays bounded
-by the windows (at most 1 h of event time per entity, idle entities evicted
-after the view's TTL).
+:class:`FeatureComputer` per input (topic, partition), a function of that
+partition's log alone, and the unit of state the runtime's recovery protocol
+(:mod:`streams.recovery`) snapshots, restores and replays. Replayed messages
+(below the committed offset) update the windows and nothing else (no Redis
+write, no feature-log or scoring record, no dead letter), because they were
+processed and committed before; so after a crash (kill -9 included) or a
+handoff to another worker, the values and watermarks equal those of an
+uninterrupted run. Replay costs time proportional to the log since the
+snapshot: without one that is the whole log (the embedded broker keeps every
+record in memory; on a real Kafka, the topic's retention). Memory stays
+bounded by the windows (at most 1 h of event time per entity, idle entities
+evicted after the view's TTL).
 """
 
 from __future__ import annotations
@@ -44,18 +39,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from sinks.redis_store import OnlineStore
 from streams import topics as T
-from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, Stage, StepResult
+from streams.base import InvalidEvent, Message, Produce, Reason, Rejected, StepResult
 from streams.codec import AvroCodec, DecodeError
 from streams.features.aggregations import SnapshotError, Status
-from streams.features.checkpoint import RedisSnapshots, SnapshotCodec
 from streams.features.definitions import FeatureView, view_key
 from streams.features.engine import ViewState
 from streams.project.contracts import scoring_topic, silver_topic
 from streams.project.spec import Project
+from streams.recovery import Admit, StatefulStage
+from streams.state import SignedSnapshots, StateError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +58,6 @@ LogRow = tuple[FeatureView, str, str, int, list[float]]  # view, entity, event i
 TopicPartition = tuple[str, int]
 
 LOG_BATCH_ROWS = 4000  # feature-log rows per message: ~200 KB, well under the broker's 1 MB limit
-OFFSET_BEGINNING = -2  # librdkafka's logical offset: the log's first retained record
 
 
 class FeatureComputer:
@@ -130,19 +123,9 @@ class FeatureComputer:
         return cls(views, [ViewState.restore(view, blob) for view, (_, blob) in zip(views, state, strict=True)])
 
 
-@dataclass(slots=True)
-class PartitionState:
-    """One input partition's windows and how far into its log they are."""
-
-    computer: FeatureComputer
-    position: int  # offset of the first message the state has not seen
-    replay_until: int = 0  # below this offset: processed and committed before, update the windows only
-    saved: int = -1  # position of the last snapshot written
-
-
-def snapshot_codec(views: Sequence[FeatureView]) -> SnapshotCodec:
-    """Snapshots name the feature views' definitions: a changed view invalidates them."""
-    return SnapshotCodec(("features:" + ":".join(v.fingerprint for v in views)).encode())
+def snapshot_definition(views: Sequence[FeatureView]) -> bytes:
+    """What the state means: the feature views' definitions (a changed view invalidates the snapshots)."""
+    return ("features:" + ":".join(v.fingerprint for v in views)).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +138,7 @@ class _Input:
     scoring: tuple[str, AvroCodec] | None
 
 
-class FeaturesStage(Stage):
+class FeaturesStage(StatefulStage):
     """The features stage: see the module docstring for what it writes and how it recovers.
 
     ``project`` gives the views and the sources; ``rename`` maps one of the project's topic names
@@ -163,24 +146,22 @@ class FeaturesStage(Stage):
     actually used (tests run on topics of their own).
     ``snapshots`` None: no checkpoints, every assignment of a partition that has a
     committed offset replays its log from the beginning (correct, slower).
-    ``clock`` is the wall clock checkpoints are paced by (seconds, monotonic).
+    ``clock`` is the clock checkpoints are paced by (seconds, monotonic).
     ``after_commit_hook`` runs after every successful commit (the pipeline passes a
     :class:`~streams.gcpolicy.StateFreezer`).
     """
 
     step_id = "features"
 
-    def __init__(self, project: Project, store: OnlineStore, *, snapshots: RedisSnapshots | None = None,
+    def __init__(self, project: Project, store: OnlineStore, *, snapshots: SignedSnapshots | None = None,
                  checkpoint_every_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
                  rename: Mapping[str, str] | None = None,
                  after_commit_hook: Callable[[], None] | None = None) -> None:
+        super().__init__(snapshots, checkpoint_every_s=checkpoint_every_s, clock=clock)
         self.store = store
         self.views = project.views
+        self.definition = snapshot_definition(self.views)
         self._after_commit_hook = after_commit_hook
-        self.snapshots = snapshots
-        self.checkpoint_every_s = checkpoint_every_s
-        self._clock = clock
-        self._next_checkpoint = clock() + checkpoint_every_s
         names = dict(rename or {})
         scored = {m.source for m in project.models}
         self._inputs: dict[str, _Input] = {}  # input topic -> what it carries
@@ -193,31 +174,24 @@ class FeaturesStage(Stage):
             self._inputs[names.get(topic, topic)] = _Input(source.name, source.partition_key, AvroCodec(topic),
                                                            scoring)
         self.topics: tuple[str, ...] = tuple(self._inputs)
-        self.partitions: dict[TopicPartition, PartitionState] = {}
-        self.replayed = 0  # messages applied in replay (state only), for tests and metrics
+        self.partitions: dict[TopicPartition, FeatureComputer] = {}  # the state of each input partition
         self.late = self.duplicates = 0  # events the views refused (outside replay), for tests and metrics
-        self._all_committed = True  # nothing handled since the last successful commit
-        self._snapshot = snapshot_codec(self.views)
         log_topic = T.internal(project, T.I_FEATURE_LOG)
         self._log_topic = names.get(log_topic, log_topic)
         self._log = AvroCodec(T.I_FEATURE_LOG)
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
-        self._all_committed = not batch and self._all_committed
         rows_of: dict[TopicPartition, list[LogRow]] = {}  # the rows of each partition's computer
         late, duplicates = self._refused()
         for msg in batch:
-            part = self.partitions.get((msg.topic, msg.partition))
-            if part is None:  # assigned without on_assign (a runner without the hook): start where it starts
-                part = self.partitions[(msg.topic, msg.partition)] = PartitionState(FeatureComputer(self.views),
-                                                                                    msg.offset)
-            if msg.offset < part.position:
-                log.warning("features: %s[%d] offset %d is already in the state (at %d), skipped",
-                            msg.topic, msg.partition, msg.offset, part.position)
+            admitted = self.admit(msg)
+            if admitted is Admit.SEEN:
                 continue
-            part.position = msg.offset + 1
-            replay = msg.offset < part.replay_until
+            replay = admitted is Admit.REPLAY
+            computer = self.partitions.get((msg.topic, msg.partition))
+            if computer is None:  # handled without on_assign (a test driving the stage): an empty state
+                computer = self.partitions[(msg.topic, msg.partition)] = FeatureComputer(self.views)
             source = self._inputs[msg.topic]
             try:
                 record = source.codec.decode(msg.value)
@@ -233,12 +207,11 @@ class FeaturesStage(Stage):
                 continue
             if replay:
                 for item in items:
-                    part.computer.add(source.source, item, values=False)
-                self.replayed += 1
+                    computer.add(source.source, item, values=False)
                 continue
             rows = rows_of.setdefault((msg.topic, msg.partition), [])
             for item in items:
-                got = part.computer.add(source.source, item)
+                got = computer.add(source.source, item)
                 rows.extend(got)
                 if source.scoring is not None:  # serving uses the values as of this event, as logged
                     item["served"] = {view_key(view): values for view, _, _, _, values in got} or None
@@ -247,7 +220,7 @@ class FeaturesStage(Stage):
                 result.produce.append(Produce(topic, None, codec.encode({"items": items}), partition=msg.partition))
         last: dict[FeatureView, Touched] = {}
         for tp, rows in rows_of.items():
-            self.partitions[tp].computer.latest(rows, last)
+            self.partitions[tp].latest(rows, last)
         for view, entities in last.items():
             self.store.write(view, ((k, ts, v) for k, (ts, _, v) in entities.items()))
         # Redis first, then forward: the scoring records must come after the writes.
@@ -262,7 +235,7 @@ class FeaturesStage(Stage):
         return result
 
     def _refused(self) -> tuple[int, int]:
-        counts = [p.computer.refused for p in self.partitions.values()]
+        counts = [c.refused for c in self.partitions.values()]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def _report_refused(self, late_before: int, duplicates_before: int) -> None:
@@ -275,96 +248,34 @@ class FeaturesStage(Stage):
             log.warning("features: %d late and %d duplicate events left out of the windows (totals %d, %d)",
                         late - late_before, duplicates - duplicates_before, self.late, self.duplicates)
 
-    # --- recovery hooks, called by the BatchRunner (see streams.base.Stage) ---
+    # --- the units of state of the recovery protocol (streams.recovery): one per input partition ---
 
-    def on_assign(self, assigned: list[TopicPartition],
-                  committed: dict[TopicPartition, int | None]) -> dict[TopicPartition, int]:
-        """Restore each assigned partition's state; returns where the runner must start reading it."""
-        starts: dict[TopicPartition, int] = {}
-        for tp in assigned:
-            c = committed.get(tp)
-            if c is None:  # the group never committed here: nothing was processed, start as configured
-                self.partitions.pop(tp, None)
-                continue
-            restored = self._restore(tp, c)
-            if restored is None:
-                self.partitions[tp] = PartitionState(FeatureComputer(self.views), 0, replay_until=c)
-                starts[tp] = OFFSET_BEGINNING
-                log.info("features: %s[%d] has no usable snapshot, replaying from the beginning to %d", *tp, c)
-            else:
-                self.partitions[tp] = restored
-                starts[tp] = restored.position
-                log.info("features: %s[%d] restored at %d, replaying to %d", *tp, restored.position, c)
-        return starts
+    def unit_of(self, tp: TopicPartition) -> str:
+        return f"features:{tp[0]}:{tp[1]}"
 
-    def on_revoke(self, revoked: list[TopicPartition]) -> None:
-        """Drop the state of partitions another member now owns (it restores them itself).
+    @staticmethod
+    def _partition(unit: str) -> TopicPartition:
+        topic, partition = unit.removeprefix("features:").rsplit(":", 1)
+        return topic, int(partition)
 
-        When the runner's last commit covered everything handled (a clean handoff or
-        stop), their state is saved first, so the next owner replays nothing."""
-        if self._all_committed:
-            self._save([tp for tp in revoked if tp in self.partitions])
-        for tp in revoked:
-            self.partitions.pop(tp, None)
+    def dump_unit(self, unit: str) -> Any:
+        computer = self.partitions.get(self._partition(unit))
+        return (computer or FeatureComputer(self.views)).state()
+
+    def load_unit(self, unit: str, state: Any | None) -> None:
+        try:
+            computer = FeatureComputer(self.views) if state is None else FeatureComputer.from_state(state, self.views)
+        except SnapshotError as exc:
+            raise StateError(str(exc)) from exc
+        self.partitions[self._partition(unit)] = computer
+
+    def drop_unit(self, unit: str) -> None:
+        self.partitions.pop(self._partition(unit), None)
 
     def after_commit(self, offsets: dict[TopicPartition, int]) -> None:
-        """Every handled message is now at or below its partition's committed offset, so the
-        in-memory state of each partition is a valid snapshot: save the changed ones when due."""
-        self._all_committed = True
         if self._after_commit_hook is not None:
             self._after_commit_hook()
-        if self.snapshots is None or self._clock() < self._next_checkpoint:
-            return
-        self.checkpoint()
-
-    def checkpoint(self) -> int:
-        """Save the state of every partition that changed since its last snapshot; returns how many.
-
-        Call only when everything handled is committed (``after_commit``). A Redis
-        failure is logged and retried at the next checkpoint: the older snapshots
-        stay valid, recovery just replays more.
-        """
-        self._next_checkpoint = self._clock() + self.checkpoint_every_s
-        return self._save(list(self.partitions))
-
-    def _save(self, partitions: list[TopicPartition]) -> int:
-        if self.snapshots is None:
-            return 0
-        saved = 0
-        for topic, partition in partitions:
-            part = self.partitions[(topic, partition)]
-            if part.position == part.saved:
-                continue
-            try:
-                self.snapshots.save(topic, partition, self._snapshot.encode(part.position, part.computer.state()))
-            except redis.RedisError as exc:
-                log.warning("features: snapshot of %s[%d] not saved (%s); retried later", topic, partition, exc)
-                return saved
-            part.saved = part.position
-            saved += 1
-        return saved
-
-    def _restore(self, tp: TopicPartition, committed: int) -> PartitionState | None:
-        if self.snapshots is None:
-            return None
-        try:
-            raw = self.snapshots.load(*tp)
-        except redis.RedisError as exc:
-            log.warning("features: snapshot of %s[%d] not readable (%s)", *tp, exc)
-            return None
-        if raw is None:
-            return None
-        try:
-            offset, state = self._snapshot.decode(raw)
-            computer = FeatureComputer.from_state(state, self.views)
-        except SnapshotError as exc:
-            log.warning("features: snapshot of %s[%d] refused: %s", *tp, exc)
-            return None
-        if offset > committed:  # ahead of the group (offsets reset, another log): not this log's state
-            log.warning("features: snapshot of %s[%d] is at %d, past the committed %d: ignored",
-                        *tp, offset, committed)
-            return None
-        return PartitionState(computer, offset, replay_until=committed, saved=offset)
+        super().after_commit(offsets)
 
     def _log_batch(self, view: FeatureView, rows: list[LogRow]) -> Produce:
         record = {

@@ -17,16 +17,18 @@ whose label is a field of the scored event
 Co-partitioning: both inputs must reach the same worker for an event; with
 one learn worker per model (the default) that always holds.
 
-**Recovery.** After a commit, at most every ``checkpoint_every_s``, the stage
-saves its whole state (the river model, the progressive metric, the pending
-joins, and per input partition the offset the state is after) as a signed
-snapshot in Redis (:mod:`streams.state`). On assignment it restores it and
-replays each partition from the snapshot's offset to the committed one without
+**Recovery.** The stage's whole state (the river model, the progressive
+metric, the pending joins, the challengers) is one unit of the runtime's
+recovery protocol (:mod:`streams.recovery`): after a commit, at most every
+``checkpoint_every_s``, it is saved as a signed snapshot with the offset of
+each input partition it is after; on assignment it is restored and each
+partition replayed from the snapshot's offset to the committed one without
 producing anything (those messages' outputs exist); a missing, altered or
 too-new snapshot means relearning from the log's beginning. The model after a
 restart is the one before the crash plus the replayed labels; with the
 replay's interleaving of the two topics it can differ from an uninterrupted
-run's by the order of a few joins.
+run's by the order of a few joins. Each save also writes the primary learner
+alone (:func:`serving_snapshot`), inference's fallback.
 """
 
 from __future__ import annotations
@@ -45,16 +47,16 @@ from river import metrics
 from models.online import RiverLearner
 from models.progressive import Prediction, ProgressiveEvaluator
 from streams import topics as T
-from streams.base import Message, Produce, Stage, StepResult
+from streams.base import Message, Produce, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.project.contracts import silver_topic
 from streams.project.spec import LabelStream, Model, Project
+from streams.recovery import Admit, StatefulStage
 from streams.state import SignedSnapshots, StateError
 
 log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
-OFFSET_BEGINNING = -2  # librdkafka's logical offset: the log's first retained record
 
 
 def serving_snapshot(model: Model) -> str:
@@ -93,7 +95,7 @@ class BoundedMap(OrderedDict[str, Any]):
             self.popitem(last=False)
 
 
-class LearnStage(Stage):
+class LearnStage(StatefulStage):
     """Scores every served event of one model with its online learner, learns on its label, keeps its
     progressive metric.
 
@@ -110,6 +112,7 @@ class LearnStage(Stage):
                  max_pending: int = 500_000, clock: Callable[[], float] = time.time,
                  snapshots: SignedSnapshots | None = None, checkpoint_every_s: float = 30.0,
                  monotonic: Callable[[], float] = time.monotonic, rename: dict[str, str] | None = None) -> None:
+        super().__init__(snapshots, checkpoint_every_s=checkpoint_every_s, clock=monotonic)
         names = rename or {}
         self.model = model
         self.step_id = f"learn-{model.name}"
@@ -122,15 +125,7 @@ class LearnStage(Stage):
         self.challengers: dict[str, tuple[str, ProgressiveEvaluator]] = {
             f"{model.online_name}-{name}": (v, ProgressiveEvaluator(lr, metric))
             for name, (lr, v) in (challengers or {}).items()}
-        self.snapshots = snapshots
-        self.checkpoint_every_s = checkpoint_every_s
-        self._monotonic = monotonic
-        self._next_checkpoint = monotonic() + checkpoint_every_s
-        self.positions: dict[TopicPartition, int] = {}  # per input partition: the next offset the state has not seen
-        self.replay_until: dict[TopicPartition, int] = {}  # below: processed and committed before the restart
-        self.replayed = 0
-        self.restored_from: str = "memory"  # "snapshot", "log" (relearned from the beginning) or "memory"
-        self._all_committed = True
+        self.definition = f"learn:{model.name}:{metric}:{','.join(self.features)}".encode()
         self.publish_every = publish_every
         self.version = version
         self.clock = clock
@@ -161,15 +156,11 @@ class LearnStage(Stage):
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         scratch = StepResult()  # what replayed messages would produce: they produced it before the restart
-        self._all_committed = not batch and self._all_committed
         for msg in batch:
-            tp = (msg.topic, msg.partition)
-            if msg.offset < self.positions.get(tp, 0):
-                continue  # already in the restored state
-            self.positions[tp] = msg.offset + 1
-            replay = msg.offset < self.replay_until.get(tp, 0)
-            self.replayed += replay
-            out = scratch if replay else result
+            admitted = self.admit(msg)
+            if admitted is Admit.SEEN:
+                continue
+            out = scratch if admitted is Admit.REPLAY else result
             for _, record in decoded([msg], self._codecs, out):
                 if msg.topic == self._scored_topic:
                     for item in record["items"]:
@@ -185,83 +176,28 @@ class LearnStage(Stage):
         """The primary online model (the evaluator's: restoring a snapshot replaces both at once)."""
         return self.evaluator.learner
 
-    # --- recovery: the runner's hooks (see streams.base.Stage) ---
+    # --- the unit of state of the recovery protocol (streams.recovery): the whole stage ---
 
     @property
     def snapshot_name(self) -> str:
         return f"learn:{self.model.online_name}:{self.version}"
 
-    def on_assign(self, assigned: list[TopicPartition],
-                  committed: dict[TopicPartition, int | None]) -> dict[TopicPartition, int]:
-        """Restore the learner, its metric and its pending joins from the snapshot, and start each partition at
-        the snapshot's offset (replaying up to the committed one without producing); without a usable
-        snapshot, relearn from the log's beginning. One learn worker holds every partition (the joins span them).
-        """
-        done = {tp: c for tp in assigned if (c := committed.get(tp)) is not None}
-        if self.snapshots is None or not done:
-            return {}
-        if self.positions and all(self.positions.get(tp) == c for tp, c in done.items()):
-            return {}  # the state in memory is exactly as far as the group
-        state = self._load()
-        if state is not None and all(state["positions"].get(tp, 0) <= c for tp, c in done.items()):
-            self._restore(state)
-            self.restored_from = "snapshot"
-            starts = {tp: self.positions.get(tp, OFFSET_BEGINNING) for tp in done}
-        else:
-            self.challengers = {name: (v, ProgressiveEvaluator(ev.learner.clone(), ev.metric_name))
-                                for name, (v, ev) in self.challengers.items()}
-            self._restore({"positions": {}, "evaluator": ProgressiveEvaluator(self.learner.clone(),
-                                                                               self.evaluator.metric_name),
-                           "pending": BoundedMap(self.pending.limit), "early": BoundedMap(self.early_labels.limit),
-                           "learned": 0, "challengers": self.challengers})
-            self.restored_from = "log"
-            starts = dict.fromkeys(done, OFFSET_BEGINNING)
-        self.replay_until = done
-        log.info("learn %s: state from %s, replaying %s", self.model.name, self.restored_from,
-                 {f"{t}[{p}]": (starts[(t, p)], c) for (t, p), c in done.items()})
-        return starts
+    def unit_of(self, tp: TopicPartition) -> str:
+        return self.snapshot_name  # one learn worker holds every partition: the joins span them
 
-    def on_revoke(self, revoked: list[TopicPartition]) -> None:
-        """Leaving the group cleanly (everything handled is committed): save the state now."""
-        if self._all_committed and self.snapshots is not None:
-            self.checkpoint()
+    def dump_unit(self, unit: str) -> Any:
+        return {"evaluator": self.evaluator, "pending": self.pending, "early": self.early_labels,
+                "learned": self.learned, "expired": dict(self.expired), "champions": self.champions,
+                "challengers": self.challengers, "newest": (self._newest_scored, self._newest_label)}
 
-    def after_commit(self, offsets: dict[TopicPartition, int]) -> None:
-        self._all_committed = True
-        if self.snapshots is not None and self._monotonic() >= self._next_checkpoint:
-            self.checkpoint()
-
-    def checkpoint(self) -> bool:
-        """Save the state (call only when everything handled is committed); a Redis failure is logged and the
-        older snapshot stays valid."""
-        self._next_checkpoint = self._monotonic() + self.checkpoint_every_s
-        assert self.snapshots is not None
-        state = {"positions": dict(self.positions), "evaluator": self.evaluator, "pending": self.pending,
-                 "early": self.early_labels, "learned": self.learned, "expired": dict(self.expired),
-                 "champions": self.champions, "challengers": self.challengers,
-                 "newest": (self._newest_scored, self._newest_label)}
-        try:
-            self.snapshots.save(self.snapshot_name, state)
-            # inference's fallback when its model fails: the primary learner alone (streams.serving.resilience)
-            self.snapshots.save(serving_snapshot(self.model), {"version": self.version, "learner": self.learner})
-        except redis.RedisError as exc:
-            log.warning("learn %s: snapshot not saved (%s); retried at the next checkpoint", self.model.name, exc)
-            return False
-        return True
-
-    def _load(self) -> dict[str, Any] | None:
-        assert self.snapshots is not None
-        try:
-            state = self.snapshots.load(self.snapshot_name)
-        except (StateError, redis.RedisError) as exc:
-            log.warning("learn: snapshot %s not usable (%s): relearning from the log", self.snapshot_name, exc)
-            return None
+    def load_unit(self, unit: str, state: Any | None) -> None:
+        if state is None:  # untrained clones of the configured learners, nothing pending
+            state = {"evaluator": ProgressiveEvaluator(self.learner.clone(), self.evaluator.metric_name),
+                     "pending": BoundedMap(self.pending.limit), "early": BoundedMap(self.early_labels.limit),
+                     "learned": 0, "challengers": {name: (v, ProgressiveEvaluator(ev.learner.clone(), ev.metric_name))
+                                                   for name, (v, ev) in self.challengers.items()}}
         if not isinstance(state, dict) or not isinstance(state.get("evaluator"), ProgressiveEvaluator):
-            return None
-        return state
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.positions = dict(state["positions"])
+            raise StateError("not a learn stage's state")
         self.evaluator = state["evaluator"]
         self.pending, self.early_labels, self.learned = state["pending"], state["early"], state["learned"]
         self.expired = dict(state.get("expired", {"unlabelled": 0, "unscored_labels": 0}))
@@ -271,8 +207,22 @@ class LearnStage(Stage):
             if name in kept:
                 self.challengers[name] = kept[name]
             else:
+                version, ev = self.challengers[name]
+                self.challengers[name] = (version, ProgressiveEvaluator(ev.learner.clone(), ev.metric_name))
                 log.warning("learn: challenger %s is not in the snapshot: it starts untrained", name)
         self._newest_scored, self._newest_label = state.get("newest", (0, 0))
+
+    def drop_unit(self, unit: str) -> None:
+        self.load_unit(unit, None)  # the partitions went elsewhere: keep an empty state, not a stale one
+
+    def after_save(self, unit: str) -> None:
+        """Inference's fallback when its model fails: the primary learner alone (streams.serving.resilience)."""
+        assert self.snapshots is not None
+        try:
+            self.snapshots.save(serving_snapshot(self.model), {"version": self.version, "learner": self.learner})
+        except redis.RedisError as exc:
+            log.warning("learn %s: serving snapshot not saved (%s); retried at the next checkpoint",
+                        self.model.name, exc)
 
     # --- the join and the learning ---
 

@@ -1,11 +1,14 @@
 """Chaos: the whole system under faults while its scenario produces, checked by an oracle.
 
 Services run as processes of their own, as in production: the broker (Tansu), Redis (valkey) and, for a
-project with CDC sources, PostgreSQL. ``weir up`` runs as one more process pointed at them (its ClickHouse is
-chdb, an engine inside that process, not a server: there is no ClickHouse server to stop here). Once it is up,
-the project's scenario produces continuously, and at seeded random points the harness, one fault at a time:
+project with CDC sources, PostgreSQL. ``weir up --workers N`` runs as one more process pointed at them, the hub,
+with ``--workers`` (2) worker processes for the hot-path stages (ingest, features, inference), so every one of
+them has two members in its consumer group (the hub's ClickHouse is chdb, an engine inside that process, not a
+server: there is no ClickHouse server to stop here). Once it is up, the project's scenario produces
+continuously, and at seeded random points the harness, one fault at a time:
 
-* kills ``weir up`` with SIGKILL (``--kills`` times) and starts it again at once;
+* ``--kills`` times, alternately: kills ``weir up`` with SIGKILL (its workers stop with it) and starts it again
+  at once, or kills one worker with SIGKILL (the hub starts it again);
 * stops Redis for ``--down-s`` seconds and starts it again on the same port;
 * kills PostgreSQL and starts it again on the same port ``--down-s`` seconds later (CDC sources only);
 * produces ``--poison`` undecodable records to a source topic;
@@ -30,17 +33,20 @@ table and then as one JSON line:
   stage's own code fed every silver record once, in log order (each event's values, and duplicates
   written after a kill, must equal it);
 * ``committed_ahead``: per hot-path stage (features, inference), events below its group's committed offsets
-  whose output is missing, read after each kill (before the restart) and at the end: a commit ahead of its
-  work loses them;
+  whose output is missing, read after each kill of the hub (before the restart, nothing running) and at the
+  end: a commit ahead of its work loses them;
 * ``recovery_s``: per fault, from its end (the restart, the service back, the last record produced) to the
   last moment ``/healthz`` did not say that every stage runs (watched for at least 5 s: a paused or retrying
   stage shows there); ``guard_pauses``: how often the DLQ guard paused a stage (``--dlq-pause-s`` each);
-* ``orphans``: processes of a killed ``weir up`` still running 20 s after the kill.
+* ``orphans``: processes of a killed ``weir up`` or worker still running 20 s after the kill;
+* ``worker_partitions``: per worker and hot-path stage, how many partitions it held during the run (from the
+  hub's ``/healthz`` every 2 s): each must hold some, or the run did not spread the work.
 
 ``--smoke`` (what ``make test`` runs): small (7,000 events at 70/s, 600 poison pills, a 10 s guard pause),
-one kill and each other fault once; exits 1 when ``lost``,
+one kill of the hub, one of a worker, and each other fault once; exits 1 when ``lost``,
 ``duplicates_differ``, ``duplicates_final``, ``orphans``, ``late_after_outliers``, ``features_differ``,
-``features_missing``, ``features_extra`` or a ``committed_ahead`` is not 0. Uncommitted
+``features_missing``, ``features_extra`` or a ``committed_ahead`` is not 0, or a worker held no partition of
+a hot-path stage. Uncommitted
 input processed again after a kill makes duplicates: expected, counted, and each must be identical.
 """
 
@@ -59,8 +65,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -83,6 +87,7 @@ from streams.dlq import parse_dead_letter  # noqa: E402
 from streams.embedded._proc import free_port  # noqa: E402
 from streams.embedded.kafka import EmbeddedKafka  # noqa: E402
 from streams.embedded.postgres import EmbeddedPostgres  # noqa: E402
+from streams.health import read_health  # noqa: E402
 from streams import topics as T  # noqa: E402
 from streams.base import Message  # noqa: E402
 from streams.kafka import read_until_idle  # noqa: E402
@@ -142,8 +147,9 @@ class Services:
 class Weir:
     """``weir up`` as a process; every start's output goes to one log file."""
 
-    def __init__(self, root: Path, project_ref: str, env: dict[str, str], dlq_pause_s: float) -> None:
+    def __init__(self, root: Path, project_ref: str, env: dict[str, str], dlq_pause_s: float, workers: int) -> None:
         self.health_port = free_port()
+        self.workers = workers
         self.log = root / "weir.log"
         keep = ("WEIR_LOG_LEVEL",)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_") or k in keep} | env | {
@@ -153,16 +159,17 @@ class Weir:
 
     def start(self) -> float:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "up"], cwd=ROOT, env=self.env,
-                                         stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "up", "--workers", str(self.workers)],
+                                         cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         return time.monotonic()
 
+    def health(self) -> dict[str, Any] | None:
+        """The hub's ``/healthz`` answer (its stages and each worker's), None when it does not answer."""
+        return read_health(f"http://127.0.0.1:{self.health_port}/healthz")
+
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        answer = self.health()
+        return bool(answer and answer.get("ok"))
 
     def recovery_s(self, since: float, watch_s: float = 5.0, steady_s: float = 2.0, timeout: float = 240.0) -> float:
         """Seconds from ``since`` (a fault's end) to the last moment /healthz did not answer 200, watching for at
@@ -182,13 +189,27 @@ class Weir:
         raise TimeoutError(f"weir up not healthy {timeout:.0f} s after the fault; see {self.log}")
 
     def kill(self) -> list[int]:
-        """SIGKILL; returns the pids of its descendants still running 20 s later (orphans)."""
+        """SIGKILL the hub; returns the pids of its descendants (workers included) still running 20 s later."""
         assert self.proc is not None
         kids = psutil.Process(self.proc.pid).children(recursive=True)
         self.proc.kill()
         self.proc.wait()
         _, alive = psutil.wait_procs(kids, timeout=20)
         return [p.pid for p in alive]
+
+    def kill_worker(self, rng: random.Random) -> tuple[float, list[int]]:
+        """SIGKILL one running worker (the hub restarts it); returns when, and its descendants still running 20 s
+        later."""
+        answer = self.health() or {}
+        pids = sorted(w["pid"] for w in answer.get("workers", {}).values() if w.get("pid"))
+        if not pids:
+            raise RuntimeError(f"no running worker to kill; see {self.log}")
+        worker = psutil.Process(rng.choice(pids))
+        kids = worker.children(recursive=True)
+        worker.kill()
+        killed = time.monotonic()
+        _, alive = psutil.wait_procs(kids, timeout=20)
+        return killed, [p.pid for p in alive]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -342,7 +363,8 @@ class Run:
         self.args, self.project, self.root = args, project, root
         self.rng = random.Random(args.seed)
         self.services = Services(root, with_postgres=bool(project.cdc_sources))
-        self.weir = Weir(root, args.project, self.services.env(), args.dlq_pause_s)
+        self.weir = Weir(root, args.project, self.services.env(), args.dlq_pause_s, args.workers)
+        self.held: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # worker → stage → parts
         self.recovery: list[tuple[str, float]] = []
         self.orphans: list[int] = []
         self.ahead: Counter[str] = Counter()  # per stage: events below a committed offset without their output
@@ -364,7 +386,9 @@ class Run:
 
     def faults(self) -> list[tuple[str, Callable[[], float]]]:
         """The faults of this run, each a callable that injects it and returns when its end happened."""
-        out: list[tuple[str, Callable[[], float]]] = [(f"kill -9 #{i + 1}", self.kill) for i in range(self.args.kills)]
+        out: list[tuple[str, Callable[[], float]]] = [
+            (f"kill -9 worker #{i // 2 + 1}", self.kill_worker) if i % 2 and self.args.workers else
+            (f"kill -9 weir up #{i // 2 + 1}", self.kill) for i in range(self.args.kills)]
         out.append(("redis down", self.redis_down))
         if self.services.pg is not None:
             out.append(("postgres killed", self.postgres_down))
@@ -391,6 +415,18 @@ class Run:
         self.ahead.update(committed_ahead(self.project, self.services.kafka.bootstrap))  # weir up is down
         return self.weir.start()
 
+    def kill_worker(self) -> float:
+        killed, orphans = self.weir.kill_worker(self.rng)
+        self.orphans += orphans
+        return killed
+
+    def watch_partitions(self, done: threading.Event) -> None:
+        """Every 2 s, note which partitions each worker's stages hold (from the hub's ``/healthz``)."""
+        while not done.wait(2.0):
+            for name, worker in ((self.weir.health() or {}).get("workers") or {}).items():
+                for stage, h in (worker.get("stages") or {}).items():
+                    self.held[name][stage].update(h.get("partitions") or [])
+
     def redis_down(self) -> float:
         self.services.stop_redis()
         time.sleep(self.args.down_s)
@@ -409,6 +445,8 @@ class Run:
         self.recovery.append(("first start", self.weir.recovery_s(t0)))
         producer = threading.Thread(target=self.scenario, name="scenario", daemon=True)
         producer.start()
+        watched = threading.Event()
+        threading.Thread(target=self.watch_partitions, args=(watched,), name="partitions", daemon=True).start()
         produce_s = self.args.events / self.args.rate
         faults = [] if self.args.no_faults else self.faults()
         gap = produce_s * 0.8 / (len(faults) + 1)
@@ -421,6 +459,7 @@ class Run:
         if self.errors:
             raise self.errors[0]
         settle_s = self.settle()
+        watched.set()
         self.weir.stop()
         return self.oracle(settle_s)
 
@@ -447,7 +486,8 @@ class Run:
         ch = ClickHouse(f"chdb://{self.root / 'weir' / 'clickhouse'}", database=self.project.name)
         ((rows, distinct),) = ch.rows("SELECT count(), uniqExact(event_id) FROM predictions FINAL "
                                       "WHERE model_name = {m:String}", {"m": model.name})
-        log_text = self.weir.log.read_text(errors="replace")
+        logs = [self.weir.log, *sorted((self.root / "weir" / "workers").glob("*.log"))]  # the hub's, each worker's
+        log_text = "".join(path.read_text(errors="replace") for path in logs)
         features_late = sum(int(n) for n in FEATURES_LATE.findall(log_text))
         self.ahead.update(committed_ahead(self.project, bootstrap))
         features = features_vs_uninterrupted(self.project, bootstrap)
@@ -468,7 +508,9 @@ class Run:
             "recovery_median_s": round(statistics.median(s for _, s in self.recovery[1:]), 1)
             if len(self.recovery) > 1 else None,
             "guard_pauses": len(GUARD_PAUSE.findall(log_text)),
-            "orphans": len(self.orphans), "settle_s": round(settle_s, 1),
+            "orphans": len(self.orphans), "settle_s": round(settle_s, 1), "workers": self.args.workers,
+            "worker_partitions": {w: {stage: len(parts) for stage, parts in sorted(stages.items())}
+                                  for w, stages in sorted(self.held.items())},
         }
 
 
@@ -481,6 +523,8 @@ def print_table(o: dict[str, Any]) -> None:
             ("  missing / extra", f"{o['features_missing']} / {o['features_extra']}"),
             ("DLQ-guard pauses", o["guard_pauses"]), ("orphan processes", o["orphans"])]
     rows += [(f"committed ahead of its work: {stage}", n) for stage, n in o["committed_ahead"].items()]
+    rows += [(f"partitions held by {w}", ", ".join(f"{stage} {n}" for stage, n in stages.items()))
+             for w, stages in o["worker_partitions"].items()]
     rows += [(f"dead letters: {r}", n) for r, n in o["dead_letters"].items()]
     rows += [(f"recovery: {name}", f"{s} s") for name, s in o["recovery_s"].items()]
     width = max(len(r[0]) for r in rows)
@@ -493,7 +537,9 @@ def main() -> None:
     add_project_option(ap)
     ap.add_argument("--events", type=int, default=24_000, help="scenario events (all sources)")
     ap.add_argument("--rate", type=float, default=100.0, help="scenario events per second")
-    ap.add_argument("--kills", type=int, default=3, help="SIGKILLs of weir up")
+    ap.add_argument("--kills", type=int, default=4, help="SIGKILLs: of weir up (the hub, and so its workers) and, "
+                                                         "with workers, of one worker, alternately")
+    ap.add_argument("--workers", type=int, default=2, help="weir up --workers: processes for the hot-path stages")
     ap.add_argument("--down-s", type=float, default=10.0, help="how long Redis and PostgreSQL stay down")
     ap.add_argument("--poison", type=int, default=1500, help="undecodable records in one burst")
     ap.add_argument("--outliers", type=int, default=2, help="events stamped 290 s ahead (the rule tolerates 2)")
@@ -504,7 +550,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="small, one fault of each kind; exits 1 if the oracle fails")
     args = ap.parse_args()
     if args.smoke:
-        args.events, args.rate, args.kills, args.poison, args.dlq_pause_s = 7_000, 70.0, 1, 600, 10.0
+        args.events, args.rate, args.kills, args.poison, args.dlq_pause_s = 7_000, 70.0, 2, 600, 10.0
     project = load_project(args.project)
     if project.scenario is None or not project.models:
         fail("chaos.py", f"project {project.name} declares no scenario or no model: nothing to produce or score")
@@ -518,7 +564,8 @@ def main() -> None:
     finally:
         run.weir.stop()
         run.services.stop()
-    print(f"chaos: project {project.name}, {args.events:,} scenario events at {args.rate:g}/s, {args.kills} kill(s), "
+    print(f"chaos: project {project.name}, {args.events:,} scenario events at {args.rate:g}/s, hub + {args.workers} "
+          f"worker(s), {args.kills} kill(s), "
           f"Redis{' and PostgreSQL' if project.cdc_sources else ''} down {args.down_s:g} s, "
           f"{args.poison} poison pills, {args.outliers} outliers:")
     print_table(o)
@@ -526,6 +573,10 @@ def main() -> None:
     bad = {k: o[k] for k in ("lost", "duplicates_differ", "duplicates_final", "orphans", "late_after_outliers",
                              "features_differ", "features_missing", "features_extra") if o[k]}
     bad |= {f"committed_ahead {stage}": n for stage, n in o["committed_ahead"].items() if n}
+    idle = [f"worker-{i + 1}" for i in range(args.workers) if len(o["worker_partitions"].get(f"worker-{i + 1}", {}))
+            < 3 or not all(o["worker_partitions"][f"worker-{i + 1}"].values())]
+    if idle:
+        bad["workers without partitions of every hot-path stage"] = idle
     if bad:
         print(f"chaos: the oracle failed: {bad}; kept {root} (weir up's output: {run.weir.log})", file=sys.stderr)
         if args.smoke:

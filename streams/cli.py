@@ -1,5 +1,6 @@
 """The ``weir`` command: ``weir init|plan|apply`` (a project), ``weir up`` (stack + every stage of a project
-until Ctrl-C), ``weir demo``, ``weir schemas check``, ``weir dlq inspect|replay``, ``weir replay``,
+until Ctrl-C; ``--workers N`` puts the hot path in N supervised processes), ``weir worker`` (some stages, beside
+it or against external services), ``weir demo``, ``weir schemas check``, ``weir dlq inspect|replay``, ``weir replay``,
 ``weir models`` and ``weir features list|describe|training-set``.
 
 The project a command runs is ``--project`` (before the command), else ``WEIR_PROJECT``, else
@@ -8,24 +9,74 @@ The project a command runs is ``--project`` (before the command), else ``WEIR_PR
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+import pydantic
 
 from streams.project.load import ProjectError, project_of
 from streams.project.plan import PlanRefused
 from streams.settings import WeirSettings
+from streams.stack import DataDirInUse, ServiceUnreachable
+
+
+def _serve(pipeline: Any, settings: WeirSettings, stop: threading.Event, health: Any) -> None:
+    """Watch the stages until SIGTERM or Ctrl-C; then stop them (each commits what it processed), within
+    ``WEIR_SHUTDOWN_TIMEOUT_S``: past it the process exits anyway (what was not committed is re-delivered)."""
+    try:
+        while not stop.wait(1.0):
+            pipeline.check()  # logs a stage that fails (it is retried) or that the DLQ guard paused
+    except KeyboardInterrupt:
+        pass
+    finally:
+        bound = settings.shutdown_timeout_s
+
+        def overdue() -> None:
+            print(f"weir: stages did not stop within {bound:g} s (WEIR_SHUTDOWN_TIMEOUT_S): exiting; what was not "
+                  "committed is processed again on the next start", file=sys.stderr, flush=True)
+            os._exit(3)
+
+        timer = threading.Timer(bound, overdue)
+        timer.daemon = True
+        timer.start()
+        health.stop()
+        pipeline.stop()
+        timer.cancel()
+
+
+def _combined(pipeline: Any, pool: Any) -> Callable[[], dict[str, Any]]:
+    """The hub's ``/healthz``: its own stages, and each worker (ok only when every one runs)."""
+
+    def health() -> dict[str, Any]:
+        out: dict[str, Any] = pipeline.health()
+        if pool is not None:
+            out["workers"] = workers = pool.health()
+            out["ok"] = out["ok"] and all(w["state"] == "running" for w in workers.values())
+        return out
+
+    return health
 
 
 def _up(settings: WeirSettings, args: argparse.Namespace) -> int:
     from streams.demo import pipeline_config
     from streams.health import HealthServer
-    from streams.pipeline import Pipeline
+    from streams.pipeline import ALL_STAGES, Pipeline
+    from streams.project.load import project_ref
     from streams.stack import Stack
+    from streams.worker import HOT_PATH, WorkerPool
 
+    if args.workers < 0:
+        print("weir up: error: --workers must be 0 or more", file=sys.stderr)
+        return 2
     project = project_of(args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -34,21 +85,58 @@ def _up(settings: WeirSettings, args: argparse.Namespace) -> int:
         endpoints.write(path)
         if project.scenario is not None and endpoints.postgres_dsn:  # the tables its CDC sources stream
             project.scenario.prepare(endpoints.postgres_dsn, endpoints.kafka_bootstrap, settings.partitions)
-        pipeline = Pipeline(project, endpoints, pipeline_config(settings))
+        stages = tuple(s for s in ALL_STAGES if not (args.workers and s in HOT_PATH))
+        pipeline = Pipeline(project, endpoints, dataclasses.replace(pipeline_config(settings), stages=stages))
         pipeline.start()
-        health = HealthServer(pipeline.health, port=settings.health_port).start()
-        path.write_text(json.dumps({**json.loads(path.read_text()), "health_url": health.url}, indent=2) + "\n")
-        print(f"weir is up with project {project.name}; endpoints in {path}:\n{path.read_text()}Ctrl-C to stop.",
-              flush=True)
+        pool = None
+        if args.workers:
+            pool = WorkerPool(args.workers, HOT_PATH, project_ref(args.project), endpoints,
+                              settings.data_dir / "workers").start()
+        health = HealthServer(_combined(pipeline, pool), port=settings.health_port, metrics=pipeline.metrics).start()
+        info = {**json.loads(path.read_text()), "health_url": health.url}
+        if pool is not None:
+            info["workers"] = {w.name: f"http://127.0.0.1:{w.health_port}/healthz" for w in pool.workers}
+        path.write_text(json.dumps(info, indent=2) + "\n")
+        shape = f" and {args.workers} worker(s) for {', '.join(HOT_PATH)} (logs in {settings.data_dir / 'workers'})" \
+            if pool is not None else ""
+        print(f"weir is up with project {project.name}{shape}; endpoints in {path}:\n{path.read_text()}"
+              "Ctrl-C to stop.", flush=True)
         try:
-            while not stop.wait(1.0):
-                pipeline.check()  # logs a stage that fails (it is retried) or that the DLQ guard stopped
-        except KeyboardInterrupt:
-            pass
+            _serve(pipeline, settings, stop, health)
         finally:
-            health.stop()
-            pipeline.stop()
+            if pool is not None:
+                pool.stop(settings.shutdown_timeout_s)
     print("weir stopped.")
+    return 0
+
+
+def _worker(settings: WeirSettings, args: argparse.Namespace) -> int:
+    from streams.demo import pipeline_config
+    from streams.health import HealthServer
+    from streams.pipeline import Pipeline
+    from streams.stack import check_reachable
+    from streams.worker import WorkerError, parse_member, parse_stages, use_services, worker_endpoints
+
+    project = project_of(args)
+    try:
+        stages = parse_stages(args.stages)
+        member = parse_member(args.member)
+        endpoints = worker_endpoints(settings, stages)
+    except WorkerError as exc:
+        print(f"weir worker: {exc}", file=sys.stderr)
+        return 2
+    check_reachable(endpoints.kafka_bootstrap, endpoints.redis_url, endpoints.schema_registry_url)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    use_services(endpoints, project)
+    pipeline = Pipeline(project, endpoints, dataclasses.replace(pipeline_config(settings), stages=stages,
+                                                                member=member))
+    pipeline.start()
+    health = HealthServer(pipeline.health, port=settings.health_port, metrics=pipeline.metrics).start()
+    print(f"weir worker {os.getpid()} is up with project {project.name}: {', '.join(stages)}; health at "
+          f"{health.url}, metrics beside it.", flush=True)
+    _serve(pipeline, settings, stop, health)
+    print(f"weir worker {os.getpid()} stopped.", flush=True)
     return 0
 
 
@@ -87,7 +175,18 @@ def parser() -> argparse.ArgumentParser:
                    help="the project: package.module:attribute or path/to/project.py (default: WEIR_PROJECT, "
                         "else ./project.py)")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the embedded stack and every stage of the project; stay up until Ctrl-C")
+    up = sub.add_parser("up", help="start the embedded stack and every stage of the project; stay up until Ctrl-C")
+    up.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="run the hot-path stages (ingest, features, inference) in N worker processes of their own, "
+                         "supervised by this one, instead of in it (default 0)")
+    w = sub.add_parser("worker", help="run some stages of the project in this process, beside a running `weir up` "
+                                      "or against external services; any number of workers share a stage's partitions")
+    w.add_argument("--member", default=None, metavar="I/N",
+                   help="take a fixed share of the hot-path stages' partitions (numbers I-1 modulo N) without a "
+                        "consumer group, as `weir up --workers N` starts its workers; default: join the groups")
+    w.add_argument("--stages", default="ingest,features,inference",
+                   help="comma-separated, from ingest, features, inference, learn, drift, sinks, retrain (sinks and "
+                        "retrain need WEIR_CLICKHOUSE_URL); default: ingest,features,inference")
     d = sub.add_parser("demo", help="run the project's scenario through every stage and print a summary")
     d.add_argument("--events", type=int, default=60_000, help="scenario events to produce (default 60000)")
     d.add_argument("--rate", type=float, default=800.0, help="events per second, 0 = unthrottled (default 800)")
@@ -113,16 +212,43 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def settings_or_exit(program: str = "weir") -> WeirSettings:
+    """The settings from the environment; an invalid value ends the process with one line per problem, naming
+    the ``WEIR_`` variable (status 2). An unknown ``WEIR_`` variable is warned about (a typo is otherwise
+    silently ignored)."""
+    for name in unknown_variables(os.environ):
+        close = difflib.get_close_matches(name, setting_variables(), n=1)
+        print(f"{program}: warning: {name} is not a Weir setting and is ignored"
+              + (f" (did you mean {close[0]}?)" if close else ""), file=sys.stderr)
+    try:
+        return WeirSettings()
+    except pydantic.ValidationError as exc:
+        for err in exc.errors():
+            variable = "WEIR_" + "_".join(str(part) for part in err["loc"]).upper()
+            value = os.environ.get(variable, "")
+            print(f"{program}: {variable}={value!r}: {err['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def setting_variables() -> list[str]:
+    return [f"WEIR_{name.upper()}" for name in WeirSettings.model_fields]
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    known = set(setting_variables())
+    return sorted(k for k in environ if k.startswith("WEIR_") and k not in known)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    settings = WeirSettings()
+    settings = settings_or_exit(f"weir {args.command}")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"up": _up, "demo": _demo}
+    handlers = {"up": _up, "worker": _worker, "demo": _demo}
     try:
         if args.command in handlers:
             return handlers[args.command](settings, args)
         return int(args.handler(args))
-    except (ProjectError, PlanRefused) as exc:
+    except (ProjectError, PlanRefused, DataDirInUse, ServiceUnreachable) as exc:
         print(f"weir {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -34,6 +34,7 @@ from streams.dedup import RedisDedup
 from streams.dlq import DlqGuard
 from streams.event_time import EventTimeGuard
 from streams.gcpolicy import StateFreezer
+from streams.metrics import render
 from streams.project.contracts import tables
 from streams.project.spec import Model, Project
 from streams.pseudonymize import Pseudonymizer
@@ -80,6 +81,7 @@ class PipelineConfig:
     seed: int = 0
     group_prefix: str = "weir"
     stages: tuple[str, ...] = ALL_STAGES
+    member: tuple[int, int] | None = None  # (index, count): hot-path stages take their share without a group
     dedup_horizon_ms: int = 900_000
     max_future_ms: int = 300_000
     max_age_ms: int = 7 * 86_400_000
@@ -199,13 +201,16 @@ class Pipeline:
         # call) until they hold one inference batch or the inference max wait passed
         self._run(stage, hot=True, max_batch=8, max_wait_ms=c.inference_max_wait_ms)
         watch = ModelWatchStage(model, slot, canary_fraction=c.canary_fraction, backend=c.inference_backend)
-        self._run(watch, group_id=f"{c.group_prefix}-{watch.step_id}-{time.time_ns()}", max_wait_ms=200)
+        # every partition from the start in each process: no group to join (5-23 s on the embedded broker)
+        self._run(watch, group_id=f"{c.group_prefix}-{watch.step_id}-{time.time_ns()}", max_wait_ms=200,
+                  member=(0, 1))
         self.stages[f"slot-{model.name}"] = slot
 
     def _run(self, stage: Stage, *, hot: bool = False, group_id: str | None = None, max_batch: int | None = None,
-             max_wait_ms: int | None = None) -> None:
+             max_wait_ms: int | None = None, member: tuple[int, int] | None = None) -> None:
         """Start ``stage`` on a runner. Hot-path stages (ingest, features, inference) use the
-        configured batch wait (unless given) and fetch wait; the others fetch lazily (100 ms), sparing the broker."""
+        configured batch wait (unless given) and fetch wait, and the configured ``member`` share; the others
+        fetch lazily (100 ms), sparing the broker."""
         c = self.config
         runner = BatchRunner(
             stage, self.endpoints.kafka_bootstrap,
@@ -215,6 +220,7 @@ class Pipeline:
             fetch_wait_ms=c.fetch_wait_ms if hot else 100,
             dlq_guard=DlqGuard(c.dlq_max_ratio, c.dlq_window, c.dlq_min_events),  # one per runner: it has state
             guard_pause_s=c.dlq_pause_s,
+            member=member or (c.member if hot else None),
         )
         runner.start()
         self.runners[stage.step_id] = runner
@@ -271,6 +277,11 @@ class Pipeline:
             stages["cdc"] = dict(self.cdc_health)
         return {"project": self.project.name, "ok": all(h["state"] == "running" for h in stages.values()),
                 "stages": stages}
+
+    def metrics(self) -> str:
+        """Every runner's counters in the Prometheus text format (:mod:`streams.metrics`)."""
+        return render({name: (h["state"], h["retries"], runner.stats)
+                       for name, runner in self.runners.items() if (h := runner.health())})
 
     def check(self) -> dict[str, Any]:
         """Log each stage that changed state since the last call (a failing stage is retried, a stage the DLQ

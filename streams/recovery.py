@@ -34,9 +34,9 @@ runner's hooks (:class:`streams.base.Stage`) once for all of them:
 Because replay feeds the same messages in the same per-partition order, a
 restored unit's state (watermarks included) equals an uninterrupted run's once
 the replay reaches C; a unit built from several partitions can differ by the
-interleaving of those partitions. The runner assigns eagerly (every partition
-revoked, then the whole assignment given again), so a unit's partitions arrive
-together. A Redis failure while saving is logged and retried at the next
+interleaving of those partitions, and must have all of them in one member:
+its stage runs as the only member of its group, which is then given every
+partition at once. A Redis failure while saving is logged and retried at the next
 checkpoint (the older snapshot stays valid); while loading, the unit relearns
 from the log.
 """

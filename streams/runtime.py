@@ -24,6 +24,7 @@ rebuild their state from the log after a crash, a failure or a rebalance.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -48,18 +49,27 @@ REBALANCE_ERRORS = {
 }
 
 
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, float("inf"))
+"""Upper bounds of the batch-time histogram (seconds; ``/metrics``)."""
+
+
 @dataclass
 class RunnerStats:
-    """Counters a runner updates after each committed batch."""
+    """Counters a runner updates after each batch and each commit (read by ``/metrics``, tests, benchmarks)."""
 
     consumed: int = 0
     produced: int = 0
     dead_lettered: int = 0
     batches: int = 0
-    last_commit_at: float = 0.0
+    last_commit_at: float = 0.0  # monotonic
+    last_commit_ts: float = 0.0  # wall clock, seconds
     busy_s: float = 0.0
     lag_ms_sum: float = 0.0  # consume time minus the message's timestamp, summed over messages
     by_topic: dict[str, int] = field(default_factory=dict)
+    batch_seconds: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS_S))  # per bucket, not cumulative
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)  # the last offsets this runner committed
+    lag: dict[tuple[str, int], int] = field(default_factory=dict)  # per assigned partition, at the last commit
+
 
 
 def dead_letter(stage: str, rej: Rejected, now_ms: int) -> Produce:
@@ -113,8 +123,10 @@ class BatchRunner:
         backoff_max_s: float = 30.0,
         guard_pause_s: float = 30.0,
         guard_pause_max_s: float = 900.0,
+        member: tuple[int, int] | None = None,
     ) -> None:
         self.stage = stage
+        self.member = member
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
         self.guard_pause_s, self.guard_pause_max_s = guard_pause_s, guard_pause_max_s
         self.guard_trips = 0  # consecutive DLQ-guard pauses; 0 once a full window passed under the limit
@@ -131,17 +143,19 @@ class BatchRunner:
         self._uncommitted: dict[tuple[str, int], int] = {}
         self._floor: dict[tuple[str, int], int] = {}  # committed offsets a replaying partition must not go below
         self._last_commit = time.monotonic()
+        self._lag_measured = 0.0
         self.stats = RunnerStats()
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self.paused = threading.Event()
         self.ready = threading.Event()  # set once the group has assigned partitions to this runner
+        self.assigned: list[tuple[str, int]] = []  # the partitions the group gives this runner now
         self._thread: threading.Thread | None = None
         # fetch_wait_ms trades broker CPU for latency: the embedded broker answers an empty fetch only when
         # the wait expires, and each idle fetch costs it CPU (measured: 4 idle consumers cost 0.39 of a
         # core at 5 ms, 0.16 at 20 ms, 0.08 at 50 ms).
         conf = consumer_config(bootstrap, group_id or f"weir-{stage.step_id}", **{"fetch.wait.max.ms": fetch_wait_ms})
-        self._cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
+        self._cooperative = member is None and "cooperative" in str(conf.get("partition.assignment.strategy", ""))
         self._consumer = Consumer(conf)
         self._subscribed = False
         self._tracker = DeliveryTracker()
@@ -162,9 +176,9 @@ class BatchRunner:
 
     def run(self) -> None:
         try:
-            self.subscribe()
             while not self._stop.is_set():
                 try:
+                    self.subscribe()  # once; here, so that a member without a group retries a failed assignment
                     if self._rewind_due:
                         self._rewind()
                     if self.paused.is_set():
@@ -177,6 +191,8 @@ class BatchRunner:
                 except Exception as exc:  # noqa: BLE001 - any failure is retried; none ends the stage
                     self._failed(exc)
             self.commit()
+            if self.member is not None and self.assigned:  # no group to call it on close: a clean handoff
+                self.stage.on_revoke(list(self.assigned))
         except BaseException as exc:  # the process is going down: kept, never swallowed
             self.error = exc
             log.exception("stage %s stopped", self.stage.step_id)
@@ -198,7 +214,8 @@ class BatchRunner:
             state = "starting"
         error = str(self.error) if self.error is not None else self.last_error
         return {"state": state, "failures": self.failures, "retries": self.retries, "error": error,
-                "consumed": self.stats.consumed, "dead_lettered": self.stats.dead_lettered}
+                "consumed": self.stats.consumed, "dead_lettered": self.stats.dead_lettered,
+                "partitions": [f"{t}[{p}]" for t, p in self.assigned]}
 
     def _recovered(self) -> None:
         """A batch went through (or nothing was left to read again for a while) since the last failure."""
@@ -284,26 +301,45 @@ class BatchRunner:
                 pass
 
     def subscribe(self) -> None:
-        if not self._subscribed:
+        """Join the stage's consumer group, or, with ``member`` (index, count), take the partitions whose number
+        is ``index`` modulo ``count`` of every input topic, without a group (no join, no rebalance)."""
+        if self._subscribed:
+            return
+        if self.member is None:
             # before partitions are taken away, commit what was processed from them
             self._consumer.subscribe(list(self.stage.topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
-            self._subscribed = True
+        else:
+            self._assign_member(*self.member)
+        self._subscribed = True
 
-    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+    def _assign_member(self, index: int, count: int) -> None:
+        known = self._consumer.list_topics(timeout=30).topics
+        missing = [t for t in self.stage.topics if t not in known or known[t].error is not None]
+        if missing:
+            raise RuntimeError(f"stage {self.stage.step_id}: no topic {', '.join(missing)} on the broker yet")
+        parts = [TopicPartition(t, p) for t in self.stage.topics for p in sorted(known[t].partitions)
+                 if p % count == index]
+        self._on_assign(self._consumer, parts, manual=True)
+
+    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition], manual: bool = False) -> None:
         if parts:
             keys = [(tp.topic, tp.partition) for tp in parts]
+            self.assigned = sorted(set(self.assigned) | set(keys))
+            log.info("stage %s assigned %s", self.stage.step_id, ", ".join(f"{t}[{p}]" for t, p in keys))
             committed = {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
                          for tp in consumer.committed(parts, timeout=30)}
             starts = self.stage.on_assign(keys, committed)
-            if not starts:  # every partition starts at its committed offset: the automatic assignment
+            if not starts and not manual:  # every partition starts at its committed offset: the automatic assignment
                 self.ready.set()
                 return
             for tp, key in zip(parts, keys, strict=True):
+                floor = committed.get(key)
                 if key in starts:
                     tp.offset = starts[key]
-                    floor = committed.get(key)
                     if floor is not None:
                         self._floor[key] = floor
+                elif manual:
+                    tp.offset = floor if floor is not None else OFFSET_BEGINNING
             # assigning inside the callback replaces the automatic assignment (at the committed offsets)
             if self._cooperative:
                 consumer.incremental_assign(parts)
@@ -316,6 +352,7 @@ class BatchRunner:
         keys = [(tp.topic, tp.partition) for tp in parts]
         for key in keys:
             self._floor.pop(key, None)
+        self.assigned = sorted(set(self.assigned) - set(keys))
         self.stage.on_revoke(keys)
 
     def _hold(self) -> None:
@@ -368,6 +405,8 @@ class BatchRunner:
     def commit(self) -> None:
         """Flush the producer (every record acknowledged, or raise), then commit what was processed."""
         self._last_commit = time.monotonic()
+        if self._last_commit - self._lag_measured >= 1.0:
+            self._measure_lag()
         if not self._uncommitted:
             return
         flush_or_raise(self._producer, self._tracker)
@@ -389,8 +428,23 @@ class BatchRunner:
                 log.warning("stage %s: commit lost to a rebalance (%s); those batches will be re-delivered",
                             self.stage.step_id, exc.args[0].name())
                 return
-        self.stats.last_commit_at = self._last_commit
+        self.stats.last_commit_at, self.stats.last_commit_ts = self._last_commit, time.time()
+        self.stats.committed.update(done)
         self.stage.after_commit(done)
+
+    def _measure_lag(self) -> None:
+        """Per assigned partition, the messages between this runner's position and the high watermark the
+        broker reported in its last fetch response (librdkafka's cached value: no request)."""
+        self._lag_measured = time.monotonic()
+        lag: dict[tuple[str, int], int] = {}
+        try:
+            for tp in self._consumer.position(self._consumer.assignment()):
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if high >= 0 and tp.offset >= 0:
+                    lag[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+        except KafkaException:
+            return  # mid-rebalance: keep the last figures
+        self.stats.lag = lag
 
     def _guard(self, batch: list[Message], result: StepResult) -> None:
         """Count the batch in the DLQ guard; when it trips, commit what was processed, then raise."""
@@ -464,6 +518,7 @@ class BatchRunner:
         s.dead_lettered += len(result.rejected)
         s.batches += 1
         s.busy_s += busy
+        s.batch_seconds[bisect.bisect_left(LATENCY_BUCKETS_S, busy)] += 1
         now_ms = time.time() * 1000 - busy * 1000
         s.lag_ms_sum += now_ms * len(batch) - sum(m.timestamp_ms for m in batch)
         for topic, n in Counter(m.topic for m in batch).items():

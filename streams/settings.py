@@ -78,9 +78,12 @@ class WeirSettings(BaseSettings):
     drift_delta: float = Field(0.002, gt=0, description="ADWIN confidence parameter for error drift.")
     retrain_cron: str = Field("*/30 * * * *", description="apscheduler cron for scheduled retrains.")
     log_level: str = Field("WARNING", description="Python log level.")
-    health_port: int = Field(0, ge=0, le=65535, description="`weir up` serves GET /healthz on this loopback port "
-                             "(200 when every stage runs, else 503, with each stage's state); 0: a free port, "
-                             "written to endpoints.json as health_url.")
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM (or Ctrl-C) every stage commits what it processed and stops; a "
+        "process still stopping after this long exits anyway (what it had not committed is processed again).")
+    health_port: int = Field(0, ge=0, le=65535, description="`weir up` and `weir worker` serve GET /healthz on this "
+                             "loopback port (200 when every stage runs, else 503, with each stage's state) and GET "
+                             "/metrics (Prometheus); 0: a free port, written to endpoints.json as health_url.")
     dlq_max_ratio: float = Field(
         0.5, ge=0, description="Pause a stage when more than this share of its last dlq_window input messages "
                                "went to the dead-letter queue (a bad deploy upstream); >= 1 disables the guard.")

@@ -11,8 +11,10 @@ stops what it started, in reverse order, leaving no child process behind.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,25 +46,93 @@ class Endpoints:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
+class DataDirInUse(RuntimeError):
+    """Another Weir process holds the data directory's lock; the message names it and what to do."""
+
+
+class ServiceUnreachable(RuntimeError):
+    """A configured service does not answer; the message names it and its setting."""
+
+
+class DataDirLock:
+    """An exclusive lock on ``<data dir>/weir.lock`` (``flock``; the kernel lets it go when the process dies,
+    SIGKILL included), holding the owner's pid for the message a second process gets."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "weir.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`DataDirInUse`."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataDirInUse(f"another Weir process (pid {holder}) is running on {self.path.parent}: stop it "
+                               "first, or set WEIR_DATA_DIR to another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def check_reachable(kafka: str | None, redis_url: str | None, registry: str | None, *,
+                    timeout_s: float = 10.0) -> None:
+    """Raise :class:`ServiceUnreachable`, naming the setting, for the first of the given services that does not
+    answer (a Redis that wants a password counts as not answering)."""
+    import urllib.error
+    import urllib.request
+
+    import redis
+    from confluent_kafka.admin import AdminClient
+
+    if kafka:
+        try:
+            AdminClient({"bootstrap.servers": kafka, "log_level": 0}).list_topics(timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any failure means the same to a person: not reachable
+            raise ServiceUnreachable(f"Kafka at {kafka} does not answer ({exc}): check WEIR_KAFKA_BOOTSTRAP") from None
+    if redis_url:
+        try:
+            redis.Redis.from_url(redis_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s).ping()
+        except redis.RedisError as exc:
+            raise ServiceUnreachable(f"Redis at {redis_url} does not answer ({exc}): check WEIR_REDIS_URL") from None
+    if registry:
+        try:
+            with urllib.request.urlopen(f"{registry.rstrip('/')}/subjects", timeout=timeout_s):
+                pass
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServiceUnreachable(f"the schema registry at {registry} does not answer ({exc}): check "
+                                     "WEIR_SCHEMA_REGISTRY_URL") from None
+
+
 class EndpointNotFound(LookupError):
     """Neither an explicit value nor ``endpoints.json`` says where a service is; the message says what to do."""
 
 
 def endpoint(name: str, explicit: str | None, *, flag: str, data_dir: Path | None = None) -> str:
     """``explicit``, else the field ``name`` of ``<data_dir>/endpoints.json`` (written by ``weir up``;
-    ``data_dir`` defaults to ``WEIR_DATA_DIR``). ``flag`` names the option a person can pass instead."""
+    ``data_dir`` defaults to ``WEIR_DATA_DIR``). ``flag`` names the option (or the ``WEIR_`` variable) a person
+    can give instead."""
     if explicit:
         return explicit
+    give = f"set {flag}" if flag.startswith("WEIR_") else f"pass {flag}"
     path = (data_dir if data_dir is not None else WeirSettings().data_dir) / "endpoints.json"
     try:
         value = json.loads(path.read_text())[name]
     except FileNotFoundError:
-        raise EndpointNotFound(f"no {name}: pass {flag}, or start the stack with `weir up` "
+        raise EndpointNotFound(f"no {name}: {give}, or start the stack with `weir up` "
                                f"(it writes {path}; WEIR_DATA_DIR picks another data dir)") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise EndpointNotFound(f"{path} has no {name} ({exc!r}); pass {flag}") from None
+        raise EndpointNotFound(f"{path} has no {name} ({exc!r}); {give}") from None
     if not isinstance(value, str) or not value:
-        raise EndpointNotFound(f"{path} has no {name}; pass {flag}")
+        raise EndpointNotFound(f"{path} has no {name}; {give}")
     return value
 
 
@@ -81,11 +151,13 @@ class Stack:
         self.endpoints: Endpoints | None = None
         self.plan: Plan | None = None  # what starting changed of the project's applied state
         self._previous_catalog: schemas.Catalog | None = None
+        self._lock = DataDirLock(self.data_dir)
 
     def start(self) -> Endpoints:
-        """Start what is not configured and apply the project (see :mod:`streams.project.plan`); raises
-        :class:`~streams.project.plan.PlanRefused` (having stopped what it started) when the running stack must
-        not take the project as it is."""
+        """Take the data directory's lock, check the configured services answer, start what is not configured
+        and apply the project (see :mod:`streams.project.plan`). Raises :class:`DataDirInUse`,
+        :class:`ServiceUnreachable`, or :class:`~streams.project.plan.PlanRefused` when the running stack must
+        not take the project as it is, having stopped what it started."""
         try:
             return self._start()
         except BaseException:
@@ -95,6 +167,8 @@ class Stack:
     def _start(self) -> Endpoints:
         s = self.settings
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        check_reachable(s.kafka_bootstrap, s.redis_url, s.schema_registry_url)
         kafka = s.kafka_bootstrap or self._start_kafka()
         redis_url = s.redis_url or self._start_redis()
         clickhouse = s.clickhouse_url or f"chdb://{self.data_dir / 'clickhouse'}"
@@ -162,6 +236,7 @@ class Stack:
             except Exception:  # keep stopping the others
                 log.exception("stopping %s failed", type(service).__name__)
         self._reaper.close()
+        self._lock.release()
 
     def __enter__(self) -> Endpoints:
         return self.start()

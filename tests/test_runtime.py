@@ -172,3 +172,57 @@ def test_a_failing_stage_is_retried_from_its_committed_offsets_with_its_state_re
     c.close()
     assert len(got) == 200  # every input has its output: nothing lost
     assert all(counts == {offset + 1} for (_, offset), counts in got.items())  # re-read with the state rebuilt
+
+
+class Revoked(Collect):
+    """Also records the hooks a member without a group gets: its start offsets' view, and the clean handoff."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(topic)
+        self.assigned: list[tuple[str, int]] = []
+        self.revoked: list[tuple[str, int]] = []
+
+    def on_assign(self, assigned: list[tuple[str, int]], committed: dict[tuple[str, int], int | None]
+                  ) -> dict[tuple[str, int], int]:
+        self.assigned = sorted(assigned)
+        return {}
+
+    def on_revoke(self, revoked: list[tuple[str, int]]) -> None:
+        self.revoked = sorted(revoked)
+
+
+def test_members_without_a_group_split_the_partitions_and_resume_from_their_commits(endpoints: Endpoints) -> None:
+    """``member=(i, n)``: partitions i mod n of every input, no group join; each commits, and a restarted
+    member goes on from its commits (nothing read twice, nothing skipped)."""
+    topic = f"test.runtime.{uuid.uuid4().hex[:8]}"
+    ensure_topics(endpoints.kafka_bootstrap, [topic], 4)
+    producer = Producer(producer_config(endpoints.kafka_bootstrap))
+
+    def produce(start: int) -> None:
+        for i in range(start, start + 40):
+            producer.produce(topic, str(i).encode(), partition=i % 4)
+        assert producer.flush(10) == 0
+
+    def run(index: int, want: int) -> Revoked:
+        stage = Revoked(topic)
+        runner = BatchRunner(stage, endpoints.kafka_bootstrap, group_id=f"g-{topic}", max_wait_ms=20,
+                             member=(index, 2))
+        runner.start()
+        try:
+            assert runner.ready.wait(30)
+            deadline = time.time() + 30
+            while len(stage.seen) < want and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            runner.stop()
+        assert runner.error is None
+        return stage
+
+    produce(0)
+    first = [run(i, 20) for i in range(2)]
+    assert [s.assigned for s in first] == [[(topic, 0), (topic, 2)], [(topic, 1), (topic, 3)]]
+    assert [s.revoked for s in first] == [s.assigned for s in first]  # a clean stop hands its partitions off
+    assert sorted(p for s in first for p, _ in s.seen) == sorted(i % 4 for i in range(40))
+    produce(40)
+    again = run(1, 10)
+    assert sorted(again.seen) == sorted((p, o) for p in (1, 3) for o in range(10, 20))  # only what is new

@@ -213,7 +213,8 @@ class LearnStage(StatefulStage):
         self._newest_scored, self._newest_label = state.get("newest", (0, 0))
 
     def drop_unit(self, unit: str) -> None:
-        self.load_unit(unit, None)  # the partitions went elsewhere: keep an empty state, not a stale one
+        """Keep the state: the next assignment restores or rebuilds it anyway, and what a stopped stage learned
+        stays readable (one learn member holds every partition, so nobody else moves on with it)."""
 
     def after_save(self, unit: str) -> None:
         """Inference's fallback when its model fails: the primary learner alone (streams.serving.resilience)."""

@@ -292,15 +292,16 @@ def event_ids(topic: str, msgs: list[Any]) -> set[str]:
     return {str(item["event_id"]) for m in msgs for item in codec.decode(m.value())["items"]}
 
 
-def committed_ahead(project: Project, bootstrap: str) -> dict[str, int]:
+def committed_ahead(project: Project, bootstrap: str, predicted: set[str] | None = None) -> dict[str, int]:
     """Per hot-path stage of the first model, the events below its group's committed offsets whose output is
     missing (each one a commit ahead of its work): features (silver → scoring) and inference (scoring →
-    predictions). Read while no ``weir up`` runs, so the outputs are complete."""
+    predictions; ``predicted``: the event ids with a prediction, when the caller has read them). Read while no
+    ``weir up`` runs, so the outputs are complete."""
     model = project.models[0]
     source = project.source(model.source)
     silver, scoring = silver_topic(project, source), scoring_topic(project, source)
     outputs = {"features": event_ids(scoring, read_all(bootstrap, [scoring], idle_s=2.0)),
-               f"inference-{model.name}": set(predictions(project, bootstrap))}
+               f"inference-{model.name}": predicted if predicted is not None else set(predictions(project, bootstrap))}
     out = {}
     for stage, topic in (("features", silver), (f"inference-{model.name}", scoring)):
         reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"weir-{stage}", "enable.auto.commit": False})
@@ -489,7 +490,7 @@ class Run:
         logs = [self.weir.log, *sorted((self.root / "weir" / "workers").glob("*.log"))]  # the hub's, each worker's
         log_text = "".join(path.read_text(errors="replace") for path in logs)
         features_late = sum(int(n) for n in FEATURES_LATE.findall(log_text))
-        self.ahead.update(committed_ahead(self.project, bootstrap))
+        self.ahead.update(committed_ahead(self.project, bootstrap, set(preds)))
         features = features_vs_uninterrupted(self.project, bootstrap)
         by_reason: Counter[str] = Counter()
         for (_, reason), n in letters.items():

@@ -61,7 +61,6 @@ class RunnerStats:
     produced: int = 0
     dead_lettered: int = 0
     batches: int = 0
-    last_commit_at: float = 0.0  # monotonic
     last_commit_ts: float = 0.0  # wall clock, seconds
     busy_s: float = 0.0
     lag_ms_sum: float = 0.0  # consume time minus the message's timestamp, summed over messages
@@ -69,7 +68,6 @@ class RunnerStats:
     batch_seconds: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS_S))  # per bucket, not cumulative
     committed: dict[tuple[str, int], int] = field(default_factory=dict)  # the last offsets this runner committed
     lag: dict[tuple[str, int], int] = field(default_factory=dict)  # per assigned partition, at the last commit
-
 
 
 def dead_letter(stage: str, rej: Rejected, now_ms: int) -> Produce:
@@ -428,7 +426,7 @@ class BatchRunner:
                 log.warning("stage %s: commit lost to a rebalance (%s); those batches will be re-delivered",
                             self.stage.step_id, exc.args[0].name())
                 return
-        self.stats.last_commit_at, self.stats.last_commit_ts = self._last_commit, time.time()
+        self.stats.last_commit_ts = time.time()
         self.stats.committed.update(done)
         self.stage.after_commit(done)
 

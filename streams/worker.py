@@ -107,13 +107,17 @@ def use_services(endpoints: Endpoints, project: Any) -> None:
 
 @dataclass
 class _Worker:
-    name: str
+    number: int  # 1..count: its share is the partitions number-1 modulo count
     health_port: int
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     failures: int = 0  # consecutive exits without a healthy run between
     next_start: float = 0.0
     last_exit: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker-{self.number}"
 
 
 @dataclass
@@ -133,7 +137,7 @@ class WorkerPool:
 
     def start(self) -> WorkerPool:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.workers = [_Worker(f"worker-{i + 1}", free_port()) for i in range(self.count)]
+        self.workers = [_Worker(i + 1, free_port()) for i in range(self.count)]
         for w in self.workers:
             self._spawn(w)
         self._thread = threading.Thread(target=self._supervise, name="workers", daemon=True)
@@ -147,9 +151,8 @@ class WorkerPool:
             "WEIR_SCHEMA_REGISTRY_URL": e.schema_registry_url, "WEIR_HEALTH_PORT": str(w.health_port),
             "WEIR_PROJECT": self.project_ref}
         with (self.log_dir / f"{w.name}.log").open("ab") as out:
-            number = self.workers.index(w) + 1
             w.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--stages", ",".join(self.stages),
-                                       "--member", f"{number}/{self.count}"],
+                                       "--member", f"{w.number}/{self.count}"],
                                       env=env, stdout=out, stderr=subprocess.STDOUT)
         self._reaper.watch(w.proc.pid)
         log.info("%s started (pid %d): %s", w.name, w.proc.pid, ", ".join(self.stages))

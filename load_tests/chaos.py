@@ -149,12 +149,13 @@ class Weir:
 
     def __init__(self, root: Path, project_ref: str, env: dict[str, str], dlq_pause_s: float, workers: int) -> None:
         self.health_port = free_port()
+        registry_port = free_port()  # fixed across the hub's restarts, as WEIR_SCHEMA_REGISTRY_PORT's default is
         self.workers = workers
         self.log = root / "weir.log"
         keep = ("WEIR_LOG_LEVEL",)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_") or k in keep} | env | {
             "WEIR_DATA_DIR": str(root / "weir"), "WEIR_HEALTH_PORT": str(self.health_port),
-            "WEIR_PROJECT": project_ref, "WEIR_PARTITIONS": str(PARTITIONS), "WEIR_DLQ_PAUSE_S": str(dlq_pause_s)}
+            "WEIR_SCHEMA_REGISTRY_PORT": str(registry_port), "WEIR_PROJECT": project_ref, "WEIR_PARTITIONS": str(PARTITIONS), "WEIR_DLQ_PAUSE_S": str(dlq_pause_s)}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:

@@ -4,7 +4,8 @@ Nothing is refused here: a record that decodes is stored as JSON (its PII
 fields replaced by tokens, see :mod:`streams.pseudonymize`); a tombstone as
 status ``tombstone``; bytes that do not decode as their size, SHA-256 and the
 reason (the raw bytes are in ``dlq.<topic>``, where ingest sent them). Rows
-are keyed by Kafka coordinates, so a re-delivered batch changes nothing.
+are keyed by Kafka coordinates and the cluster's id, so a re-delivered batch changes nothing and a restarted
+embedded broker's offsets replace nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from streams.project.spec import Project
 from streams.pseudonymize import Pseudonymizer, topic_pii
 
 COLUMNS = ("topic", "partition", "offset", "key", "schema_id", "status", "record", "size", "sha256", "kafka_ts",
-           "stored_ts")
+           "stored_ts", "log_id")
 
 
 def _json_default(value: Any) -> Any:
@@ -38,8 +39,9 @@ class BronzeSink(Stage):
 
     step_id = "sink-bronze"
 
-    def __init__(self, ch: ClickHouse, pseudonymizer: Pseudonymizer, project: Project) -> None:
+    def __init__(self, ch: ClickHouse, pseudonymizer: Pseudonymizer, project: Project, log_id: str = "") -> None:
         self.ch = ch
+        self.log_id = log_id  # the Kafka cluster's id: see sinks.clickhouse
         self.topics: tuple[str, ...] = tuple(s.topic for s in project.sources)
         self._pseudo = pseudonymizer
         self._codecs = {t: AvroCodec(t) for t in self.topics}
@@ -65,5 +67,5 @@ class BronzeSink(Stage):
                 status = exc.reason.value
         return [msg.topic, msg.partition, msg.offset, msg.key.decode("utf-8", "replace") if msg.key else None,
                 schema_id, status, record, len(value or b""), hashlib.sha256(value or b"").hexdigest(),
-                datetime.fromtimestamp(msg.timestamp_ms / 1000, UTC), stored]
+                datetime.fromtimestamp(msg.timestamp_ms / 1000, UTC), stored, self.log_id]
 

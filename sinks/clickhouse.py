@@ -5,7 +5,7 @@ Weir process opens it once and every stage shares this handle; calls are
 serialized by a lock (clickhouse-connect's chdb backend is not thread-safe).
 Tables are ReplacingMergeTree keyed by event id (bronze rows by their Kafka
 coordinates, dead letters by the refused message's source topic, partition
-and offset), so re-delivered batches collapse: read with ``FINAL`` for exact
+and offset, both with the cluster's id, ``log_id``), so re-delivered batches collapse: read with ``FINAL`` for exact
 counts. Medallion layers: ``bronze_events`` holds every message of the
 project's source topics as received, ``silver_<source>`` what ingest accepted
 (one table per source, generated from the project:
@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import clickhouse_connect
 
@@ -33,6 +33,10 @@ DDL = [
         schema_id Nullable(UInt32), status LowCardinality(String), record Nullable(String), size UInt32,
         sha256 String, kafka_ts DateTime64(3, 'UTC'), stored_ts DateTime64(3, 'UTC')
     ) ENGINE = ReplacingMergeTree ORDER BY (topic, partition, offset)""",
+    # the cluster the offsets are positions in (a new one at each start of the embedded broker): in the key, so
+    # that a restart's offsets do not replace the rows of the last one (columns added before a row is written)
+    ("ALTER TABLE bronze_events ADD COLUMN IF NOT EXISTS log_id LowCardinality(String), "
+     "MODIFY ORDER BY (topic, partition, offset, log_id)"),
     # every model's predictions (champion, online learners, shadows), keyed by the scored event and model
     """CREATE TABLE IF NOT EXISTS predictions (
         event_id String, entity_id String, score Float64, model_name LowCardinality(String),
@@ -95,7 +99,18 @@ DDL = [
         stage String, source_topic String, source_partition Int32, source_offset Int64,
         key Nullable(String), value_size UInt32, value_sha256 String, ts DateTime64(3, 'UTC')
     ) ENGINE = ReplacingMergeTree ORDER BY (source_topic, source_partition, source_offset, stage)""",
+    ("ALTER TABLE dlq ADD COLUMN IF NOT EXISTS log_id LowCardinality(String), "
+     "MODIFY ORDER BY (source_topic, source_partition, source_offset, stage, log_id)"),
 ]
+
+
+class ClickHouseReader(Protocol):
+    """What a reader needs of a handle: :class:`ClickHouse`, or a command's handle on the embedded engine
+    through the process that owns it (:class:`streams.clickhouse_hub.RemoteClickHouse`)."""
+
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]: ...
+
+    def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any: ...
 
 
 class ClickHouse:

@@ -52,7 +52,7 @@ OUTCOME_COLS = ("event_id", "model_name", "label", "ts", "label_ts", "champion_s
                 "online_score")
 FLOG_COLS = ("view", "entity_id", "event_id", "ts", "values")
 DLQ_COLS = ("topic", "partition", "offset", "reason", "detail", "stage", "source_topic", "source_partition",
-            "source_offset", "key", "value_size", "value_sha256", "ts")
+            "source_offset", "key", "value_size", "value_sha256", "ts", "log_id")
 
 
 def _scored(r: dict[str, Any]) -> list[Row]:
@@ -136,7 +136,7 @@ def project_tables(project: Project) -> dict[str, Table]:
     return out
 
 
-def dlq_row(msg: Message) -> Row:
+def dlq_row(msg: Message, log_id: str = "") -> Row:
     h = dict(msg.headers)
 
     def text(name: str) -> str:
@@ -151,7 +151,7 @@ def dlq_row(msg: Message) -> Row:
     return [msg.topic, msg.partition, msg.offset, text("weir.reason"), text("weir.detail"), text("weir.stage"),
             text("weir.topic"), number("weir.partition"), number("weir.offset"),
             msg.key.decode("utf-8", "replace") if msg.key is not None else None,
-            len(msg.value or b""), hashlib.sha256(msg.value or b"").hexdigest(), _dt(msg.timestamp_ms)]
+            len(msg.value or b""), hashlib.sha256(msg.value or b"").hexdigest(), _dt(msg.timestamp_ms), log_id]
 
 
 class ClickHouseSink(Stage):
@@ -159,15 +159,16 @@ class ClickHouseSink(Stage):
 
     step_id = "sink-clickhouse"
 
-    def __init__(self, ch: ClickHouse, project: Project) -> None:
+    def __init__(self, ch: ClickHouse, project: Project, log_id: str = "") -> None:
         self.ch = ch
+        self.log_id = log_id  # the Kafka cluster's id, in the dead letters' key: see sinks.clickhouse
         self.tables = project_tables(project)
         self.columns = {table: cols for table, cols, _, _ in self.tables.values()} | {"dlq": DLQ_COLS}
         self.topics: tuple[str, ...] = (*self.tables, *(t for t in T.all_topics(project) if t.startswith("dlq.")))
         self._codecs = {t: AvroCodec(subject) for t, (_, _, _, subject) in self.tables.items()}
 
     def handle(self, batch: list[Message]) -> StepResult:
-        tables: dict[str, list[Row]] = {"dlq": [dlq_row(m) for m in batch if m.topic.startswith("dlq.")]}
+        tables: dict[str, list[Row]] = {"dlq": [dlq_row(m, self.log_id) for m in batch if m.topic.startswith("dlq.")]}
         undecodable = StepResult()
         for msg, record in decoded([m for m in batch if not m.topic.startswith("dlq.")], self._codecs, undecodable):
             table, _, mapper, _ = self.tables[msg.topic]

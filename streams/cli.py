@@ -23,6 +23,7 @@ from typing import Any
 
 import pydantic
 
+from streams.embedded._proc import PortInUse, claim_port
 from streams.project.load import ProjectError, project_of
 from streams.project.plan import PlanRefused
 from streams.settings import WeirSettings
@@ -67,6 +68,7 @@ def _combined(pipeline: Any, pool: Any) -> Callable[[], dict[str, Any]]:
 
 
 def _up(settings: WeirSettings, args: argparse.Namespace) -> int:
+    from streams.clickhouse_hub import hub_queries
     from streams.demo import pipeline_config
     from streams.health import HealthServer
     from streams.pipeline import ALL_STAGES, Pipeline
@@ -77,28 +79,39 @@ def _up(settings: WeirSettings, args: argparse.Namespace) -> int:
     if args.workers < 0:
         print("weir up: error: --workers must be 0 or more", file=sys.stderr)
         return 2
+    if args.workers and args.no_hot_path:
+        print("weir up: error: --workers N runs the hot path in workers of this process; --no-hot-path leaves it to "
+              "workers started apart: choose one", file=sys.stderr)
+        return 2
     project = project_of(args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Stack(settings, project) as endpoints:
+    stack = Stack(settings, project)
+    with stack as endpoints:
+        claim_port(settings.health_port, "/healthz", "WEIR_HEALTH_PORT")  # before any stage starts
+        if any(stack.restored.values()):
+            print("kept from the last run: " + ", ".join(f"{n} record(s) of {t}" for t, n in stack.restored.items()),
+                  flush=True)
         path = settings.data_dir / "endpoints.json"
         endpoints.write(path)
         if project.scenario is not None and endpoints.postgres_dsn:  # the tables its CDC sources stream
             project.scenario.prepare(endpoints.postgres_dsn, endpoints.kafka_bootstrap, settings.partitions)
-        stages = tuple(s for s in ALL_STAGES if not (args.workers and s in HOT_PATH))
+        stages = tuple(s for s in ALL_STAGES if not ((args.workers or args.no_hot_path) and s in HOT_PATH))
         pipeline = Pipeline(project, endpoints, dataclasses.replace(pipeline_config(settings), stages=stages))
         pipeline.start()
         pool = None
         if args.workers:
             pool = WorkerPool(args.workers, HOT_PATH, project_ref(args.project), endpoints,
                               settings.data_dir / "workers").start()
-        health = HealthServer(_combined(pipeline, pool), port=settings.health_port, metrics=pipeline.metrics).start()
+        health = HealthServer(_combined(pipeline, pool), settings.health_host, settings.health_port,
+                              metrics=pipeline.metrics, query=hub_queries(endpoints.clickhouse_dsn)).start()
         info = {**json.loads(path.read_text()), "health_url": health.url}
         if pool is not None:
             info["workers"] = {w.name: f"http://127.0.0.1:{w.health_port}/healthz" for w in pool.workers}
         path.write_text(json.dumps(info, indent=2) + "\n")
         shape = f" and {args.workers} worker(s) for {', '.join(HOT_PATH)} (logs in {settings.data_dir / 'workers'})" \
-            if pool is not None else ""
+            if pool is not None else f" without {', '.join(HOT_PATH)} (run them with `weir worker`)" \
+            if args.no_hot_path else ""
         print(f"weir is up with project {project.name}{shape}; endpoints in {path}:\n{path.read_text()}"
               "Ctrl-C to stop.", flush=True)
         try:
@@ -126,13 +139,14 @@ def _worker(settings: WeirSettings, args: argparse.Namespace) -> int:
         print(f"weir worker: {exc}", file=sys.stderr)
         return 2
     check_reachable(endpoints.kafka_bootstrap, endpoints.redis_url, endpoints.schema_registry_url)
+    claim_port(settings.health_port, "/healthz", "WEIR_HEALTH_PORT")  # before any stage starts
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     use_services(endpoints, project)
     pipeline = Pipeline(project, endpoints, dataclasses.replace(pipeline_config(settings), stages=stages,
                                                                 member=member))
     pipeline.start()
-    health = HealthServer(pipeline.health, port=settings.health_port, metrics=pipeline.metrics).start()
+    health = HealthServer(pipeline.health, settings.health_host, settings.health_port, metrics=pipeline.metrics).start()
     print(f"weir worker {os.getpid()} is up with project {project.name}: {', '.join(stages)}; health at "
           f"{health.url}, metrics beside it.", flush=True)
     _serve(pipeline, settings, stop, health)
@@ -179,6 +193,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=0, metavar="N",
                     help="run the hot-path stages (ingest, features, inference) in N worker processes of their own, "
                          "supervised by this one, instead of in it (default 0)")
+    up.add_argument("--no-hot-path", action="store_true",
+                    help="run no hot-path stage here: `weir worker` processes started apart run them (a deployment "
+                         "with a worker service per stage)")
     w = sub.add_parser("worker", help="run some stages of the project in this process, beside a running `weir up` "
                                       "or against external services; any number of workers share a stage's partitions")
     w.add_argument("--member", default=None, metavar="I/N",
@@ -248,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in handlers:
             return handlers[args.command](settings, args)
         return int(args.handler(args))
-    except (ProjectError, PlanRefused, DataDirInUse, ServiceUnreachable) as exc:
+    except (ProjectError, PlanRefused, DataDirInUse, ServiceUnreachable, PortInUse) as exc:
         print(f"weir {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -61,15 +61,18 @@ def timeline_start(events: int, events_per_hour: float, tail_s: float = 0.0) -> 
 
 
 def forget_previous_run(settings: WeirSettings) -> list[str]:
-    """Remove the previous demo's ClickHouse data and model artifacts when Kafka is the embedded, in-memory one.
+    """Remove the previous demo's ClickHouse data, model artifacts, journal and Redis data when Kafka is the
+    embedded, in-memory one.
 
     Each run starts with an empty Kafka, so what the last run left in the stores that mirror it would be
-    read as this run's (the summary counts rows) and would shadow it (a registry whose production model's
-    events are gone). Returns what it removed. With an external Kafka nothing is removed."""
+    read as this run's (the summary counts rows, the journal would restore the last run's model events, the
+    dedup memory would refuse the scenario's event ids as duplicates, and the stages' snapshots would carry
+    the last run's windows and models over). Returns what it removed. With an external Kafka nothing is
+    removed."""
     if settings.kafka_bootstrap or settings.clickhouse_url:
         return []
     removed = []
-    for name in ("clickhouse", "models"):
+    for name in ("clickhouse", "models", "journal", *(() if settings.redis_url else ("redis",))):
         path = settings.data_dir / name
         if path.exists():
             shutil.rmtree(path)

@@ -50,6 +50,14 @@ def consumer_config(bootstrap: str, group_id: str, **overrides: Any) -> dict[str
     return conf
 
 
+def cluster_id(bootstrap: str, timeout: float = 10.0) -> str:
+    """The Kafka cluster's id: it names the log that offsets are positions in (the embedded broker takes a new
+    one at each start, when its topics begin again at offset 0)."""
+    from confluent_kafka.admin import AdminClient
+
+    return str(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout).cluster_id or "")
+
+
 def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
     """Create missing topics with ``partitions`` partitions; existing ones are left as they are."""
     admin = AdminClient({"bootstrap.servers": bootstrap})

@@ -34,10 +34,12 @@ from streams.dedup import RedisDedup
 from streams.dlq import DlqGuard
 from streams.event_time import EventTimeGuard
 from streams.gcpolicy import StateFreezer
+from streams.kafka import cluster_id
 from streams.metrics import render
 from streams.project.contracts import tables
 from streams.project.spec import Model, Project
 from streams.pseudonymize import Pseudonymizer
+from streams.recovery import StatefulStage
 from streams.runtime import BatchRunner
 from streams.serving.cache import ResponseCache
 from streams.serving.resilience import OnlineFallback, ScoringChain, rules_for
@@ -131,6 +133,7 @@ class Pipeline:
     cdc: Any = None
     cdc_health: dict[str, Any] = field(default_factory=lambda: {"state": "running", "failures": 0, "error": None})
     _last_states: dict[str, str] = field(default_factory=dict)
+    _log_id: str | None = None
 
     def start(self) -> None:
         # Move everything imported so far (torch, scipy, river: ~260k objects) out of the collector's
@@ -171,8 +174,8 @@ class Pipeline:
             self._scheduler.start()
         if "sinks" in wanted:
             assert self.ch is not None
-            self._run(ClickHouseSink(self.ch, p), max_batch=5000)
-            self._run(BronzeSink(self.ch, Pseudonymizer(c.pseudonym_key), p), max_batch=5000)
+            self._run(ClickHouseSink(self.ch, p, self.log_id()), max_batch=5000)
+            self._run(BronzeSink(self.ch, Pseudonymizer(c.pseudonym_key), p, self.log_id()), max_batch=5000)
 
     def _start_learn(self, model: Model) -> None:
         c = self.config
@@ -206,12 +209,21 @@ class Pipeline:
                   member=(0, 1))
         self.stages[f"slot-{model.name}"] = slot
 
+    def log_id(self) -> str:
+        """The Kafka cluster's id, which names the log that offsets are positions in (a new one at each start of
+        the embedded broker): in the sinks' keys and the stateful stages' snapshots."""
+        if self._log_id is None:
+            self._log_id = cluster_id(self.endpoints.kafka_bootstrap)
+        return self._log_id
+
     def _run(self, stage: Stage, *, hot: bool = False, group_id: str | None = None, max_batch: int | None = None,
              max_wait_ms: int | None = None, member: tuple[int, int] | None = None) -> None:
         """Start ``stage`` on a runner. Hot-path stages (ingest, features, inference) use the
         configured batch wait (unless given) and fetch wait, and the configured ``member`` share; the others
         fetch lazily (100 ms), sparing the broker."""
         c = self.config
+        if isinstance(stage, StatefulStage):
+            stage.log_id = self.log_id()
         runner = BatchRunner(
             stage, self.endpoints.kafka_bootstrap,
             group_id=group_id or f"{c.group_prefix}-{stage.step_id}",

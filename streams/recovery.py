@@ -30,6 +30,13 @@ runner's hooks (:class:`streams.base.Stage`) once for all of them:
   the consumer starts.
 - **drop** (:meth:`~StatefulStage.on_revoke`): a unit with no partition left
   here is dropped; its next owner restores it.
+- **a new log**: a snapshot names the log its positions are in (``log_id``,
+  the Kafka cluster's id). One taken in an *earlier* log (the embedded broker
+  keeps nothing across a restart of ``weir up`` and takes a new id at each
+  start) is the state after that log, which is gone: it is restored as the
+  base of the current log, whose partitions are all read from their beginning
+  (``restored`` says ``"earlier log"``). So feature windows and online models
+  carry over a restart; what the earlier log held after the snapshot is lost.
 
 Because replay feeds the same messages in the same per-partition order, a
 restored unit's state (watermarks included) equals an uninterrupted run's once
@@ -90,7 +97,9 @@ class StatefulStage(Stage):
         self.positions: dict[TopicPartitionKey, int] = {}
         self.replay_until: dict[TopicPartitionKey, int] = {}  # below: processed and committed before
         self.replayed = 0  # messages applied in replay (state only), for tests and metrics
-        self.restored: dict[str, str] = {}  # unit -> "snapshot", "log" (rebuilt from the beginning) or "new"
+        self.restored: dict[str, str] = {}  # unit -> "snapshot", "log" (rebuilt from the beginning), "new" or
+        # "earlier log" (the state an earlier log left, see the module docstring)
+        self.log_id = ""  # the Kafka cluster's id: the log the positions are in (set by the pipeline)
         self._saved: dict[str, dict[TopicPartitionKey, int]] = {}  # unit -> its positions when last saved
         self._all_committed = True  # nothing handled since the last successful commit
 
@@ -142,12 +151,14 @@ class StatefulStage(Stage):
             for tp in tps:
                 self.positions.pop(tp, None)
                 self.replay_until.pop(tp, None)
-            if not done:
+            snapshot = self._load(unit)
+            if snapshot is not None and snapshot.get("log", self.log_id) != self.log_id:
+                self._restore_earlier(unit, snapshot)  # the base of this log, read from its beginning
+            elif not done:
                 self.load_unit(unit, None)
                 self.restored[unit] = "new"
                 continue
-            positions = self._restore(unit, done)
-            if positions is None:
+            elif (positions := self._restore(unit, snapshot, done)) is None:
                 self.load_unit(unit, None)
                 self._saved.pop(unit, None)
                 self.restored[unit] = "log"
@@ -201,7 +212,8 @@ class StatefulStage(Stage):
             if not positions or positions == self._saved.get(unit):
                 continue
             try:
-                self.snapshots.save(unit, {"positions": positions, "state": self.dump_unit(unit)}, self.definition)
+                self.snapshots.save(unit, {"positions": positions, "state": self.dump_unit(unit), "log": self.log_id},
+                                   self.definition)
             except redis.RedisError as exc:
                 log.warning("%s: snapshot of %s not saved (%s); retried at the next checkpoint",
                             self.step_id, unit, exc)
@@ -211,22 +223,48 @@ class StatefulStage(Stage):
             saved += 1
         return saved
 
-    def _restore(self, unit: str, done: dict[TopicPartitionKey, int]) -> dict[TopicPartitionKey, int] | None:
-        """The unit's state from its snapshot, and the snapshot's positions; None when it must be rebuilt."""
+    def _load(self, unit: str) -> dict[str, Any] | None:
+        """The unit's snapshot (positions, state, log), None when there is none or it cannot be used."""
         if self.snapshots is None:
             return None
         try:
             snapshot = self.snapshots.load(unit, self.definition)
-            if snapshot is None:
-                return None
-            if not isinstance(snapshot, dict) or not isinstance(snapshot.get("positions"), dict):
+            if snapshot is not None and (not isinstance(snapshot, dict)
+                                         or not isinstance(snapshot.get("positions"), dict)):
                 raise StateError("not a snapshot of a stage's state")
-            positions: dict[TopicPartitionKey, int] = snapshot["positions"]
-            ahead = {tp: p for tp, p in positions.items() if tp in done and p > done[tp]}
-            if ahead:  # ahead of the group (offsets reset, another log): not this log's state
-                raise StateError(f"positions {ahead} are past the committed offsets")
-            self.load_unit(unit, snapshot["state"])
         except (StateError, redis.RedisError) as exc:
             log.warning("%s: snapshot of %s not used (%s): rebuilding it from the log", self.step_id, unit, exc)
             return None
+        return snapshot
+
+    def _restore(self, unit: str, snapshot: dict[str, Any] | None,
+                 done: dict[TopicPartitionKey, int]) -> dict[TopicPartitionKey, int] | None:
+        """The unit's state from its snapshot in this log, and the snapshot's positions; None when it must be
+        rebuilt."""
+        if snapshot is None:
+            return None
+        positions: dict[TopicPartitionKey, int] = snapshot["positions"]
+        try:
+            ahead = {tp: p for tp, p in positions.items() if tp in done and p > done[tp]}
+            if ahead:  # ahead of the group (offsets reset): not this log's state
+                raise StateError(f"positions {ahead} are past the committed offsets")
+            self.load_unit(unit, snapshot["state"])
+        except StateError as exc:
+            log.warning("%s: snapshot of %s not used (%s): rebuilding it from the log", self.step_id, unit, exc)
+            return None
         return {tp: p for tp, p in positions.items() if tp in done}
+
+    def _restore_earlier(self, unit: str, snapshot: dict[str, Any]) -> None:
+        """Restore the state an earlier log left (its positions mean nothing in this one)."""
+        try:
+            self.load_unit(unit, snapshot["state"])
+        except StateError as exc:
+            log.warning("%s: snapshot of %s from log %s not used (%s): starting empty", self.step_id, unit,
+                        snapshot.get("log"), exc)
+            self.load_unit(unit, None)
+            self.restored[unit] = "new"
+            return
+        self._saved.pop(unit, None)
+        self.restored[unit] = "earlier log"
+        log.info("%s: %s restored from the state log %s left; this log is read from its beginning",
+                 self.step_id, unit, snapshot.get("log"))

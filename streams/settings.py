@@ -81,9 +81,22 @@ class WeirSettings(BaseSettings):
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM (or Ctrl-C) every stage commits what it processed and stops; a "
         "process still stopping after this long exits anyway (what it had not committed is processed again).")
-    health_port: int = Field(0, ge=0, le=65535, description="`weir up` and `weir worker` serve GET /healthz on this "
-                             "loopback port (200 when every stage runs, else 503, with each stage's state) and GET "
-                             "/metrics (Prometheus); 0: a free port, written to endpoints.json as health_url.")
+    kafka_port: int = Field(19092, ge=0, le=65535, description="The embedded Kafka broker's loopback port (when "
+                            "kafka_bootstrap is unset); 0: a free one at each start.")
+    redis_port: int = Field(16379, ge=0, le=65535, description="The embedded valkey's loopback port (when redis_url "
+                            "is unset); 0: a free one at each start.")
+    postgres_port: int = Field(15432, ge=0, le=65535, description="The embedded PostgreSQL's loopback port (when "
+                               "postgres_dsn is unset); 0: a free one at each start.")
+    schema_registry_port: int = Field(18081, ge=0, le=65535, description="The port of the schema registry Weir "
+                                      "serves (when schema_registry_url is unset); 0: a free one at each start.")
+    schema_registry_host: str = Field("127.0.0.1", description="The address the schema registry Weir serves "
+                                      "listens on: 0.0.0.0 when workers on other machines use it.")
+    health_port: int = Field(18088, ge=0, le=65535, description="`weir up` and `weir worker` serve GET /healthz on "
+                             "this port (200 when every stage runs, else 503, with each stage's state) and GET "
+                             "/metrics (Prometheus); 0: a free port. Written to endpoints.json as health_url. "
+                             "The workers of `weir up --workers N` take free ports.")
+    health_host: str = Field("127.0.0.1", description="The address /healthz and /metrics listen on: 0.0.0.0 in a "
+                             "container, for the orchestrator's probes and Prometheus.")
     dlq_max_ratio: float = Field(
         0.5, ge=0, description="Pause a stage when more than this share of its last dlq_window input messages "
                                "went to the dead-letter queue (a bad deploy upstream); >= 1 disables the guard.")

@@ -21,11 +21,13 @@ from typing import Any
 
 from streams import schemas
 from streams import topics as T
+from streams.embedded._proc import PortInUse, claim_port
 from streams.embedded.reaper import EmbeddedService, Reaper
 from streams.kafka import ensure_topics
 from streams.project.contracts import use_project
 from streams.project.plan import Plan, check, record_applied
 from streams.project.spec import Project
+from streams.registry.store import DEFAULT_TOPIC as SCHEMAS_TOPIC
 from streams.settings import WeirSettings
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,11 @@ def endpoint(name: str, explicit: str | None, *, flag: str, data_dir: Path | Non
     return value
 
 
+KEPT_TOPICS = (SCHEMAS_TOPIC, T.MODEL_EVENTS, T.PROJECTS)
+"""What a restart of the embedded broker must not forget (the schema registry's state, the model registry's
+transitions, what was applied of each project): journaled by :class:`~streams.embedded.journal.TopicJournal`."""
+
+
 class Stack:
     """The services a process running ``project`` needs (see the module docstring); without a project, only
     Weir's own topics and schemas (``weir replay``)."""
@@ -150,6 +157,7 @@ class Stack:
         self._reaper = Reaper()  # stops the embedded services if this process dies without stopping them
         self.endpoints: Endpoints | None = None
         self.plan: Plan | None = None  # what starting changed of the project's applied state
+        self.restored: dict[str, int] = {}  # records restored per kept topic (embedded broker only)
         self._previous_catalog: schemas.Catalog | None = None
         self._lock = DataDirLock(self.data_dir)
 
@@ -179,6 +187,8 @@ class Stack:
             postgres = self._start_postgres()
         topics = T.all_topics(self.project) if self.project is not None else T.PUBLIC + T.INTERNAL
         ensure_topics(kafka, topics, s.partitions)
+        if not s.kafka_bootstrap:  # a broker in memory: restore what it must keep, journal it from now on
+            self._start_journal(kafka)
         registry = s.schema_registry_url or self._start_registry(kafka)
         self._previous_catalog = schemas.set_catalog(None)
         self.endpoints = Endpoints(kafka, redis_url, clickhouse, postgres, registry)
@@ -193,22 +203,38 @@ class Stack:
     def _start_kafka(self) -> str:
         from streams.embedded.kafka import EmbeddedKafka
 
-        kafka = EmbeddedKafka(self.data_dir / "logs")
+        kafka = EmbeddedKafka(self.data_dir / "logs", self.settings.kafka_port)
         kafka.start()
         self._started_service(kafka)
         return kafka.bootstrap
 
+    def _start_journal(self, kafka: str) -> None:
+        from streams.embedded.journal import TopicJournal
+        from streams.registry.store import ensure_schemas_topic
+
+        ensure_schemas_topic(kafka, SCHEMAS_TOPIC)
+        journal = TopicJournal(kafka, self.data_dir / "journal", KEPT_TOPICS)
+        self.restored = journal.restore()
+        self._started.append(journal.start())
+
     def _start_registry(self, kafka: str) -> str:
         from streams.registry import start_registry
 
-        server = start_registry(kafka)
+        port = claim_port(self.settings.schema_registry_port, "the schema registry", "WEIR_SCHEMA_REGISTRY_PORT",
+                          "WEIR_SCHEMA_REGISTRY_URL")
+        try:
+            server = start_registry(kafka, host=self.settings.schema_registry_host, port=port)
+        except OSError as exc:  # taken between the check and the bind
+            raise PortInUse(f"the schema registry cannot listen on {self.settings.schema_registry_host}:{port} "
+                            f"({exc.strerror}): set WEIR_SCHEMA_REGISTRY_PORT to a free port (0: any free one)") \
+                from None
         self._started.append(server)
         return str(server.url)
 
     def _start_redis(self) -> str:
         from streams.embedded.redis import EmbeddedRedis
 
-        redis = EmbeddedRedis(self.data_dir / "redis")
+        redis = EmbeddedRedis(self.data_dir / "redis", self.settings.redis_port)
         redis.start()
         self._started_service(redis)
         return redis.url
@@ -216,7 +242,7 @@ class Stack:
     def _start_postgres(self) -> str:
         from streams.embedded.postgres import EmbeddedPostgres
 
-        pg = EmbeddedPostgres(self.data_dir / "postgres")
+        pg = EmbeddedPostgres(self.data_dir / "postgres", port=self.settings.postgres_port)
         pg.start()
         self._started_service(pg)
         return pg.dsn

@@ -21,6 +21,13 @@ import pytest
 
 FRAUD_SHOP = "examples.fraud_shop.project:project"
 os.environ.setdefault("WEIR_PROJECT", FRAUD_SHOP)
+# every service a test (or a process it starts) runs takes a free port: the stable defaults are for a person's
+# `weir up`, which may be running beside the tests; tests/test_ports.py checks the fixed ones
+FREE_PORTS = {v: "0" for v in ("WEIR_KAFKA_PORT", "WEIR_REDIS_PORT", "WEIR_POSTGRES_PORT",
+                                "WEIR_SCHEMA_REGISTRY_PORT", "WEIR_HEALTH_PORT")}
+"""For the environment of a process a test starts with no other ``WEIR_`` setting."""
+for _variable, _port in FREE_PORTS.items():
+    os.environ.setdefault(_variable, _port)
 
 from streams.project.contracts import use_project  # noqa: E402
 from streams.project.load import load  # noqa: E402

@@ -58,3 +58,21 @@ def test_a_batch_lands_in_clickhouse(clickhouse_client: Any, chdb_path: Path) ->
     sink_.handle(batch)  # re-delivered: collapses on (topic, partition, offset)
     rows = ch.rows("SELECT status, count() FROM bronze_events FINAL GROUP BY status ORDER BY status")
     assert rows == [("ok", 2), ("tombstone", 1), ("undecodable", 1)]
+
+
+def test_a_restarted_brokers_offsets_replace_no_row(clickhouse_client: Any, chdb_path: Path) -> None:
+    """The embedded broker begins every topic at offset 0 after a restart: rows are keyed by the cluster's id
+    too (a new one per start), else the second run's messages replaced the first run's rows."""
+    ch = ClickHouse(f"chdb://{chdb_path}", database=clickhouse_client.database)
+    ch.command("CREATE TABLE bronze_events (topic LowCardinality(String), partition Int32, offset Int64, "
+               "key Nullable(String), schema_id Nullable(UInt32), status LowCardinality(String), "
+               "record Nullable(String), size UInt32, sha256 String, kafka_ts DateTime64(3, 'UTC'), "
+               "stored_ts DateTime64(3, 'UTC')) ENGINE = ReplacingMergeTree ORDER BY (topic, partition, offset)")
+    ch.command("INSERT INTO bronze_events (topic, partition, offset, status, size, sha256) "
+               "VALUES ('clickstream.events', 0, 0, 'ok', 1, 'old')")  # a row written by an earlier Weir
+    ch.ensure_schema()  # an earlier Weir's table gets the key column
+    batch = [Message(CLICKS, 0, i, b"u1", AvroCodec(CLICKS).encode(CLICK), 0) for i in range(3)]
+    for run in ("weir-run1", "weir-run2", "weir-run2"):  # two runs, the second re-delivered once
+        BronzeSink(ch, Pseudonymizer(b"k"), SHOP, log_id=run).handle(batch)
+    rows = ch.rows("SELECT log_id, count() FROM bronze_events FINAL GROUP BY log_id ORDER BY log_id")
+    assert rows == [("", 1), ("weir-run1", 3), ("weir-run2", 3)]

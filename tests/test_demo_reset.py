@@ -33,10 +33,10 @@ def test_the_previous_runs_shop_tables_slot_and_publication_are_dropped(endpoint
 
 
 def test_the_previous_runs_clickhouse_and_models_are_removed_only_with_the_embedded_kafka(tmp_path: Path) -> None:
-    for name in ("clickhouse", "models", "postgres"):
+    for name in ("clickhouse", "models", "postgres", "journal", "redis"):
         (tmp_path / name).mkdir()
     external = WeirSettings(data_dir=tmp_path, kafka_bootstrap="kafka:9092")
     assert forget_previous_run(external) == [] and (tmp_path / "clickhouse").exists()
     removed = forget_previous_run(WeirSettings(data_dir=tmp_path, kafka_bootstrap=None, clickhouse_url=None))
-    assert sorted(Path(p).name for p in removed) == ["clickhouse", "models"]
+    assert sorted(Path(p).name for p in removed) == ["clickhouse", "journal", "models", "redis"]
     assert not (tmp_path / "clickhouse").exists() and (tmp_path / "postgres").exists()  # the cluster is kept

@@ -24,6 +24,7 @@ from examples.minimal import client
 from streams.pipeline import Pipeline, PipelineConfig
 from streams.project.spec import Project
 from streams.stack import Endpoints
+from tests.conftest import FREE_PORTS
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 300
@@ -147,7 +148,7 @@ time.sleep(600)
 def test_a_process_killed_with_sigkill_leaves_no_embedded_service_behind(tmp_path: Path) -> None:
     """kill -9 of `weir up` used to leave its broker, valkey and PostgreSQL running until a next start on the
     same data directory found PostgreSQL (the broker and valkey were never found)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_")}  # every service embedded
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_")} | FREE_PORTS  # every service embedded
     proc = subprocess.Popen([sys.executable, "-c", STACK_CHILD, str(tmp_path / "data")], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None

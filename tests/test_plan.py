@@ -29,6 +29,7 @@ from streams.project.load import load, validate
 from streams.project.plan import Applied, PlanRefused, applied_state, apply, make_plan
 from streams.settings import WeirSettings
 from streams.stack import Endpoints, Stack
+from tests.conftest import FREE_PORTS
 
 HOUR = 3_600_000
 
@@ -158,7 +159,7 @@ def test_a_scaffolded_project_runs_with_weir_demo_on_a_fresh_stack(tmp_path: Pat
     root = Path(__file__).resolve().parent.parent
     weir = [sys.executable, "-c", "import sys; from streams.cli import main; sys.exit(main())"]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WEIR_DATA_DIR": str(tmp_path / ".weir"),
-           "PYTHONPATH": str(root)}
+           "PYTHONPATH": str(root)} | FREE_PORTS
     init = subprocess.run([*weir, "init", str(tmp_path / "plant"), "--template", "minimal"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert init.returncode == 0, init.stderr

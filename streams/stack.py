@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,10 @@ class DataDirLock:
 
 
 def check_reachable(kafka: str | None, redis_url: str | None, registry: str | None, *,
-                    timeout_s: float = 10.0) -> None:
+                    clickhouse: str | None = None, postgres: str | None = None, timeout_s: float = 10.0) -> None:
     """Raise :class:`ServiceUnreachable`, naming the setting, for the first of the given services that does not
-    answer (a Redis that wants a password counts as not answering)."""
+    answer or refuses Weir's credentials (a Redis that wants a password counts as not answering); the embedded
+    ClickHouse (``chdb://``) is opened by the stages themselves."""
     import urllib.error
     import urllib.request
 
@@ -112,6 +114,35 @@ def check_reachable(kafka: str | None, redis_url: str | None, registry: str | No
         except (urllib.error.URLError, OSError) as exc:
             raise ServiceUnreachable(f"the schema registry at {registry} does not answer ({exc}): check "
                                      "WEIR_SCHEMA_REGISTRY_URL") from None
+    if clickhouse and not clickhouse.startswith("chdb://"):
+        import clickhouse_connect
+
+        try:
+            clickhouse_connect.get_client(dsn=clickhouse, connect_timeout=timeout_s).command("SELECT 1")
+        except Exception as exc:  # noqa: BLE001 - connection refused, a wrong password, TLS: all mean the same
+            raise ServiceUnreachable(f"ClickHouse at {_without_password(clickhouse)} does not answer "
+                                     f"({_first_line(exc)}): check WEIR_CLICKHOUSE_URL") from None
+    if postgres:
+        import psycopg
+
+        try:
+            psycopg.connect(postgres, connect_timeout=max(1, int(timeout_s))).close()
+        except psycopg.Error as exc:
+            raise ServiceUnreachable(f"PostgreSQL at {_without_password(postgres)} does not answer "
+                                     f"({_first_line(exc)}): check WEIR_POSTGRES_DSN") from None
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its user part, if any, replaced by ``***`` (for messages).
+
+    >>> _without_password("postgresql://weir:s3cret@db:5432/shop"), _without_password("http://ch:8123")
+    ('postgresql://weir:***@db:5432/shop', 'http://ch:8123')
+    """
+    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 class EndpointNotFound(LookupError):
@@ -176,7 +207,8 @@ class Stack:
         s = self.settings
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
-        check_reachable(s.kafka_bootstrap, s.redis_url, s.schema_registry_url)
+        check_reachable(s.kafka_bootstrap, s.redis_url, s.schema_registry_url, clickhouse=s.clickhouse_url,
+                        postgres=s.postgres_dsn.get_secret_value() if s.postgres_dsn and self.with_postgres else None)
         kafka = s.kafka_bootstrap or self._start_kafka()
         redis_url = s.redis_url or self._start_redis()
         clickhouse = s.clickhouse_url or f"chdb://{self.data_dir / 'clickhouse'}"

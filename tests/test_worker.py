@@ -114,6 +114,19 @@ def test_settings_errors_name_the_variable_and_typos_are_warned(tmp_path: Path) 
         "weir up: WEIR_PARTITIONS='four': Input should be a valid integer, unable to parse string as an integer"]
 
 
+@pytest.mark.parametrize(("variable", "value", "named"), [
+    ("WEIR_CLICKHOUSE_URL", "http://weir:s3cret@127.0.0.1:1", "ClickHouse at http://weir:***@127.0.0.1:1"),
+    ("WEIR_POSTGRES_DSN", "postgresql://weir:s3cret@127.0.0.1:1/shop", "PostgreSQL at "
+                                                                      "postgresql://weir:***@127.0.0.1:1/shop")])
+def test_weir_up_names_an_unreachable_clickhouse_or_postgresql(variable: str, value: str, named: str,
+                                                               tmp_path: Path) -> None:
+    done = _weir(["up"], {variable: value}, tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"weir up: {named} does not answer (") and last.endswith(f"check {variable}"), last
+    assert "s3cret" not in done.stderr and "weir is up" not in done.stdout
+
+
 def test_weir_up_refuses_an_unreachable_service_and_a_data_dir_in_use(tmp_path: Path) -> None:
     done = _weir(["up"], {"WEIR_REDIS_URL": "redis://127.0.0.1:1/0"}, tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr

@@ -1,7 +1,7 @@
 """The ``weir`` command: ``weir init|plan|apply`` (a project), ``weir up`` (stack + every stage of a project
 until Ctrl-C; ``--workers N`` puts the hot path in N supervised processes), ``weir worker`` (some stages, beside
 it or against external services), ``weir demo``, ``weir schemas check``, ``weir dlq inspect|replay``, ``weir replay``,
-``weir models`` and ``weir features list|describe|training-set``.
+``weir drift replay``, ``weir models`` and ``weir features list|describe|training-set``.
 
 The project a command runs is ``--project`` (before the command), else ``WEIR_PROJECT``, else
 ``project.py`` in the current directory (see docs/projects.md)."""
@@ -215,7 +215,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a parameter of the project's scenario (repeatable); each example's README lists its own")
     d.add_argument("--summary-json", type=Path, default=None, help="default: <data dir>/demo-summary.json")
     d.add_argument("--no-progress", action="store_true")
-    from streams import dlq, models_cli, replay
+    from streams import dlq, drift_replay, models_cli, replay
     from streams.features import cli as features
     from streams.features import offline
     from streams.project import cli as project
@@ -225,6 +225,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_parser(sub)
     dlq.add_parser(sub)
     replay.add_parser(sub)
+    drift_replay.add_parser(sub)
     models_cli.add_parser(sub)
     offline.add_training_set_parser(features.add_parser(sub))
     return p

@@ -92,31 +92,62 @@ def river_metric(rows: list[Example], model: str, metric: str, seed: int) -> flo
     return float(result.get())
 
 
-class ReplayLearnStage(Stage):
-    """Tests then trains one learner on each ``weir.replay`` record of one run, in log order."""
+class ReplayStage(Stage):
+    """Applies each ``weir.replay`` record of one run, in log order (:meth:`apply`); ``next_seq`` counts them."""
 
-    step_id = "replay-learn"
     topics = (T.REPLAY,)
 
-    def __init__(self, run: str, evaluator: ProgressiveEvaluator) -> None:
+    def __init__(self, run: str) -> None:
         self.run = run
-        self.evaluator = evaluator
-        self.seen = 0
         self.next_seq = 0
         self._codecs = {T.REPLAY: AvroCodec(T.REPLAY)}
+
+    def apply(self, record: dict[str, Any]) -> None:
+        raise NotImplementedError
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         for _, record in decoded(batch, self._codecs, result):
             if record["run"] != self.run:
-                continue  # an earlier run's examples, still in the topic
+                continue  # an earlier run's records, still in the topic
             if record["seq"] != self.next_seq:
-                raise RuntimeError(f"replay {self.run}: example {record['seq']} arrived, {self.next_seq} expected")
-            x, y = record["x"], record["y"]
-            self.evaluator.train(x, y, self.evaluator.test(x))
+                raise RuntimeError(f"replay {self.run}: record {record['seq']} arrived, {self.next_seq} expected")
+            self.apply(record)
             self.next_seq += 1
-        self.seen += len(batch)
         return result
+
+    def run_through(self, bootstrap: str, total: int, *, timeout_s: float,
+                    progress: Callable[[int], None] | None = None) -> None:
+        """Run this stage on the one partition of ``weir.replay`` (taken without a group: no join to wait
+        for) until it has applied ``total`` records; ``progress`` is called with the count now and then."""
+        runner = BatchRunner(self, bootstrap, group_id=f"weir-replay-{self.run}", max_batch=500, member=(0, 1))
+        runner.start()
+        try:
+            deadline = time.monotonic() + timeout_s
+            while self.next_seq < total:
+                if runner.error is not None:
+                    raise RuntimeError(f"replay stage failed: {runner.error!r}") from runner.error
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"replay: {self.next_seq} of {total} records in {timeout_s:.0f} s")
+                if progress is not None:
+                    progress(self.next_seq)
+                time.sleep(0.05)
+        finally:
+            runner.stop()
+
+
+class ReplayLearnStage(ReplayStage):
+    """Tests then trains one learner on each ``weir.replay`` record of one run, in log order."""
+
+    step_id = "replay-learn"
+
+    def __init__(self, run: str, evaluator: ProgressiveEvaluator) -> None:
+        super().__init__(run)
+        self.evaluator = evaluator
+
+    def apply(self, record: dict[str, Any]) -> None:
+        x, y = record["x"], record["y"]
+        self.evaluator.train(x, y, self.evaluator.test(x))
 
 
 @dataclass(frozen=True)
@@ -136,7 +167,9 @@ class ReplayResult:
                            "seconds": round(self.seconds, 2)})
 
 
-def _produce(bootstrap: str, run: str, rows: list[Example]) -> None:
+def produce_replay(bootstrap: str, run: str, rows: Iterable[Example]) -> None:
+    """Produce ``rows`` in order to the one partition of ``weir.replay`` as the records of ``run``."""
+    ensure_topics(bootstrap, [T.REPLAY], 1)  # one partition: the rows' order is the log's order
     codec = AvroCodec(T.REPLAY)
     producer = Producer(producer_config(bootstrap, **{"linger.ms": 20}))
     for seq, (x, y) in enumerate(rows):
@@ -157,27 +190,17 @@ def replay(bootstrap: str, dataset: str, model: str, *, metric: str = "rocauc", 
         raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
     t0 = time.monotonic()
     rows = examples(dataset, limit)
-    ensure_topics(bootstrap, [T.REPLAY], 1)  # one partition: the dataset's order is the log's order
     run = uuid.uuid4().hex
-    _produce(bootstrap, run, rows)
+    produce_replay(bootstrap, run, rows)
     stage = ReplayLearnStage(run, ProgressiveEvaluator(RiverLearner(model, seed=seed), metric))
-    runner = BatchRunner(stage, bootstrap, group_id=f"weir-replay-{run}", max_batch=500)
-    runner.start()
-    try:
-        deadline = time.monotonic() + timeout_s
-        shown = 0
-        while stage.next_seq < len(rows):
-            if runner.error is not None:
-                raise RuntimeError(f"replay stage failed: {runner.error!r}") from runner.error
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"replay: {stage.next_seq} of {len(rows)} examples learned in {timeout_s:.0f} s")
-            if progress is not None and stage.next_seq - shown >= 1000:
-                shown = stage.next_seq
-                progress(f"  {shown:,} / {len(rows):,} examples, progressive {metric} "
-                         f"{stage.evaluator.value:.4f}")
-            time.sleep(0.05)
-    finally:
-        runner.stop()
+    shown = [0]
+
+    def show(done: int) -> None:
+        if progress is not None and done - shown[0] >= 1000:
+            shown[0] = done
+            progress(f"  {done:,} / {len(rows):,} examples, progressive {metric} {stage.evaluator.value:.4f}")
+
+    stage.run_through(bootstrap, len(rows), timeout_s=timeout_s, progress=show)
     return ReplayResult(dataset, model, metric, len(rows), stage.evaluator.value,
                         river_metric(rows, model, metric, seed), time.monotonic() - t0)
 

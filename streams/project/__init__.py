@@ -12,6 +12,7 @@ from streams.project.spec import (
     TASKS,
     Agg,
     Cdc,
+    Drift,
     Feature,
     FeatureView,
     FirstSeen,
@@ -34,7 +35,7 @@ from streams.project.spec import (
 )
 
 __all__ = [
-    "MLP", "TASKS", "Agg", "Cdc", "Feature", "FeatureView", "FirstSeen", "GatePolicy", "Hopping", "LabelField",
+    "MLP", "TASKS", "Agg", "Cdc", "Drift", "Feature", "FeatureView", "FirstSeen", "GatePolicy", "Hopping", "LabelField",
     "LabelStream", "Model", "Project", "Range", "RequestFeature", "Rules", "Scenario", "ScenarioRun", "Sliding",
     "Source", "Task", "Tumbling", "ViewFeatures",
 ]

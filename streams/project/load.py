@@ -384,12 +384,33 @@ class _Checker:
         if label.maturity_s < 0 or label.horizon_s <= 0:
             self.add(where, "label maturity_s must be >= 0 and horizon_s > 0")
 
+    def detectors(self, where: str, m: Model) -> None:
+        from models.drift_detectors import InvalidDetector, parse_detector
+
+        for signal in ("error", "missed_positive", "score"):
+            text = getattr(m.drift, signal)
+            if not text:
+                continue
+            if signal == "missed_positive" and m.task != "binary":
+                self.add(where, f"drift.missed_positive {text!r}: only a binary model has positives to miss")
+                continue
+            try:
+                spec = parse_detector(text)
+            except InvalidDetector as exc:
+                self.add(where, f"drift.{signal}: {exc}")
+                continue
+            if spec.binary and (signal == "score" or m.task != "binary"):
+                what = "scores" if signal == "score" else "a regression's errors"
+                self.add(where, f"drift.{signal} {text!r}: {spec.name} takes 0/1 values, not {what}; choose one "
+                                "of ADWIN, PageHinkley, KSWIN")
+
     def serving(self, where: str, m: Model, fields: dict[str, FieldType]) -> None:
         if m.task == "binary" and not 0.0 <= m.threshold <= 1.0:
             self.add(where, f"threshold {m.threshold} is not within [0, 1] (a binary model's score is a probability)")
         unknown = sorted(set(m.fallback.weights) - set(m.feature_names))
         if unknown:
             self.add(where, f"fallback rules weigh {', '.join(map(repr, unknown))}, not features of the model")
+        self.detectors(where, m)
         for name, spec in (("online", m.online_learner), *((f"challenger {n}", s) for n, s in m.challengers)):
             try:
                 from models.online import RiverLearner

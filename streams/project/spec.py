@@ -46,6 +46,7 @@ __all__ = [
     "TASKS",
     "Agg",
     "Cdc",
+    "Drift",
     "Feature",
     "FeatureView",
     "FirstSeen",
@@ -246,6 +247,20 @@ class MLP:
 
 
 @dataclass(frozen=True)
+class Drift:
+    """Which river drift detector watches each signal of a model's outcomes (docs/learning.md, "Drift"), as
+    text ``Name(arguments)`` (:mod:`models.drift_detectors`): ``error`` (a binary model's absolute error, or
+    whether its decision was wrong for a detector over 0/1 values; a regression's absolute error),
+    ``missed_positive`` (a binary model's positives scored below the threshold, 0/1) and ``score`` (alert
+    only). Empty: ``ADWIN(delta=WEIR_DRIFT_DELTA)`` for the error and the score, ``ADWIN(delta=0.05,
+    clock=4)`` for the misses (positives are few: checked every 4, with a looser confidence)."""
+
+    error: str = ""
+    missed_positive: str = ""
+    score: str = ""
+
+
+@dataclass(frozen=True)
 class Rules:
     """The fallback score before any model is trained (and when every model failed):
     ``sigmoid(bias + sum_i w_i * log1p(max(x_i, 0)))`` over the named features, for a binary model; for a
@@ -268,7 +283,8 @@ class Model:
     regression, or a declared pipeline; default ``logreg`` / ``linreg``), ``challengers`` more
     online learners beside it (name -> learner). ``trainer`` builds the batch models that serve, gated by
     ``gates`` against the champion; ``threshold`` turns a binary model's score into its decision, the same
-    one for inference, drift and retraining. ``fallback`` scores before a model exists. Predictions go to
+    one for inference, drift and retraining; ``drift`` names the detectors that watch its outcomes.
+    ``fallback`` scores before a model exists. Predictions go to
     ``predictions`` (default ``predictions.<name>``), keyed by the scored event's field ``key`` (default the
     source's partition key; canaries are chosen by it), carrying the event's ``carry`` fields.
     """
@@ -284,6 +300,7 @@ class Model:
     trainer: MLP = MLP()
     threshold: float = 0.5
     gates: GatePolicy = GatePolicy()
+    drift: Drift = Drift()
     fallback: Rules = Rules()
     predictions: str = ""
     key: str = ""

@@ -1,17 +1,20 @@
 """Drift: watches each model's labelled error and its score distribution; raises alerts and retrains.
 
 Input: the project's ``weir.<project>.outcomes`` (label + champion score per
-scored event, in label order, every model's). Per model and champion version, ADWIN detectors (river)
-and one test:
+scored event, in label order, every model's). Per model and champion version, three river drift
+detectors, each the one the model declares for its signal (:class:`streams.project.spec.Drift`; ADWIN
+by default; :mod:`models.drift_detectors`), and one test. An alert's detector is named
+``<detector>_<signal>`` (``adwin_error``, ``pagehinkley_missed_positive``, ...):
 
-- ``adwin_error`` over the absolute error ``|label - score|`` of every outcome;
-- ``adwin_missed_positive`` (a binary model) over "this positive scored below
+- ``*_error`` over the absolute error ``|label - score|`` of every outcome (for a
+  detector over 0/1 values, whether the decision was wrong);
+- ``*_missed_positive`` (a binary model) over "this positive scored below
   the model's decision threshold", fed by positive outcomes only. Positives
   may be a few percent of events, so a new pattern of them moves the overall
   error by a point or two, which ADWIN needs thousands of outcomes to separate
   from noise; among positives the same change moves the miss rate by tens of
   points;
-- ``adwin_score`` over the score itself (the score distribution; alert only);
+- ``*_score`` over the score itself (the score distribution; alert only);
 - ``validation_gap`` (a binary model): once a version has served
   ``min_positives`` labelled positives, a one-sided binomial test of its live
   miss count against the upper bound of the miss rate it had on its own
@@ -19,7 +22,8 @@ and one test:
   drift that happened before the model went live; this test can. It fires at
   most once per version.
 
-An increase found by either of the first two, or a validation gap, publishes an ``alerts``
+Detectors count outcomes, not time. An increase found by either of the first two, or a validation gap,
+publishes an ``alerts``
 record and a ``retrain`` request for the model (at most one per ``cooldown`` of
 its outcomes). Detectors restart when the champion version changes, so a new
 model is judged on its own outcomes. The threshold is the model's own
@@ -35,30 +39,35 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from river.drift import ADWIN
 from scipy.stats import beta, binom
 
+from models.drift_detectors import DetectorSpec, Watched, parse_detector
 from streams import topics as T
 from streams.base import Message, Produce, Stage, StepResult
 from streams.codec import AvroCodec, decoded
-from streams.project.spec import Model, Project
+from streams.project.spec import Drift, Model, Project
 
-RETRAIN_DETECTORS = ("adwin_error", "adwin_missed_positive", "validation_gap")
+RETRAIN_SIGNALS = ("error", "missed_positive")  # and the validation gap; the score's alerts only inform
 GAP_P_VALUE = 1e-3
 GAP_MIN_RATE = 0.05  # floor for a validation miss rate measured on few positives
 
 
-def _adwin(delta: float, clock: int = 32) -> ADWIN:
-    """A river ADWIN detector (river's constructor is untyped)."""
-    return ADWIN(delta=delta, clock=clock)  # type: ignore[no-untyped-call]
+def detector_specs(drift: Drift, delta: float, missed_delta: float = 0.05) -> dict[str, DetectorSpec]:
+    """The detector of each signal: the declared one, else ADWIN (see :class:`~streams.project.spec.Drift`)."""
+    return {"error": parse_detector(drift.error or f"ADWIN(delta={delta})"),
+            # Positives are few, so the miss detector checks every 4 of them (river's default: 32)
+            # and uses a looser confidence: at delta=0.002 ADWIN misses a 0.26 -> 0.70 miss-rate change
+            # over 58 + 133 positives; at 0.05 it finds it after ~90 (measured on a demo run).
+            "missed_positive": parse_detector(drift.missed_positive or f"ADWIN(delta={missed_delta}, clock=4)"),
+            "score": parse_detector(drift.score or f"ADWIN(delta={delta})")}
 
 
 @dataclass
 class DriftState:
     version: str
-    error: ADWIN
-    missed: ADWIN
-    score: ADWIN
+    error: Watched
+    missed: Watched
+    score: Watched
     seen: int = 0
     positives: int = 0
     missed_count: int = 0
@@ -72,9 +81,9 @@ class DriftDetector:
     ``threshold`` its decision threshold."""
 
     def __init__(self, delta: float, min_samples: int = 300, min_positives: int = 20, *,
-                 threshold: float = 0.5, task: str = "binary", missed_delta: float = 0.05) -> None:
-        self.delta = delta
-        self.missed_delta = missed_delta
+                 threshold: float = 0.5, task: str = "binary", missed_delta: float = 0.05,
+                 drift: Drift = Drift()) -> None:
+        self.specs = detector_specs(drift, delta, missed_delta)
         self.min_samples = min_samples
         self.min_positives = min_positives
         self.threshold = threshold
@@ -85,18 +94,17 @@ class DriftDetector:
     def update(self, outcome: dict[str, Any]) -> list[dict[str, Any]]:
         version = outcome["champion_version"]
         if self.state is None or self.state.version != version:
-            # Positives are few, so the miss detector checks every 4 of them (river's default: 32)
-            # and uses a looser confidence: at delta=0.002 ADWIN misses a 0.26 -> 0.70 miss-rate change
-            # over 58 + 133 positives; at 0.05 it finds it after ~90 (measured on a demo run).
-            self.state = DriftState(version, _adwin(self.delta), _adwin(self.missed_delta, clock=4),
-                                    _adwin(self.delta))
+            s = self.specs
+            self.state = DriftState(version, Watched(s["error"]), Watched(s["missed_positive"]), Watched(s["score"]))
         st = self.state
         score, label = outcome["champion_score"], float(outcome["label"])
         st.seen += 1
         alerts = []
-        before = self._change(st.error, abs(label - score))
-        if before is not None and st.error.estimation > before and st.seen >= self.min_samples:
-            alerts.append(self._alert("adwin_error", "abs_error", st.error.estimation, before, version))
+        wrong = (score >= self.threshold) != (label >= 0.5)
+        change = st.error.update(float(wrong) if st.error.spec.binary else abs(label - score))
+        if change is not None and change[1] > change[0] and st.seen >= self.min_samples:
+            metric = "decision_error_rate" if st.error.spec.binary else "abs_error"
+            alerts.append(self._alert(st.error, "error", metric, change, version))
         if self.binary and label >= 0.5:
             missed = score < self.threshold
             st.positives += 1
@@ -104,13 +112,12 @@ class DriftDetector:
             gap = self._validation_gap(st)
             if gap is not None:
                 alerts.append(gap)
-            before = self._change(st.missed, float(missed))
-            if before is not None and st.missed.estimation > before and st.positives >= self.min_positives:
-                alerts.append(self._alert("adwin_missed_positive", "missed_positive_rate", st.missed.estimation,
-                                          before, version))
-        before = self._change(st.score, score)
-        if before is not None and st.seen >= self.min_samples:
-            alerts.append(self._alert("adwin_score", "mean_score", st.score.estimation, before, version))
+            change = st.missed.update(float(missed))
+            if change is not None and change[1] > change[0] and st.positives >= self.min_positives:
+                alerts.append(self._alert(st.missed, "missed_positive", "missed_positive_rate", change, version))
+        change = st.score.update(score)
+        if change is not None and st.seen >= self.min_samples:
+            alerts.append(self._alert(st.score, "score", "mean_score", change, version))
         return alerts
 
     def _validation_gap(self, st: DriftState) -> dict[str, Any] | None:
@@ -131,18 +138,13 @@ class DriftDetector:
         }
 
     @staticmethod
-    def _change(detector: ADWIN, value: float) -> float | None:
-        """Feed one value; when ADWIN detects a change, the mean it had before (else None)."""
-        before = float(detector.estimation)
-        detector.update(value)  # type: ignore[no-untyped-call]  # river's update is untyped
-        return before if detector.drift_detected else None
-
-    @staticmethod
-    def _alert(detector: str, metric: str, value: float, reference: float, version: str) -> dict[str, Any]:
+    def _alert(watched: Watched, signal: str, metric: str, change: tuple[float, float],
+               version: str) -> dict[str, Any]:
+        reference, value = change
         return {
-            "detector": detector, "metric": metric, "value": value, "threshold": reference,
-            "model_version": version,
-            "message": f"{metric} of model {version} changed: {reference:.4f} -> {value:.4f} (ADWIN)",
+            "detector": f"{watched.spec.name.lower()}_{signal}", "metric": metric, "value": value,
+            "threshold": reference, "model_version": version,
+            "message": f"{metric} of model {version} changed: {reference:.4f} -> {value:.4f} ({watched.spec.text})",
         }
 
 
@@ -156,8 +158,8 @@ class DriftStage(Stage):
         self._outcomes = T.internal(project, T.I_OUTCOMES)
         self.topics: tuple[str, ...] = (self._outcomes, T.MODEL_EVENTS)
         self.models: dict[str, Model] = {m.name: m for m in project.models}
-        self.detectors = {m.name: DriftDetector(delta, min_samples, threshold=m.threshold, task=m.task)
-                          for m in project.models}
+        self.detectors = {m.name: DriftDetector(delta, min_samples, threshold=m.threshold, task=m.task,
+                                                drift=m.drift) for m in project.models}
         self.cooldown = cooldown
         self.clock = clock
         self.alerts = 0
@@ -198,7 +200,9 @@ class DriftStage(Stage):
         alert = {"alert_id": str(uuid.uuid4()), "ts": now_ms, **alert}
         self.alerts += 1
         result.produce.append(Produce(T.ALERTS, alert["detector"].encode(), self._alert.encode(alert)))
-        if alert["detector"] not in RETRAIN_DETECTORS or self._since_retrain[name] < self.cooldown:
+        retrains = alert["detector"] == "validation_gap" or alert["detector"].endswith(
+            tuple(f"_{s}" for s in RETRAIN_SIGNALS))
+        if not retrains or self._since_retrain[name] < self.cooldown:
             return
         self._since_retrain[name] = 0
         self.retrains += 1

@@ -66,6 +66,7 @@ DDL = [
         alert_id String, ts DateTime64(3, 'UTC'), detector LowCardinality(String), metric String,
         value Float64, threshold Float64, model_version String, message String
     ) ENGINE = ReplacingMergeTree ORDER BY alert_id""",
+    "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS event_ts Nullable(DateTime64(3, 'UTC'))",
     """CREATE TABLE IF NOT EXISTS retrain_requests (
         request_id String, model_name LowCardinality(String), ts DateTime64(3, 'UTC'), reason String,
         since_ts Nullable(DateTime64(3, 'UTC'))

@@ -187,10 +187,14 @@ def summarize(pipeline: Pipeline, model: Model, run: ScenarioRun, produce_s: flo
     out: dict[str, Any] = {"model": model.name, "events_in": run.events, **run.extra, "requests": run.requests,
                            **{k: c[k] for k in ("labels", "predictions", "predictions_online", "dlq", "alerts")}}
     if run.shift_wall_s is not None and run.shift_event_ms is not None:
-        after = {"since": int(run.shift_wall_s * 1000), "m": model.name}
+        after = {"since": int(run.shift_wall_s * 1000), "m": model.name, "shift": run.shift_event_ms}
+        # an alert is before or after the drift by the event time it was raised at (load does not move it);
+        # one without (another producer's) by when it was raised
+        after_drift = ("coalesce(toUnixTimestamp64Milli(event_ts) >= {shift:Int64}, "
+                       "toUnixTimestamp64Milli(ts) >= {since:Int64})")
         out |= {
-            "alerts_after_drift": int(ch.scalar("SELECT count() FROM alerts FINAL WHERE "
-                                                "toUnixTimestamp64Milli(ts) >= {since:Int64}", after) or 0),
+            "alerts_before_drift": int(ch.scalar(f"SELECT countIf(NOT {after_drift}) FROM alerts FINAL", after) or 0),
+            "alerts_after_drift": int(ch.scalar(f"SELECT countIf({after_drift}) FROM alerts FINAL", after) or 0),
             "retrains_after_drift": int(ch.scalar(
                 "SELECT count() FROM model_events FINAL WHERE stage = 'candidate' AND model_name = {m:String} "
                 "AND toUnixTimestamp64Milli(ts) >= {since:Int64}", after) or 0),

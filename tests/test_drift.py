@@ -86,3 +86,24 @@ def test_baseline_is_the_upper_bound_of_a_small_validation_sample() -> None:
     # 0 of 15 missed is no proof of a 0% miss rate: the 95% bound is about 18%
     assert 0.17 < stage.detectors["fraud"].baselines["fraud-v2"] < 0.19
     assert 0.1 < stage.detectors["fraud"].baselines["fraud-v3"] < 0.13
+
+
+def test_an_alert_carries_the_event_time_it_was_raised_at() -> None:
+    """Whether an alert came before or after a drift is read from the stream, not from the processing clock
+    (which a loaded machine moves)."""
+    from streams import topics as T
+    from streams.base import Message
+    from streams.codec import AvroCodec
+    from streams.stages.drift import DriftStage
+
+    stage = DriftStage(SHOP, delta=0.002, min_samples=50, clock=lambda: 1.0)
+    codec = AvroCodec(T.I_OUTCOMES)
+    topic = T.internal(SHOP, T.I_OUTCOMES)
+    rng = random.Random(5)
+    stream = [*outcomes(1500, 0.05, 0.02, rng), *outcomes(1500, 0.05, 0.9, rng)]
+    batch = [Message(topic, 0, i, None, codec.encode({**o, "ts_ms": 1_700_000_000_000 + 1000 * i}), 0)
+             for i, o in enumerate(stream)]
+    alerts = [AvroCodec(T.ALERTS).decode(p.value) for p in stage.handle(batch).produce if p.topic == T.ALERTS]
+    assert alerts and {a["ts"].timestamp() for a in alerts} == {1.0}  # raised "now", by the processing clock
+    raised_at = [int(a["event_ts"].timestamp() * 1000) for a in alerts]
+    assert all(t >= 1_700_000_000_000 + 1000 * 1500 for t in raised_at), raised_at  # after the change, in the stream

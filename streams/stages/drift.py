@@ -22,7 +22,8 @@ by default; :mod:`models.drift_detectors`), and one test. An alert's detector is
   drift that happened before the model went live; this test can. It fires at
   most once per version.
 
-Detectors count outcomes, not time. An increase found by either of the first two, or a validation gap,
+Detectors count outcomes, not time, and an alert carries the event time of the outcome that raised it
+(``event_ts``), so where a change was seen does not depend on how fast the machine processed the stream. An increase found by either of the first two, or a validation gap,
 publishes an ``alerts``
 record and a ``retrain`` request for the model (at most one per ``cooldown`` of
 its outcomes). Detectors restart when the champion version changes, so a new
@@ -181,7 +182,7 @@ class DriftStage(Stage):
                 continue
             self._since_retrain[name] += 1
             for alert in detector.update(record):
-                self._publish(name, alert, result)
+                self._publish(name, {**alert, "event_ts": record["ts_ms"]}, result)
         return result
 
     def _baseline(self, event: dict[str, Any]) -> None:

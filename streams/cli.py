@@ -27,15 +27,22 @@ from streams.embedded._proc import PortInUse, claim_port
 from streams.project.load import ProjectError, project_of
 from streams.project.plan import PlanRefused
 from streams.settings import WeirSettings
-from streams.stack import DataDirInUse, ServiceUnreachable
+from streams.stack import DataDirInUse, ServiceUnreachable, without_password
 
 
 def _serve(pipeline: Any, settings: WeirSettings, stop: threading.Event, health: Any) -> None:
     """Watch the stages until SIGTERM or Ctrl-C; then stop them (each commits what it processed), within
     ``WEIR_SHUTDOWN_TIMEOUT_S``: past it the process exits anyway (what was not committed is re-delivered)."""
     try:
+        ticks = 0
         while not stop.wait(1.0):
             pipeline.check()  # logs a stage that fails (it is retried) or that the DLQ guard paused
+            ticks += 1
+            if ticks % 5 == 0 and pipeline.log_changed():
+                print("weir: the Kafka cluster answering is another one than at start (an embedded broker "
+                      "restarted?): this process's offsets and state belong to the old one; exiting without "
+                      "committing, to start again on the new one", file=sys.stderr, flush=True)
+                os._exit(3)
     except KeyboardInterrupt:
         pass
     finally:
@@ -109,10 +116,11 @@ def _up(settings: WeirSettings, args: argparse.Namespace) -> int:
         if pool is not None:
             info["workers"] = {w.name: f"http://127.0.0.1:{w.health_port}/healthz" for w in pool.workers}
         path.write_text(json.dumps(info, indent=2) + "\n")
+        shown = json.dumps({k: without_password(v) if isinstance(v, str) else v for k, v in info.items()}, indent=2)
         shape = f" and {args.workers} worker(s) for {', '.join(HOT_PATH)} (logs in {settings.data_dir / 'workers'})" \
             if pool is not None else f" without {', '.join(HOT_PATH)} (run them with `weir worker`)" \
             if args.no_hot_path else ""
-        print(f"weir is up with project {project.name}{shape}; endpoints in {path}:\n{path.read_text()}"
+        print(f"weir is up with project {project.name}{shape}; endpoints in {path}:\n{shown}\n"
               "Ctrl-C to stop.", flush=True)
         try:
             _serve(pipeline, settings, stop, health)
@@ -140,14 +148,16 @@ def _worker(settings: WeirSettings, args: argparse.Namespace) -> int:
         return 2
     check_reachable(endpoints.kafka_bootstrap, endpoints.redis_url, endpoints.schema_registry_url,
                     clickhouse=endpoints.clickhouse_dsn or None)
-    claim_port(settings.health_port, "/healthz", "WEIR_HEALTH_PORT")  # before any stage starts
+    # beside `weir up` (which has the default port) and other workers on one machine: a free port unless set
+    health_port = settings.health_port if "health_port" in settings.model_fields_set else 0
+    claim_port(health_port, "/healthz", "WEIR_HEALTH_PORT")  # before any stage starts
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     use_services(endpoints, project)
     pipeline = Pipeline(project, endpoints, dataclasses.replace(pipeline_config(settings), stages=stages,
                                                                 member=member))
     pipeline.start()
-    health = HealthServer(pipeline.health, settings.health_host, settings.health_port, metrics=pipeline.metrics).start()
+    health = HealthServer(pipeline.health, settings.health_host, health_port, metrics=pipeline.metrics).start()
     print(f"weir worker {os.getpid()} is up with project {project.name}: {', '.join(stages)}; health at "
           f"{health.url}, metrics beside it.", flush=True)
     _serve(pipeline, settings, stop, health)

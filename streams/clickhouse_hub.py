@@ -54,7 +54,12 @@ from sinks.clickhouse import ClickHouse
 from streams.health import QUERY_PATH, QueryError
 
 CHDB = "chdb://"
-READS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN")
+READS = ("SELECT", "WITH", "SHOW", "EXISTS")
+"""Statements served. Not DESCRIBE or EXPLAIN: ``DESCRIBE file(...)``/``url(...)``/``remote(...)`` read a local
+file's first line or connect out even with ``readonly=1`` (tried); SELECT through those functions is refused."""
+LIMITS = {"max_execution_time": 300, "max_memory_usage": 4 << 30, "readonly": 1}  # readonly last: set in order
+"""The query handle's settings: read-only, and bounded (chdb runs inside the hub: a runaway query must not
+take it down)."""
 _LEADING = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/|\()*", re.DOTALL)  # whitespace, comments, opening parentheses
 _WORD = re.compile(r"[A-Za-z]+")
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`|\"(?:[^\"\\]|\\.)*\"")  # ClickHouse's own quoting
@@ -239,7 +244,7 @@ class HubQueries:
             import clickhouse_connect
 
             # readonly=1 on the handle: every statement is a read, and no query can change the setting back
-            self._client = clickhouse_connect.get_client(dsn=self.dsn, settings={"readonly": 1})
+            self._client = clickhouse_connect.get_client(dsn=self.dsn, settings=LIMITS)
         return self._client
 
     def __call__(self, request: dict[str, Any]) -> Iterator[bytes]:

@@ -69,6 +69,24 @@ def same_machine(peer: str, local: str) -> bool:
     return address.is_loopback or peer == local
 
 
+def loopback_host(host: str) -> bool:
+    """Whether an HTTP ``Host`` header names this machine's loopback (with or without a port).
+
+    >>> loopback_host("127.0.0.1:18088"), loopback_host("localhost"), loopback_host("[::1]:80")
+    (True, True, True)
+    >>> loopback_host("evil.example:18088"), loopback_host("")
+    (False, False)
+    """
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.strip("[]").rsplit("]:", 1)[0] if host.startswith("[") else name
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class HealthServer:
     """Serves ``health()`` at ``/healthz`` and, when given, ``metrics()`` at ``/metrics`` on ``host:port``
     (port 0: a free one; see :attr:`url`), and ``query`` at ``POST /clickhouse/query`` to this machine only
@@ -95,8 +113,11 @@ class HealthServer:
             def do_POST(self) -> None:
                 if self.path.split("?")[0] != QUERY_PATH or query is None:
                     self._error(404, "no ClickHouse queries are served here")
-                elif not same_machine(str(self.client_address[0]), str(self.connection.getsockname()[0])):
-                    self._error(403, "ClickHouse queries are served to this machine only")
+                elif not same_machine(str(self.client_address[0]), str(self.connection.getsockname()[0])) \
+                        or not loopback_host(self.headers.get("Host", "")):
+                    # a page in a browser on this machine, its name rebound to 127.0.0.1, sends another Host
+                    self._error(403, "ClickHouse queries are served to this machine only (Host: 127.0.0.1, "
+                                     "localhost or ::1)")
                 else:
                     self._query(query)
 

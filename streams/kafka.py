@@ -8,6 +8,7 @@ broker answers a fetch only when its wait expires), idempotent producer
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer
@@ -56,6 +57,14 @@ def cluster_id(bootstrap: str, timeout: float = 10.0) -> str:
     from confluent_kafka.admin import AdminClient
 
     return str(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout).cluster_id or "")
+
+
+def partition_counts(bootstrap: str, topics: Iterable[str], timeout: float = 10.0) -> dict[str, int]:
+    """How many partitions each of ``topics`` has (those that exist)."""
+    from confluent_kafka.admin import AdminClient
+
+    known = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout).topics
+    return {t: len(known[t].partitions) for t in topics if t in known}
 
 
 def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:

@@ -34,7 +34,7 @@ from streams.dedup import RedisDedup
 from streams.dlq import DlqGuard
 from streams.event_time import EventTimeGuard
 from streams.gcpolicy import StateFreezer
-from streams.kafka import cluster_id
+from streams.kafka import cluster_id, partition_counts
 from streams.metrics import render
 from streams.project.contracts import tables
 from streams.project.spec import Model, Project
@@ -216,6 +216,16 @@ class Pipeline:
             self._log_id = cluster_id(self.endpoints.kafka_bootstrap)
         return self._log_id
 
+    def log_changed(self) -> bool:
+        """Whether the Kafka cluster now answering is another one than at start (an embedded broker restarted on
+        its port): this process's positions and state belong to the old one. False when it cannot tell."""
+        if self._log_id is None:
+            return False
+        try:
+            return cluster_id(self.endpoints.kafka_bootstrap, timeout=5.0) != self._log_id
+        except Exception:  # noqa: BLE001 - unreachable now: the runners retry, this check says nothing
+            return False
+
     def _run(self, stage: Stage, *, hot: bool = False, group_id: str | None = None, max_batch: int | None = None,
              max_wait_ms: int | None = None, member: tuple[int, int] | None = None) -> None:
         """Start ``stage`` on a runner. Hot-path stages (ingest, features, inference) use the
@@ -224,6 +234,7 @@ class Pipeline:
         c = self.config
         if isinstance(stage, StatefulStage):
             stage.log_id = self.log_id()
+            stage.layout = partition_counts(self.endpoints.kafka_bootstrap, stage.topics)
         runner = BatchRunner(
             stage, self.endpoints.kafka_bootstrap,
             group_id=group_id or f"{c.group_prefix}-{stage.step_id}",

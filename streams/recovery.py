@@ -87,6 +87,9 @@ class StatefulStage(Stage):
     """
 
     definition: bytes = b""
+    by_partition = False
+    """Whether a unit's state is its partitions' (entities hashed to them): an earlier log's is then a base
+    only if every input topic has as many partitions as then (else its entities now hash elsewhere)."""
 
     def __init__(self, snapshots: SignedSnapshots | None, *, checkpoint_every_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -100,6 +103,7 @@ class StatefulStage(Stage):
         self.restored: dict[str, str] = {}  # unit -> "snapshot", "log" (rebuilt from the beginning), "new" or
         # "earlier log" (the state an earlier log left, see the module docstring)
         self.log_id = ""  # the Kafka cluster's id: the log the positions are in (set by the pipeline)
+        self.layout: dict[str, int] = {}  # partitions of each input topic (set by the pipeline)
         self._saved: dict[str, dict[TopicPartitionKey, int]] = {}  # unit -> its positions when last saved
         self._all_committed = True  # nothing handled since the last successful commit
 
@@ -212,8 +216,8 @@ class StatefulStage(Stage):
             if not positions or positions == self._saved.get(unit):
                 continue
             try:
-                self.snapshots.save(unit, {"positions": positions, "state": self.dump_unit(unit), "log": self.log_id},
-                                   self.definition)
+                self.snapshots.save(unit, {"positions": positions, "state": self.dump_unit(unit), "log": self.log_id,
+                                           "layout": self.layout}, self.definition)
             except redis.RedisError as exc:
                 log.warning("%s: snapshot of %s not saved (%s); retried at the next checkpoint",
                             self.step_id, unit, exc)
@@ -257,6 +261,10 @@ class StatefulStage(Stage):
     def _restore_earlier(self, unit: str, snapshot: dict[str, Any]) -> None:
         """Restore the state an earlier log left (its positions mean nothing in this one)."""
         try:
+            then = snapshot.get("layout") or {}
+            moved = {t: (n, self.layout[t]) for t, n in then.items() if t in self.layout and self.layout[t] != n}
+            if self.by_partition and moved:
+                raise StateError(f"partitions changed since ({', '.join(f'{t}: {a} -> {b}' for t, (a, b) in moved.items())})")
             self.load_unit(unit, snapshot["state"])
         except StateError as exc:
             log.warning("%s: snapshot of %s from log %s not used (%s): starting empty", self.step_id, unit,

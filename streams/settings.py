@@ -94,7 +94,8 @@ class WeirSettings(BaseSettings):
     health_port: int = Field(18088, ge=0, le=65535, description="`weir up` and `weir worker` serve GET /healthz on "
                              "this port (200 when every stage runs, else 503, with each stage's state) and GET "
                              "/metrics (Prometheus); 0: a free port. Written to endpoints.json as health_url. "
-                             "The workers of `weir up --workers N` take free ports.")
+                             "`weir worker` takes a free port unless this is set (it runs beside `weir up`), as do the "
+                             "workers of `weir up --workers N`.")
     health_host: str = Field("127.0.0.1", description="The address /healthz and /metrics listen on: 0.0.0.0 in a "
                              "container, for the orchestrator's probes and Prometheus.")
     dlq_max_ratio: float = Field(

@@ -45,7 +45,10 @@ class Endpoints:
     schema_registry_url: str
 
     def write(self, path: Path) -> None:
+        """Write the endpoints, readable by their owner only (a DSN may hold a password)."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.chmod(0o600)
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
@@ -106,7 +109,8 @@ def check_reachable(kafka: str | None, redis_url: str | None, registry: str | No
         try:
             redis.Redis.from_url(redis_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s).ping()
         except redis.RedisError as exc:
-            raise ServiceUnreachable(f"Redis at {redis_url} does not answer ({exc}): check WEIR_REDIS_URL") from None
+            raise ServiceUnreachable(f"Redis at {without_password(redis_url)} does not answer ({exc}): check "
+                                     "WEIR_REDIS_URL") from None
     if registry:
         try:
             with urllib.request.urlopen(f"{registry.rstrip('/')}/subjects", timeout=timeout_s):
@@ -120,7 +124,7 @@ def check_reachable(kafka: str | None, redis_url: str | None, registry: str | No
         try:
             clickhouse_connect.get_client(dsn=clickhouse, connect_timeout=timeout_s).command("SELECT 1")
         except Exception as exc:  # noqa: BLE001 - connection refused, a wrong password, TLS: all mean the same
-            raise ServiceUnreachable(f"ClickHouse at {_without_password(clickhouse)} does not answer "
+            raise ServiceUnreachable(f"ClickHouse at {without_password(clickhouse)} does not answer "
                                      f"({_first_line(exc)}): check WEIR_CLICKHOUSE_URL") from None
     if postgres:
         import psycopg
@@ -128,17 +132,22 @@ def check_reachable(kafka: str | None, redis_url: str | None, registry: str | No
         try:
             psycopg.connect(postgres, connect_timeout=max(1, int(timeout_s))).close()
         except psycopg.Error as exc:
-            raise ServiceUnreachable(f"PostgreSQL at {_without_password(postgres)} does not answer "
+            raise ServiceUnreachable(f"PostgreSQL at {without_password(postgres)} does not answer "
                                      f"({_first_line(exc)}): check WEIR_POSTGRES_DSN") from None
 
 
-def _without_password(url: str) -> str:
-    """``url`` with the password of its user part, if any, replaced by ``***`` (for messages).
+def without_password(url: str) -> str:
+    """``url`` (or a ``key=value`` DSN) with every password in it replaced by ``***``, for messages.
 
-    >>> _without_password("postgresql://weir:s3cret@db:5432/shop"), _without_password("http://ch:8123")
+    >>> without_password("postgresql://weir:s3cret@db:5432/shop"), without_password("http://ch:8123")
     ('postgresql://weir:***@db:5432/shop', 'http://ch:8123')
+    >>> without_password("redis://:pw@r:6379/0"), without_password("host=db password=pw user=weir")
+    ('redis://:***@r:6379/0', 'host=db password=*** user=weir')
+    >>> without_password("postgresql://db/shop?user=weir&password=pw")
+    'postgresql://db/shop?user=weir&password=***'
     """
-    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
+    url = re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"(password\s*=\s*)('[^']*'|[^\s&]+)", r"\1***", url, flags=re.IGNORECASE)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -174,6 +174,9 @@ def test_a_training_set_through_the_hub_is_the_direct_one(direct: ClickHouse, re
     "SELECT 1 # it's\n INTO OUTFILE '{out}'",
     "EXPLAIN SYNTAX SELECT 1 INTO OUTFILE '{out}'",
     "SHOW TABLES INTO OUTFILE '{out}'",
+    "DESCRIBE file('/etc/hostname', 'CSVWithNames')",  # readonly=1 lets this read a file's first line
+    "DESC url('http://127.0.0.1:1/', 'CSVWithNames')",  # ... and connect out
+    "EXPLAIN SELECT * FROM file('/etc/hostname', 'LineAsString')",
 ])
 def test_the_hub_serves_reads_only(direct: ClickHouse, remote: RemoteClickHouse, sql: str, tmp_path: Path) -> None:
     fill(direct, 3)
@@ -195,6 +198,20 @@ def test_clickhouse_itself_refuses_what_is_not_a_read(direct: ClickHouse, remote
     with pytest.raises(RemoteQueryError, match=r"READONLY|SYNTAX_ERROR|Multi-statements"):
         remote.rows(sql)
     assert direct.scalar("EXISTS TABLE feature_log") == 1
+
+
+def test_queries_are_served_to_a_loopback_host_only(direct: ClickHouse, remote: RemoteClickHouse) -> None:
+    """A browser page whose name was rebound to 127.0.0.1 sends its own name as Host: refused."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = remote.url
+    body = json.dumps({"sql": "SELECT 1", "parameters": {}, "database": None}).encode()
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Host": "evil.example:18088"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
 
 
 def test_the_hub_handle_is_read_only_whatever_the_statement(direct: ClickHouse, chdb_path: Path,

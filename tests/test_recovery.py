@@ -157,7 +157,7 @@ def test_a_failed_save_is_retried_and_a_clean_handoff_replays_nothing() -> None:
     first.handle([m for m in msgs if 4 <= m.offset < 6])
     now[0] = 20
     first.after_commit({})  # retried at the next checkpoint
-    assert snaps.load("summing:all", Summing.definition) == {"positions": {A: 6, B: 6}, "log": "",
+    assert snaps.load("summing:all", Summing.definition) == {"positions": {A: 6, B: 6}, "log": "", "layout": {},
                                                              "state": {"total": 2 * sum(range(1, 7))}}
     first.handle([m for m in msgs if m.offset >= 6])
     first.after_commit({})
@@ -199,6 +199,26 @@ def test_an_earlier_logs_state_is_the_base_of_a_new_log(committed: int | None) -
     third = Summing(snaps, now)  # a crash in the new log: its own snapshot, positions in this log
     third.log_id = "weir-run2"
     assert third.on_assign([A, B], {A: 6, B: 6}) == {A: 6, B: 6} and third.restored == {"summing:all": "snapshot"}
+
+
+@pytest.mark.parametrize("by_partition", [True, False])
+def test_an_earlier_logs_state_is_no_base_when_its_partitions_changed(by_partition: bool) -> None:
+    """Entities hash to other partitions when a topic's partition count changes: a unit's state by partition
+    is then another partition's (started empty); a state of all partitions (learn) is still the base."""
+    now, memory = [0.0], DictRedis()
+    snaps = SignedSnapshots(memory, b"key")  # type: ignore[arg-type]
+    first = Summing(snaps, now)
+    first.log_id, first.layout = "weir-run1", {"in.a": 4, "in.b": 2}
+    first.on_assign([A, B], {A: None, B: None})
+    first.handle(log(A, 5) + log(B, 5))
+    first.after_commit({})
+    first.on_revoke([A, B])
+    second = Summing(snaps, now)
+    second.by_partition = by_partition
+    second.log_id, second.layout = "weir-run2", {"in.a": 2, "in.b": 2}
+    second.on_assign([A, B], {A: None, B: None})
+    assert second.restored == {"summing:all": "new" if by_partition else "earlier log"}
+    assert second.total == (0 if by_partition else 2 * sum(range(1, 6)))
 
 
 def test_the_store_refuses_what_it_must_not_unpickle() -> None:

@@ -108,8 +108,23 @@ def test_the_journal_restores_records_as_they_were(tmp_path: Path) -> None:
     kafka.start()
     try:
         ensure_topics(kafka.bootstrap, ["t"], 2)
-        assert TopicJournal(kafka.bootstrap, tmp_path / "journal", ["t"]).restore() == {"t": 4}
+        journal = TopicJournal(kafka.bootstrap, tmp_path / "journal", ["t"])
+        assert journal.restore() == {"t": 4}
         assert sorted(seen(kafka.bootstrap), key=lambda r: (r[0], r[4])) == expected
+        journal.start()  # what comes after the torn line is kept too (the line was cut off the file)
+        producer = Producer(producer_config(kafka.bootstrap))
+        producer.produce("t", b"v5", b"k5", partition=1, timestamp=1_700_000_000_005)
+        producer.flush(10)
+        del producer
+        journal.stop()  # at once: the stop drains what was acknowledged
+        assert journal.appended == 1 and journal.error is None
+    finally:
+        kafka.stop()
+    kafka = EmbeddedKafka(tmp_path / "k3")
+    kafka.start()
+    try:
+        ensure_topics(kafka.bootstrap, ["t"], 2)
+        assert TopicJournal(kafka.bootstrap, tmp_path / "journal", ["t"]).restore() == {"t": 5}
     finally:
         kafka.stop()
 

@@ -7,7 +7,8 @@ tails those topics and appends every record, as it is in the topic (partition, k
 timestamp), to ``<dir>/<topic>.jsonl``, flushed to disk after each poll; at the next start, before anything
 reads them, :meth:`TopicJournal.restore` produces the journal back into the new broker's empty topics in its
 order. A stop drains the tail first (every acknowledged record is on disk); a SIGKILL can lose what was
-acknowledged in the last poll interval (``POLL_S``). A torn last line (killed mid-write) is skipped.
+acknowledged in the last poll interval (``POLL_S``). A torn last line (killed mid-write) is cut off the file
+at the next restore, so what is appended after it is read again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,24 +47,31 @@ def encode(msg: Any) -> str:
                        "ts": msg.timestamp()[1]}, separators=(",", ":"))
 
 
-def read(path: Path) -> Iterator[dict[str, Any]]:
-    """The records of a journal file, in order; a line that does not parse ends it (a torn write), with a
-    warning unless it is the last."""
+def read(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of a journal file, in order, and the length of the part they fill: a line that does not
+    parse (a write cut short) ends it, with a warning."""
     try:
-        lines = path.read_bytes().split(b"\n")
+        data = path.read_bytes()
     except FileNotFoundError:
-        return
-    for n, line in enumerate(lines):
+        return [], 0
+    records, good = [], 0
+    for n, line in enumerate(data.split(b"\n")):
+        end = good + len(line) + 1
         if not line:
+            good = min(end, len(data))
             continue
         try:
             record = json.loads(line)
+            if end > len(data):
+                raise ValueError("no newline: cut short")
         except ValueError:
-            rest = sum(1 for x in lines[n + 1:] if x)
+            rest = data[good:].count(b"\n")
             log.warning("%s: line %d is torn (a write cut short)%s; the journal ends before it", path, n + 1,
                         f" and {rest} line(s) follow it" if rest else "")
-            return
-        yield record
+            break
+        records.append(record)
+        good = end
+    return records, good
 
 
 class TopicJournal:
@@ -93,7 +101,12 @@ class TopicJournal:
         for topic in self.topics:
             partitions = len(counts[topic].partitions) if topic in counts else 1
             n = 0
-            for r in read(self.path(topic)):
+            path = self.path(topic)
+            records, good = read(path)
+            if path.exists() and path.stat().st_size > good:
+                with path.open("r+b") as f:  # a torn last line: the tail appends after the last whole one
+                    f.truncate(good)
+            for r in records:
                 p = int(r["p"]) % partitions
                 producer.produce(topic, _unb64(r["v"]), _unb64(r["k"]), partition=p, timestamp=int(r["ts"]),
                                  headers=[(k, _unb64(v)) for k, v in r["h"]])
@@ -111,7 +124,8 @@ class TopicJournal:
     def start(self) -> TopicJournal:
         """Tail the topics from where :meth:`restore` left them, appending to the journal."""
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "weir-journal",
-                             "enable.auto.commit": False, "fetch.wait.max.ms": int(POLL_S * 1000)})
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                             "fetch.wait.max.ms": int(POLL_S * 1000)})
         known = consumer.list_topics(timeout=30).topics
         consumer.assign([TopicPartition(t, p, self._ends.get((t, p), 0)) for t in self.topics if t in known
                          for p in sorted(known[t].partitions)])
@@ -120,12 +134,19 @@ class TopicJournal:
         return self
 
     def _tail(self, consumer: Consumer) -> None:
-        files = {t: self.path(t).open("ab") for t in self.topics}
+        files: dict[str, Any] = {}
         try:
-            idle = 0
-            while idle < 3 or not self._stop.is_set():  # after stop(): until three empty polls (drained)
-                batch = [m for m in consumer.consume(1000, POLL_S) if m.error() is None]
-                idle = 0 if batch else idle + 1
+            files = {t: self.path(t).open("ab") for t in self.topics}
+            drained = 0
+            while drained < 3:  # after stop(): until three polls in a row bring nothing
+                batch = []
+                for m in consumer.consume(1000, POLL_S):
+                    if m.error() is None:
+                        batch.append(m)
+                    else:
+                        log.warning("journal: %s", m.error())
+                if self._stop.is_set():
+                    drained = 0 if batch else drained + 1
                 self._append(files, batch)
         except BaseException as exc:  # kept for stop() and the log: the journal must not die silently
             self.error = exc
@@ -154,3 +175,6 @@ class TopicJournal:
             if self._thread.is_alive():
                 log.warning("the journal did not drain within %.0f s", timeout)
             self._thread = None
+        if self.error is not None:
+            log.error("the journal of %s had stopped early (%r): changes after that are not kept",
+                      ", ".join(self.topics), self.error)

@@ -34,7 +34,8 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 20.0) -> None:
         port = claim_port(self._port, "the embedded valkey (Redis)", "WEIR_REDIS_PORT", "WEIR_REDIS_URL")
-        self._server = ValkeyServer(port=port, data_dir=self._data_dir, persist=True, save="60 1", appendonly="no")
+        self._server = ValkeyServer(port=port, data_dir=self._data_dir, persist=True, save="60 1", appendonly="no",
+                                    **{"stop-writes-on-bgsave-error": "no"})
         self._server.start(timeout=timeout)
         pid = self.pid
         if pid is not None:

@@ -152,6 +152,7 @@ class FeaturesStage(StatefulStage):
     """
 
     step_id = "features"
+    by_partition = True  # a unit per input partition: its entities' windows
 
     def __init__(self, project: Project, store: OnlineStore, *, snapshots: SignedSnapshots | None = None,
                  checkpoint_every_s: float = 5.0, clock: Callable[[], float] = time.monotonic,

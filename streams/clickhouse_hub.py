@@ -31,7 +31,6 @@ read gives, types included (``tests/test_clickhouse_remote.py``).
 from __future__ import annotations
 
 import base64
-import fcntl
 import http.client
 import ipaddress
 import json
@@ -52,6 +51,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError, ProgrammingError
 
 from sinks.clickhouse import ClickHouse
 from streams.health import QUERY_PATH, QueryError
+from streams.stack import DataDirLock
 
 CHDB = "chdb://"
 READS = ("SELECT", "WITH", "SHOW", "EXISTS")
@@ -410,26 +410,6 @@ class RemoteClickHouse:
         pass
 
 
-def lock_holder(data_dir: Path) -> int | None:
-    """The pid of the process holding ``<data_dir>/weir.lock`` (-1 if it wrote none), None when no process
-    does. Reads only: it takes the lock shared for an instant when free (a ``weir up`` starting in that
-    instant is told the directory is in use)."""
-    try:
-        fd = os.open(data_dir / "weir.lock", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class Owner:
     """Another process holding the data directory the embedded ClickHouse is in, and its ``health_url``."""
@@ -472,7 +452,7 @@ def chdb_owner(dsn: str, data_dir: Path | None = None) -> Owner | None:
         if str(d) in seen:
             continue
         seen.add(str(d))
-        pid = lock_holder(d)
+        pid = DataDirLock(d).holder()
         if pid is None or pid == os.getpid():  # free, or this process owns it (and the engine)
             continue
         try:

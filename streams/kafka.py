@@ -51,20 +51,18 @@ def consumer_config(bootstrap: str, group_id: str, **overrides: Any) -> dict[str
     return conf
 
 
-def cluster_id(bootstrap: str, timeout: float = 10.0) -> str:
-    """The Kafka cluster's id: it names the log that offsets are positions in (the embedded broker takes a new
-    one at each start, when its topics begin again at offset 0)."""
+def cluster_metadata(bootstrap: str, timeout: float = 10.0) -> Any:
+    """The cluster's metadata (confluent-kafka's ``ClusterMetadata``: its id, topics and their partitions).
+    The id names the log that offsets are positions in: the embedded broker takes a new one at each start,
+    when its topics begin again at offset 0."""
     from confluent_kafka.admin import AdminClient
 
-    return str(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout).cluster_id or "")
+    return AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout)
 
 
-def partition_counts(bootstrap: str, topics: Iterable[str], timeout: float = 10.0) -> dict[str, int]:
-    """How many partitions each of ``topics`` has (those that exist)."""
-    from confluent_kafka.admin import AdminClient
-
-    known = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout).topics
-    return {t: len(known[t].partitions) for t in topics if t in known}
+def partition_counts(metadata: Any, topics: Iterable[str]) -> dict[str, int]:
+    """How many partitions each of ``topics`` has in ``metadata`` (those that exist)."""
+    return {t: len(metadata.topics[t].partitions) for t in topics if t in metadata.topics}
 
 
 def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:

@@ -34,7 +34,7 @@ from streams.dedup import RedisDedup
 from streams.dlq import DlqGuard
 from streams.event_time import EventTimeGuard
 from streams.gcpolicy import StateFreezer
-from streams.kafka import cluster_id, partition_counts
+from streams.kafka import cluster_metadata, partition_counts
 from streams.metrics import render
 from streams.project.contracts import tables
 from streams.project.spec import Model, Project
@@ -133,7 +133,7 @@ class Pipeline:
     cdc: Any = None
     cdc_health: dict[str, Any] = field(default_factory=lambda: {"state": "running", "failures": 0, "error": None})
     _last_states: dict[str, str] = field(default_factory=dict)
-    _log_id: str | None = None
+    _metadata: Any = None  # the cluster's, read once at start (its id and the topics' partitions)
 
     def start(self) -> None:
         # Move everything imported so far (torch, scipy, river: ~260k objects) out of the collector's
@@ -209,22 +209,27 @@ class Pipeline:
                   member=(0, 1))
         self.stages[f"slot-{model.name}"] = slot
 
+    def metadata(self) -> Any:
+        """The Kafka cluster's metadata as at start (read once): see :func:`streams.kafka.cluster_metadata`."""
+        if self._metadata is None:
+            self._metadata = cluster_metadata(self.endpoints.kafka_bootstrap)
+        return self._metadata
+
     def log_id(self) -> str:
         """The Kafka cluster's id, which names the log that offsets are positions in (a new one at each start of
         the embedded broker): in the sinks' keys and the stateful stages' snapshots."""
-        if self._log_id is None:
-            self._log_id = cluster_id(self.endpoints.kafka_bootstrap)
-        return self._log_id
+        return str(self.metadata().cluster_id or "")
 
     def log_changed(self) -> bool:
         """Whether the Kafka cluster now answering is another one than at start (an embedded broker restarted on
         its port): this process's positions and state belong to the old one. False when it cannot tell."""
-        if self._log_id is None:
+        if self._metadata is None:
             return False
         try:
-            return cluster_id(self.endpoints.kafka_bootstrap, timeout=5.0) != self._log_id
+            now = cluster_metadata(self.endpoints.kafka_bootstrap, timeout=5.0).cluster_id
         except Exception:  # noqa: BLE001 - unreachable now: the runners retry, this check says nothing
             return False
+        return str(now or "") != self.log_id()
 
     def _run(self, stage: Stage, *, hot: bool = False, group_id: str | None = None, max_batch: int | None = None,
              max_wait_ms: int | None = None, member: tuple[int, int] | None = None) -> None:
@@ -234,7 +239,7 @@ class Pipeline:
         c = self.config
         if isinstance(stage, StatefulStage):
             stage.log_id = self.log_id()
-            stage.layout = partition_counts(self.endpoints.kafka_bootstrap, stage.topics)
+            stage.layout = partition_counts(self.metadata(), stage.topics)
         runner = BatchRunner(
             stage, self.endpoints.kafka_bootstrap,
             group_id=group_id or f"{c.group_prefix}-{stage.step_id}",

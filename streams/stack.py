@@ -60,6 +60,11 @@ class ServiceUnreachable(RuntimeError):
     """A configured service does not answer; the message names it and its setting."""
 
 
+def _written_pid(fd: int) -> str:
+    """What the lock's holder wrote in it: its pid (empty while it is writing)."""
+    return os.pread(fd, 32, 0).decode(errors="replace").strip()
+
+
 class DataDirLock:
     """An exclusive lock on ``<data dir>/weir.lock`` (``flock``; the kernel lets it go when the process dies,
     SIGKILL included), holding the owner's pid for the message a second process gets."""
@@ -75,13 +80,32 @@ class DataDirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = _written_pid(fd) or "?"
             os.close(fd)
             raise DataDirInUse(f"another Weir process (pid {holder}) is running on {self.path.parent}: stop it "
                                "first, or set WEIR_DATA_DIR to another directory") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def holder(self) -> int | None:
+        """The pid of the process holding the lock (-1 if it wrote none), None when no process does. Reads only:
+        it takes the lock shared for an instant when free (a Weir process starting in that instant is told the
+        directory is in use)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = _written_pid(fd)
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:

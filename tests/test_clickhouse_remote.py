@@ -35,7 +35,6 @@ from streams.clickhouse_hub import (
     WriteRefused,
     chdb_owner,
     connect,
-    lock_holder,
     to_wire,
 )
 from streams.features import offline
@@ -283,11 +282,11 @@ def test_values_json_has_no_type_for_are_tagged() -> None:
 
 def test_who_owns_the_engine(tmp_path: Path) -> None:
     dsn = f"chdb://{tmp_path / 'clickhouse'}"
-    assert lock_holder(tmp_path) is None and chdb_owner(dsn, tmp_path) is None
+    assert DataDirLock(tmp_path).holder() is None and chdb_owner(dsn, tmp_path) is None
     mine = DataDirLock(tmp_path)
     mine.acquire()
     try:
-        assert lock_holder(tmp_path) == os.getpid()
+        assert DataDirLock(tmp_path).holder() == os.getpid()
         assert chdb_owner(dsn, tmp_path) is None  # this process holds it, so this process has the engine
     finally:
         mine.release()
@@ -300,7 +299,7 @@ def test_who_owns_the_engine(tmp_path: Path) -> None:
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        assert lock_holder(tmp_path) == holder.pid
+        assert DataDirLock(tmp_path).holder() == holder.pid
         with pytest.raises(ClickHouseUnavailable, match=rf"belongs to the Weir process holding {tmp_path} \(pid "
                                                         rf"{holder.pid}\), which serves no queries"):
             connect(dsn, "db", data_dir=tmp_path)

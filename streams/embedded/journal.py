@@ -14,6 +14,7 @@ at the next restore, so what is appended after it is read again.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import os
@@ -55,22 +56,18 @@ def read(path: Path) -> tuple[list[dict[str, Any]], int]:
     except FileNotFoundError:
         return [], 0
     records, good = [], 0
-    for n, line in enumerate(data.split(b"\n")):
-        end = good + len(line) + 1
-        if not line:
-            good = min(end, len(data))
-            continue
+    for n, line in enumerate(io.BytesIO(data), 1):
         try:
-            record = json.loads(line)
-            if end > len(data):
+            if not line.endswith(b"\n"):
                 raise ValueError("no newline: cut short")
+            if line.strip():
+                records.append(json.loads(line))
         except ValueError:
             rest = data[good:].count(b"\n")
-            log.warning("%s: line %d is torn (a write cut short)%s; the journal ends before it", path, n + 1,
+            log.warning("%s: line %d is torn (a write cut short)%s; the journal ends before it", path, n,
                         f" and {rest} line(s) follow it" if rest else "")
             break
-        records.append(record)
-        good = end
+        good += len(line)
     return records, good
 
 

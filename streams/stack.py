@@ -222,7 +222,7 @@ class Stack:
         self.endpoints: Endpoints | None = None
         self.plan: Plan | None = None  # what starting changed of the project's applied state
         self.restored: dict[str, int] = {}  # records restored per kept topic (embedded broker only)
-        self._previous_catalog: schemas.Catalog | None = None
+        self._previous_schemas: schemas.SchemaState | None = None
         self._lock = DataDirLock(self.data_dir)
 
     def start(self) -> Endpoints:
@@ -255,7 +255,8 @@ class Stack:
         if not s.kafka_bootstrap:  # a broker in memory: restore what it must keep, journal it from now on
             self._start_journal(kafka)
         registry = s.schema_registry_url or self._start_registry(kafka)
-        self._previous_catalog = schemas.set_catalog(None)
+        self._previous_schemas = schemas.schema_state()  # the project and registry below are this stack's
+        schemas.set_catalog(None)
         self.endpoints = Endpoints(kafka, redis_url, clickhouse, postgres, registry)
         if self.project is not None:
             self.plan = check(self.project, kafka, registry)
@@ -318,8 +319,8 @@ class Stack:
             self._reaper.watch(service.pid, service.stop_signal)
 
     def stop(self) -> None:
-        if self.endpoints is not None:  # codecs made from now on must not point at a registry we stop
-            schemas.set_catalog(self._previous_catalog)
+        if self._previous_schemas is not None:  # codecs made from now on must not point at a registry we stop,
+            schemas.set_schema_state(self._previous_schemas)  # nor know only this stack's project
         while self._started:
             service = self._started.pop()
             try:

@@ -8,11 +8,17 @@ own spellings ``HDDMA``/``HDDMW``. A detector that takes a seed (KSWIN) gets :da
 declaration sets one, so that a run can be replayed.
 
 :class:`Watched` is what the drift stage (:mod:`streams.stages.drift`) and ``weir drift replay`` feed: one
-value at a time into the detector, and, when it alarms, the signal's mean before and now for the alert.
+value at a time into the detector, and, when it alarms, an :class:`Alarm`: the signal's mean before and now,
+and the event time where the change began: the split of the values since the last alarm that best separates
+their means in the alarm's direction (the statistic of binary segmentation), so that the retrain stage can
+weigh what came after it (:class:`~streams.project.spec.RetrainPolicy`).
 
 >>> w = Watched(parse_detector("PageHinkley(min_instances=10, threshold=5)"))
->>> [i for i, v in enumerate([0.0] * 50 + [1.0] * 50) if w.update(v) is not None]
+>>> [i for i, v in enumerate([0.0] * 50 + [1.0] * 50) if w.update(v, at_ms=i) is not None]
 [55]
+>>> w = Watched(parse_detector("ADWIN(clock=1)"))
+>>> next(a for i, v in enumerate([0.0] * 300 + [1.0] * 300) if (a := w.update(v, at_ms=i)) is not None)
+Alarm(before=0.035..., now=0.048..., since_ms=300)
 """
 
 from __future__ import annotations
@@ -23,12 +29,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from river import drift
 from river.drift import binary
 
 SEED = 42
 RECENT = 100
 """How many of the latest values make the "now" mean of a detector that keeps no estimate of its own."""
+HISTORY = 20_000
+"""How many of the values since the last alarm (with their event times) a :class:`Watched` keeps to place a
+change."""
 
 CONTINUOUS: dict[str, type] = {"ADWIN": drift.ADWIN, "PageHinkley": drift.PageHinkley, "KSWIN": drift.KSWIN}
 BINARY: dict[str, type] = {"DDM": binary.DDM, "EDDM": binary.EDDM, "HDDM_A": binary.HDDMA, "HDDM_W": binary.HDDMW,
@@ -100,10 +110,20 @@ def parse_detector(text: str) -> DetectorSpec:
     return spec
 
 
+@dataclass(frozen=True)
+class Alarm:
+    """A detector's alarm: the signal's mean ``before`` and ``now``, and ``since_ms``, the earliest event time
+    among the values that make ``now`` (None when the values came without times)."""
+
+    before: float
+    now: float
+    since_ms: int | None
+
+
 class Watched:
-    """A declared detector over one signal. :meth:`update` feeds it a value and, when it alarms, answers the
-    signal's mean before and now: the detector's own estimates where it keeps one (ADWIN's window mean),
-    else the mean since its last alarm and the mean of the latest :data:`RECENT` values."""
+    """A declared detector over one signal. :meth:`update` feeds it a value (and its event time) and, when it
+    alarms, answers an :class:`Alarm`: the detector's own estimates where it keeps one (ADWIN's window mean and
+    width), else the mean since its last alarm and the mean of the latest :data:`RECENT` values."""
 
     def __init__(self, spec: DetectorSpec) -> None:
         self.spec = spec
@@ -113,8 +133,9 @@ class Watched:
         self._sum = 0.0
         self._n = 0
         self._recent: deque[float] = deque(maxlen=RECENT)
+        self._history: deque[tuple[float, int]] = deque(maxlen=HISTORY)
 
-    def update(self, value: float) -> tuple[float, float] | None:
+    def update(self, value: float, at_ms: int | None = None) -> Alarm | None:
         own = hasattr(self.detector, "estimation")
         before = float(self.detector.estimation) if own else (self._sum / self._n if self._n else value)
         self.detector.update(value)
@@ -122,9 +143,32 @@ class Watched:
         self._sum += value
         self._n += 1
         self._recent.append(value)
+        if at_ms is not None:
+            self._history.append((value, at_ms))
         if not self.detector.drift_detected:
             return None
         self.alarms += 1
         now = float(self.detector.estimation) if own else sum(self._recent) / len(self._recent)
+        since = change_start([v for v, _ in self._history], [t for _, t in self._history], up=now >= before)
         self._sum, self._n = 0.0, 0  # the next alarm is measured against what came after this one
-        return before, now
+        self._history.clear()
+        return Alarm(before, now, since)
+
+
+def change_start(values: list[float], times: list[int], *, up: bool = True) -> int | None:
+    """The earliest event time after the split of ``values`` (in the order they were fed) whose two sides' means
+    differ most in the direction ``up`` (an increase, else a decrease), weighted as binary segmentation weighs
+    a split (``sqrt(k (n - k) / n)``); None for fewer than two values.
+
+    >>> change_start([0, 0, 0, 1, 1], [10, 11, 12, 13, 14]), change_start([1, 1, 0, 0], [1, 2, 3, 4], up=False)
+    (13, 3)
+    """
+    n = len(values)
+    if n < 2:
+        return None
+    v = np.asarray(values, dtype=np.float64)
+    k = np.arange(1, n)
+    head = np.cumsum(v)[:-1]
+    gap = (v.sum() - head) / (n - k) - head / k
+    split = int(np.argmax((gap if up else -gap) * np.sqrt(k * (n - k) / n))) + 1
+    return int(min(times[split:]))

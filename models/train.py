@@ -121,6 +121,8 @@ class _Split:
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
+    w_train: torch.Tensor
+    w_val: torch.Tensor
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -132,7 +134,7 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 def _validate(
     X: npt.NDArray[np.floating], y: npt.NDArray[np.generic], ts: npt.NDArray[np.generic], val_fraction: float,
-    task: str,
+    task: str, weights: npt.NDArray[np.floating] | None = None,
 ) -> None:
     if X.ndim != 2:
         raise InvalidModelInput(f"X must be 2-D (n, F), got shape {X.shape}")
@@ -151,15 +153,19 @@ def _validate(
         raise InvalidModelInput("y contains NaN/inf values")
     if not 0.0 < val_fraction < 1.0:
         raise InvalidModelInput(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if weights is not None and (weights.shape != (n,) or not np.isfinite(weights).all() or (weights <= 0).any()):
+        raise InvalidModelInput(f"weights must be ({n},) positive finite numbers, got shape {weights.shape}")
 
 
 def _time_split(
     X: npt.NDArray[np.floating], y: npt.NDArray[np.generic], ts: npt.NDArray[np.generic], val_fraction: float,
-    task: str,
+    task: str, weights: npt.NDArray[np.floating], val_after: int | None = None,
 ) -> _Split:
-    """Sort by event time; the latest ``val_fraction`` of rows is validation."""
+    """Sort by event time; the latest ``val_fraction`` of rows (of the rows at or after ``val_after``, if
+    there are some) is validation."""
     order = np.argsort(ts, kind="stable")
-    n_val = max(1, round(len(order) * val_fraction))
+    pool = len(order) if val_after is None else int((np.asarray(ts, dtype=np.int64) >= val_after).sum()) or len(order)
+    n_val = max(1, round(pool * val_fraction))
     train_idx, val_idx = order[:-n_val], order[-n_val:]
     y_train = y[train_idx].astype(np.float32)
     if task == "binary" and y_train.min() == y_train.max():
@@ -172,12 +178,15 @@ def _time_split(
         y_train=torch.from_numpy(y_train),
         x_val=torch.from_numpy(np.ascontiguousarray(X[val_idx], dtype=np.float32)),
         y_val=torch.from_numpy(y[val_idx].astype(np.float32)),
+        w_train=torch.from_numpy(weights[train_idx].astype(np.float32)),
+        w_val=torch.from_numpy(weights[val_idx].astype(np.float32)),
     )
 
 
 def _build_module(split: _Split, hidden: Sequence[int], seed: int, task: str) -> ScoreMLP:
-    mean = split.x_train.mean(dim=0)
-    std = split.x_train.std(dim=0, unbiased=False)
+    w = (split.w_train / split.w_train.sum()).unsqueeze(-1)  # standardize as the loss weighs the rows
+    mean = (split.x_train * w).sum(dim=0)
+    std = ((split.x_train - mean).pow(2) * w).sum(dim=0).sqrt()
     std = torch.where(std > 1e-12, std, torch.ones_like(std))  # constant columns pass through
     y_mean, y_std = 0.0, 1.0
     if task == "regression":
@@ -189,12 +198,19 @@ def _build_module(split: _Split, hidden: Sequence[int], seed: int, task: str) ->
         return ScoreMLP(split.x_train.shape[1], hidden, mean, std, task, y_mean, y_std)
 
 
+def _weighted(loss_fn: nn.Module, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The rows' losses (``loss_fn`` built with ``reduction="none"``), averaged with weights ``w``."""
+    loss: torch.Tensor = (loss_fn(logits, y) * w).sum() / w.sum()
+    return loss
+
+
 def _train_epoch(
     module: ScoreMLP,
     loss_fn: nn.Module,
     opt: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
+    w: torch.Tensor,
     batch_size: int,
     gen: torch.Generator,
 ) -> float:
@@ -204,19 +220,20 @@ def _train_epoch(
     for start in range(0, x.shape[0], batch_size):
         idx = perm[start : start + batch_size]
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(module.logits(x[idx]), y[idx])
-        loss.backward()
+        loss = _weighted(loss_fn, module.logits(x[idx]), y[idx], w[idx])
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         total += float(loss.detach()) * len(idx)
     return total / x.shape[0]
 
 
 @torch.no_grad()
-def _evaluate(module: ScoreMLP, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def _evaluate(module: ScoreMLP, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              w: torch.Tensor) -> tuple[float, float]:
     """(validation loss, quality): the AUC for a binary model, the MAE in the label's units for a regression."""
     module.eval()
     logits = module.logits(x)
-    loss = float(loss_fn(logits, y))
+    loss = float(_weighted(loss_fn, logits, y, w))
     if module.task == "binary":
         return loss, roc_auc(y.cpu().numpy().astype(bool), logits.cpu().numpy().astype(np.float64))
     pred = module.y_mean + module.y_std * logits
@@ -253,11 +270,16 @@ def train_mlp(
     val_fraction: float = 0.25,
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
+    weights: npt.NDArray[np.floating] | None = None,
+    val_after: int | None = None,
 ) -> TrainResult:
     """Train a :class:`ScoreMLP` on ``X`` (n, F) float, labels ``y`` (n,), event times ``ts`` (n,).
 
     * Split: rows sorted by ``ts`` (stable); the last ``val_fraction`` is
-      validation, so the model is judged on data later than it learnt from.
+      validation, so the model is judged on data later than it learnt from. With
+      ``val_after`` (an event time, e.g. where a drift began), the last ``val_fraction``
+      of the rows at or after it: the rest of the new regime's rows are trained on
+      (as the newest quarter of the whole window, they could all be held out).
     * Standardization uses the TRAIN split's mean/std only (no leakage); a
       regression's target is standardized the same way (and un-standardized by
       the module's head).
@@ -266,6 +288,8 @@ def train_mlp(
       calibrated back (:func:`calibrate_for_class_weight`): its probabilities are
       not inflated by the weights. Regression: mean squared error on the
       standardized target.
+    * ``weights`` (n,), positive: each row's weight in the losses, the class balance and the standardization
+      (e.g. the rows after a drift weighed more: :class:`streams.project.spec.RetrainPolicy`); default 1.
     * Adam, shuffled minibatches; early stopping when validation loss has not
       improved for ``patience`` epochs; the best epoch's weights are restored.
     * Reproducible: same inputs and ``seed`` on CPU give identical weights
@@ -277,19 +301,21 @@ def train_mlp(
     task, non-binary labels or a single class in the training split (binary).
     """
     X, y, ts = np.asarray(X), np.asarray(y), np.asarray(ts)
-    _validate(X, y, ts, val_fraction, task)
-    split = _time_split(X, y, ts, val_fraction, task)
+    w = np.ones(len(y), dtype=np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
+    _validate(X, y, ts, val_fraction, task, w)
+    split = _time_split(X, y, ts, val_fraction, task, w, val_after)
     dev = pick_device(device)
     module = _build_module(split, hidden, seed, task).to(dev)
     xt, yt = split.x_train.to(dev), split.y_train.to(dev)
     xv, yv = split.x_val.to(dev), split.y_val.to(dev)
+    wt, wv = split.w_train.to(dev), split.w_val.to(dev)
     pos_weight: torch.Tensor | None = None
     if task == "binary":
-        n_pos = float(split.y_train.sum())
-        pos_weight = torch.tensor((len(split.y_train) - n_pos) / n_pos, device=dev)
-        loss_fn: nn.Module = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        w_pos = float((split.w_train * split.y_train).sum())
+        pos_weight = torch.tensor((float(split.w_train.sum()) - w_pos) / w_pos, device=dev)
+        loss_fn: nn.Module = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
     else:  # train on the standardized target: the head scales back
-        loss_fn = nn.MSELoss()
+        loss_fn = nn.MSELoss(reduction="none")
         yt, yv = (yt - module.y_mean) / module.y_std, (yv - module.y_mean) / module.y_std
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -298,8 +324,8 @@ def train_mlp(
     best = (math.inf, math.nan, 0)  # (loss_val, quality_val, epoch)
     best_state = copy.deepcopy(module.state_dict())
     for epoch in range(1, max_epochs + 1):
-        loss_train = _train_epoch(module, loss_fn, opt, xt, yt, batch_size, gen)
-        loss_val, quality_val = _evaluate(module, loss_fn, xv, yv)
+        loss_train = _train_epoch(module, loss_fn, opt, xt, yt, wt, batch_size, gen)
+        loss_val, quality_val = _evaluate(module, loss_fn, xv, yv, wv)
         curve.append((epoch, loss_train, loss_val, quality_val))
         if progress is not None:
             progress(epoch, loss_train, loss_val)

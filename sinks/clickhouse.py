@@ -67,11 +67,17 @@ DDL = [
         value Float64, threshold Float64, model_version String, message String
     ) ENGINE = ReplacingMergeTree ORDER BY alert_id""",
     "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS event_ts Nullable(DateTime64(3, 'UTC'))",
+    "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS kind LowCardinality(String) DEFAULT 'drift'",
+    "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS severity LowCardinality(String) DEFAULT 'warning'",
+    "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS model_name LowCardinality(String)",
+    "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS features Array(String)",
+    "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS change_ts Nullable(DateTime64(3, 'UTC'))",
     """CREATE TABLE IF NOT EXISTS retrain_requests (
         request_id String, model_name LowCardinality(String), ts DateTime64(3, 'UTC'), reason String,
         since_ts Nullable(DateTime64(3, 'UTC'))
     ) ENGINE = ReplacingMergeTree ORDER BY request_id""",
     "ALTER TABLE retrain_requests ADD COLUMN IF NOT EXISTS model_name LowCardinality(String)",
+    "ALTER TABLE retrain_requests ADD COLUMN IF NOT EXISTS change_ts Nullable(DateTime64(3, 'UTC'))",
     """CREATE TABLE IF NOT EXISTS model_events (
         event_id String, ts DateTime64(3, 'UTC'), model_name String, version Int32, stage String,
         artifact_uri String, sha256 String, metrics Map(String, Float64), actor String, reason String,

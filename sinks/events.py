@@ -39,8 +39,9 @@ def _fields(*names: str) -> Mapper:
 
 PRED_COLS = ("event_id", "entity_id", "score", "model_name", "model_version", "latency_ms", "event_ts",
              "predicted_ts", "decision", "route", "served_by", "degraded")
-ALERT_COLS = ("alert_id", "ts", "detector", "metric", "value", "threshold", "model_version", "message", "event_ts")
-RETRAIN_COLS = ("request_id", "model_name", "ts", "reason", "since_ts")
+ALERT_COLS = ("alert_id", "ts", "detector", "metric", "value", "threshold", "model_version", "message", "event_ts",
+              "kind", "severity", "model_name", "features", "change_ts")
+RETRAIN_COLS = ("request_id", "model_name", "ts", "reason", "since_ts", "change_ts")
 METRIC_COLS = ("metric_id", "ts", "model_name", "model_version", "metric", "value", "labels")
 MODEL_COLS = ("event_id", "ts", "model_name", "version", "stage", "artifact_uri", "sha256", "metrics", "actor",
               "reason", "lineage")

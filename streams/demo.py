@@ -185,16 +185,27 @@ def summarize(pipeline: Pipeline, model: Model, run: ScenarioRun, produce_s: flo
     retrain = pipeline.stages.get("retrain")
     runs = [r for r in (retrain.runs if retrain is not None else []) if r.get("model") == model.name]
     out: dict[str, Any] = {"model": model.name, "events_in": run.events, **run.extra, "requests": run.requests,
-                           **{k: c[k] for k in ("labels", "predictions", "predictions_online", "dlq", "alerts")}}
+                           **{k: c[k] for k in ("labels", "predictions", "predictions_online", "dlq", "alerts")},
+                           "drift_alerts": int(ch.scalar(
+                               "SELECT count() FROM alerts FINAL WHERE kind = 'drift' AND model_name IN ({m:String}, '')",
+                               {"m": model.name}) or 0)}
     if run.shift_wall_s is not None and run.shift_event_ms is not None:
         after = {"since": int(run.shift_wall_s * 1000), "m": model.name, "shift": run.shift_event_ms}
         # an alert is before or after the drift by the event time it was raised at (load does not move it);
         # one without (another producer's) by when it was raised
         after_drift = ("coalesce(toUnixTimestamp64Milli(event_ts) >= {shift:Int64}, "
                        "toUnixTimestamp64Milli(ts) >= {since:Int64})")
+        # drift alerts (the data or the errors changed) apart from model alerts (a validation gap, failed gates)
+        drift = "kind = 'drift' AND model_name IN ({m:String}, '')"
         out |= {
-            "alerts_before_drift": int(ch.scalar(f"SELECT countIf(NOT {after_drift}) FROM alerts FINAL", after) or 0),
-            "alerts_after_drift": int(ch.scalar(f"SELECT countIf({after_drift}) FROM alerts FINAL", after) or 0),
+            "alerts_before_drift": int(ch.scalar(
+                f"SELECT countIf(NOT {after_drift}) FROM alerts FINAL WHERE {drift}", after) or 0),
+            "alerts_after_drift": int(ch.scalar(
+                f"SELECT countIf({after_drift}) FROM alerts FINAL WHERE {drift}", after) or 0),
+            "model_alerts": [f"{d} {v}" for d, v in ch.rows(
+                "SELECT detector, model_version FROM alerts FINAL WHERE kind = 'model' AND model_name = {m:String} "
+                "ORDER BY ts", after)],
+            **S.detection(ch, model, run.shift_event_ms),
             "retrains_after_drift": int(ch.scalar(
                 "SELECT count() FROM model_events FINAL WHERE stage = 'candidate' AND model_name = {m:String} "
                 "AND toUnixTimestamp64Milli(ts) >= {since:Int64}", after) or 0),
@@ -204,6 +215,7 @@ def summarize(pipeline: Pipeline, model: Model, run: ScenarioRun, produce_s: flo
             "drift_at_event_ms": run.shift_event_ms,
             **S.drift_summary(ch, model, run.shift_event_ms, rules_for(model).version),
         }
+    out |= S.last_third(ch, model)
     out |= {
         "retrains": len([r for r in runs if "version" in r]),
         "blocked_by_gates": [r["blocked"] for r in runs if "blocked" in r],

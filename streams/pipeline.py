@@ -78,7 +78,7 @@ class PipelineConfig:
     canary_fraction: float = 0.1
     audit_vectors: bool = True
     drift_delta: float = 0.002
-    drift_cooldown: int = 1000
+    drift_cooldown: int | None = None  # labelled outcomes between drift retrains; None: each model's retrain policy
     retrain_cron: str = "*/30 * * * *"
     seed: int = 0
     group_prefix: str = "weir"

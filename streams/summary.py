@@ -89,6 +89,32 @@ def counts(ch: ClickHouse, project: Project, model: Model) -> dict[str, int]:
     return {k: int(ch.scalar(sql, params) or 0) for k, (sql, params) in q.items()}
 
 
+def detection(ch: ClickHouse, model: Model, drift_ms: int) -> dict[str, Any]:
+    """How late the first drift alert after the event time ``drift_ms`` came: in event time (seconds) and in
+    labels (the model's labelled events between the drift and the event the alert was raised at)."""
+    first = ch.scalar("SELECT toUnixTimestamp64Milli(min(event_ts)) FROM alerts FINAL WHERE kind = 'drift' "
+                      "AND model_name = {m:String} AND toUnixTimestamp64Milli(event_ts) >= {d:Int64}",
+                      {"m": model.name, "d": drift_ms})
+    if not first:
+        return {"detection_delay_s": None, "detection_delay_labels": None}
+    labels = ch.scalar("SELECT count() FROM outcomes FINAL WHERE model_name = {m:String} AND "
+                       "toUnixTimestamp64Milli(ts) BETWEEN {d:Int64} AND {a:Int64}",
+                       {"m": model.name, "d": drift_ms, "a": int(first)})
+    return {"detection_delay_s": round((int(first) - drift_ms) / 1000, 1), "detection_delay_labels": int(labels)}
+
+
+def last_third(ch: ClickHouse, model: Model) -> dict[str, Any]:
+    """The champion's and the online learner's quality over the last third of the run's labelled event time."""
+    name = quality_name(model)
+    lo, hi = ch.rows("SELECT toUnixTimestamp64Milli(min(ts)), toUnixTimestamp64Milli(max(ts)) FROM outcomes FINAL "
+                     "WHERE model_name = {m:String}", {"m": model.name})[0]
+    if not lo:
+        return {f"{name}_champion_last_third": None, f"{name}_online_last_third": None}
+    since = int(lo) + 2 * (int(hi) - int(lo)) // 3
+    return {f"{name}_champion_last_third": quality(ch, model, model.name, after_ms=since),
+            f"{name}_online_last_third": quality(ch, model, model.online_name, after_ms=since)}
+
+
 def drift_summary(ch: ClickHouse, model: Model, drift_ms: int, rules_version: str) -> dict[str, Any]:
     """The champion's and the online learner's quality before and after the event time ``drift_ms``."""
     name = quality_name(model)

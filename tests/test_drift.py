@@ -48,12 +48,16 @@ def test_a_new_fraud_pattern_raises_a_missed_positive_alert_soon_after_it_starts
     assert "missed_positive_rate of model v1 changed" in first["message"]
 
 
-def test_detectors_restart_for_a_new_champion() -> None:
+def test_each_champion_version_has_its_own_detectors() -> None:
+    """A new version is judged on its own outcomes; late labels of the previous one (outcomes of two versions
+    interleave) go on to the previous one's detectors instead of restarting the new one's."""
     rng = random.Random(3)
     det = DriftDetector(delta=0.002, **FRAUD)
     run(outcomes(3000, 0.045, 0.6, rng), det)
-    run(outcomes(10, 0.045, 0.05, rng, version="v2"), det)
-    assert det.state is not None and det.state.version == "v2" and det.state.seen == 10
+    old, new = outcomes(20, 0.045, 0.05, rng), outcomes(10, 0.045, 0.05, rng, version="v2")
+    run((o for pair in zip(old, new) for o in pair), det)
+    run(outcomes(10, 0.045, 0.05, rng), det)
+    assert (det.states["v1"].seen, det.states["v2"].seen) == (3020, 10)
 
 
 def test_a_model_deployed_after_the_drift_is_caught_by_its_validation_gap() -> None:

@@ -29,12 +29,17 @@ def announced(result: StepResult) -> list[dict[str, Any]]:
     return [codec.decode(p.value) for p in result.produce if p.topic == T.MODEL_EVENTS]
 
 
-def test_a_redelivered_request_is_not_trained_again_and_repeats_the_same_events(
-        ch: ClickHouse, tmp_path: Path) -> None:  # noqa: F811
+def trained_stage(ch: ClickHouse, tmp_path: Path) -> tuple[RetrainStage, ModelRegistry]:  # noqa: F811
+    """A retrain stage of the threshold test's project over its labelled payments, and its registry."""
     training_data(ch)
     registry = ModelRegistry(ch.client, tmp_path / "models")
     registry.ensure_schema()
-    stage = RetrainStage(ch, registry, PROJECT, seed=1)
+    return RetrainStage(ch, registry, PROJECT, seed=1), registry
+
+
+def test_a_redelivered_request_is_not_trained_again_and_repeats_the_same_events(
+        ch: ClickHouse, tmp_path: Path) -> None:  # noqa: F811
+    stage, registry = trained_stage(ch, tmp_path)
     try:
         first = announced(stage.handle([request("req-1", 0)]))  # then the process dies before the commit
         assert [e["stage"] for e in first][:1] == ["candidate"] and len(registry.list(MODEL.name)) == 1

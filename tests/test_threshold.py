@@ -72,7 +72,7 @@ def test_drift_counts_misses_against_the_declared_threshold() -> None:
         assert detector.threshold == project.models[0].threshold
         for outcome in outcomes:
             detector.update(outcome)
-        assert detector.state is not None and detector.state.missed_count == missed
+        assert detector.states["fraud-v1"].missed_count == missed
 
 
 def training_data(db: ClickHouse, n: int = 800, seed: int = 3) -> None:

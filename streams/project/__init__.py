@@ -24,6 +24,7 @@ from streams.project.spec import (
     Project,
     Range,
     RequestFeature,
+    RetrainPolicy,
     Rules,
     Scenario,
     ScenarioRun,
@@ -36,6 +37,6 @@ from streams.project.spec import (
 
 __all__ = [
     "MLP", "TASKS", "Agg", "Cdc", "Drift", "Feature", "FeatureView", "FirstSeen", "GatePolicy", "Hopping", "LabelField",
-    "LabelStream", "Model", "Project", "Range", "RequestFeature", "Rules", "Scenario", "ScenarioRun", "Sliding",
+    "LabelStream", "Model", "Project", "Range", "RequestFeature", "RetrainPolicy", "Rules", "Scenario", "ScenarioRun", "Sliding",
     "Source", "Task", "Tumbling", "ViewFeatures",
 ]

@@ -435,6 +435,10 @@ class _Checker:
                 or not 0 < t.val_fraction < 1 or t.lr <= 0:
             self.add(where, "trainer: epochs, batch size, rows and hidden widths must be positive, "
                             "val_fraction within (0, 1) and lr > 0")
+        r = m.retrain
+        if min(r.cooldown_labels, r.min_new_labels, r.min_new_positives) < 0 or not r.recency_weight >= 1:
+            self.add(where, f"retrain: cooldown_labels, min_new_labels and min_new_positives must be >= 0 and "
+                            f"recency_weight >= 1, got {r}")
 
 
     def prediction_schemas(self, where: str, m: Model) -> None:

@@ -58,6 +58,7 @@ __all__ = [
     "Project",
     "Range",
     "RequestFeature",
+    "RetrainPolicy",
     "Rules",
     "Scenario",
     "ScenarioRun",
@@ -261,6 +262,27 @@ class Drift:
 
 
 @dataclass(frozen=True)
+class RetrainPolicy:
+    """When the drift stage asks for a model to be retrained, and how that run weighs the change
+    (docs/learning.md, "Retraining after a drift").
+
+    A retraining alert (the error or the miss rate went up, or a validation gap) places the change in event
+    time; the request waits until ``min_new_labels`` mature labels of events at or after it are in (for a
+    binary model also ``min_new_positives`` positives: a model trained on a handful of the new regime's rows
+    learns little of it), and follows the previous request by at least ``cooldown_labels`` labelled outcomes.
+    The run validates on the newest quarter of the rows after the change (the gates compare the candidate
+    with the champion there) and trains on the rest, each row at or after the change weighed
+    ``recency_weight`` times (1: not at all), so the new regime's few rows are not outvoted by the window's
+    older ones. A candidate that fails its gates is not promoted: the champion keeps serving and an alert
+    names the failed gates."""
+
+    cooldown_labels: int = 500
+    min_new_labels: int = 300
+    min_new_positives: int = 10
+    recency_weight: float = 3.0
+
+
+@dataclass(frozen=True)
 class Rules:
     """The fallback score before any model is trained (and when every model failed):
     ``sigmoid(bias + sum_i w_i * log1p(max(x_i, 0)))`` over the named features, for a binary model; for a
@@ -283,7 +305,8 @@ class Model:
     regression, or a declared pipeline; default ``logreg`` / ``linreg``), ``challengers`` more
     online learners beside it (name -> learner). ``trainer`` builds the batch models that serve, gated by
     ``gates`` against the champion; ``threshold`` turns a binary model's score into its decision, the same
-    one for inference, drift and retraining; ``drift`` names the detectors that watch its outcomes.
+    one for inference, drift and retraining; ``drift`` names the detectors that watch its outcomes and
+    ``retrain`` when a drift retrains it.
     ``fallback`` scores before a model exists. Predictions go to
     ``predictions`` (default ``predictions.<name>``), keyed by the scored event's field ``key`` (default the
     source's partition key; canaries are chosen by it), carrying the event's ``carry`` fields.
@@ -301,6 +324,7 @@ class Model:
     threshold: float = 0.5
     gates: GatePolicy = GatePolicy()
     drift: Drift = Drift()
+    retrain: RetrainPolicy = RetrainPolicy()
     fallback: Rules = Rules()
     predictions: str = ""
     key: str = ""
@@ -360,7 +384,7 @@ class Model:
         """SHA-256 (12 hex digits) of what a trained version of the model depends on: its name, task, scored
         source, features (views with their whole definitions, request features) and label. Changing any of
         them needs a new ``version`` (``weir plan`` refuses it otherwise); the rest (learners, trainer,
-        threshold, gates, fallback, topics) may change without one."""
+        threshold, gates, drift, retrain policy, fallback, topics) may change without one."""
         return _fingerprint({"name": self.name, "task": self.task, "source": self.source,
                              "features": self.features, "label": self.label})
 

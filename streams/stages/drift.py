@@ -1,56 +1,68 @@
 """Drift: watches each model's labelled error and its score distribution; raises alerts and retrains.
 
-Input: the project's ``weir.<project>.outcomes`` (label + champion score per
-scored event, in label order, every model's). Per model and champion version, three river drift
-detectors, each the one the model declares for its signal (:class:`streams.project.spec.Drift`; ADWIN
-by default; :mod:`models.drift_detectors`), and one test. An alert's detector is named
-``<detector>_<signal>`` (``adwin_error``, ``pagehinkley_missed_positive``, ...):
+Input: the project's ``weir.<project>.outcomes`` (label + champion score + online learner score per scored
+event, in label order, every model's). Per model, river drift detectors, each the one the model declares
+for its signal (:class:`streams.project.spec.Drift`; ADWIN by default; :mod:`models.drift_detectors`), and
+one test. An alert's detector is named ``<detector>_<signal>`` (``adwin_error``,
+``pagehinkley_missed_positive``, ``adwin_online_missed_positive``, ...):
 
-- ``*_error`` over the absolute error ``|label - score|`` of every outcome (for a
-  detector over 0/1 values, whether the decision was wrong);
-- ``*_missed_positive`` (a binary model) over "this positive scored below
-  the model's decision threshold", fed by positive outcomes only. Positives
-  may be a few percent of events, so a new pattern of them moves the overall
-  error by a point or two, which ADWIN needs thousands of outcomes to separate
-  from noise; among positives the same change moves the miss rate by tens of
-  points;
+- ``*_error`` over the absolute error ``|label - score|`` of every outcome (for a detector over 0/1 values,
+  whether the decision was wrong);
+- ``*_missed_positive`` (a binary model) over "this positive scored below the model's decision threshold",
+  fed by positive outcomes only. Positives may be a few percent of events, so a new pattern of them moves
+  the overall error by a point or two, which ADWIN needs thousands of outcomes to separate from noise; among
+  positives the same change moves the miss rate by tens of points;
 - ``*_score`` over the score itself (the score distribution; alert only);
-- ``validation_gap`` (a binary model): once a version has served
-  ``min_positives`` labelled positives, a one-sided binomial test of its live
-  miss count against the upper bound of the miss rate it had on its own
-  validation split (from ``model.events``). A change detector cannot see a
-  drift that happened before the model went live; this test can. It fires at
-  most once per version.
+- ``*_online_error`` and ``*_online_missed_positive``: the same two signals of the model's online learner.
+  The champion's detectors are per version (a version is judged on its own outcomes; labels come late, so
+  outcomes of two versions interleave), and a version promoted shortly before a drift has too few outcomes
+  of the old regime for a detector to see the change (measured on a demo run: 4 of 15 positives missed, then
+  112 of 139; no ADWIN alarm). The online learner never changes version: its detectors compare the new
+  regime with the whole history (the same run: an alarm 14 minutes of event time after the drift);
+- ``validation_gap`` (a binary model, ``kind`` model): once a version has served ``min_positives`` labelled
+  positives, a one-sided binomial test of its live miss count against the upper bound of the miss rate it
+  had on its own validation split (from ``model.events``). A change detector cannot see a drift that
+  happened before the model went live; this test can. It fires at most once per version.
 
-Detectors count outcomes, not time, and an alert carries the event time of the outcome that raised it
-(``event_ts``), so where a change was seen does not depend on how fast the machine processed the stream. An increase found by either of the first two, or a validation gap,
-publishes an ``alerts``
-record and a ``retrain`` request for the model (at most one per ``cooldown`` of
-its outcomes). Detectors restart when the champion version changes, so a new
-model is judged on its own outcomes. The threshold is the model's own
-(:attr:`streams.project.spec.Model.threshold`), the one inference decides with.
+Detectors count outcomes, not time; an alert carries the event time of the outcome that raised it
+(``event_ts``) and where its detector places the change's start (``change_ts``,
+:func:`models.drift_detectors.change_start`), so where a change was seen does not depend on how fast the
+machine processed the stream.
+
+**Retraining** (the model's :class:`~streams.project.spec.RetrainPolicy`): an increase found on the error
+or the miss rate, or a validation gap, makes a retrain *pending*. A pending retrain with a placed change is
+sent once ``min_new_labels`` mature labels (``min_new_positives`` positives) of events at or after the change
+are in, mature as the retrain stage counts them (at least the label stream's ``maturity_s`` older than the
+newest label); with none placed (a validation gap), at once. Either way at least ``cooldown_labels``
+outcomes after the previous request. The request carries the change (``change_ts``): the run weighs the rows
+after it. The threshold is the model's own (:attr:`streams.project.spec.Model.threshold`), the one inference
+decides with.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 import uuid
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from scipy.stats import beta, binom
 
-from models.drift_detectors import DetectorSpec, Watched, parse_detector
+from models.drift_detectors import Alarm, DetectorSpec, Watched, parse_detector
 from streams import topics as T
 from streams.base import Message, Produce, Stage, StepResult
 from streams.codec import AvroCodec, decoded
-from streams.project.spec import Drift, Model, Project
+from streams.project.spec import Drift, LabelStream, Model, Project
 
 RETRAIN_SIGNALS = ("error", "missed_positive")  # and the validation gap; the score's alerts only inform
 GAP_P_VALUE = 1e-3
 GAP_MIN_RATE = 0.05  # floor for a validation miss rate measured on few positives
+VERSIONS_KEPT = 4  # champion versions whose detectors are kept (outcomes of older ones are ignored)
+RECENT_OUTCOMES = 50_000  # per model: (event time, positive) of the latest outcomes, to count a change's labels
 
 
 def detector_specs(drift: Drift, delta: float, missed_delta: float = 0.05) -> dict[str, DetectorSpec]:
@@ -63,62 +75,88 @@ def detector_specs(drift: Drift, delta: float, missed_delta: float = 0.05) -> di
             "score": parse_detector(drift.score or f"ADWIN(delta={delta})")}
 
 
-@dataclass
-class DriftState:
-    version: str
-    error: Watched
-    missed: Watched
-    score: Watched
-    seen: int = 0
-    positives: int = 0
-    missed_count: int = 0
-    gap_alerted: bool = False
+class Signals:
+    """The error and miss-rate detectors over one scorer's outcomes (a champion version, or the online
+    learner), and its counts."""
+
+    def __init__(self, specs: dict[str, DetectorSpec]) -> None:
+        self.error = Watched(specs["error"])
+        self.missed = Watched(specs["missed_positive"])
+        self.seen = 0
+        self.positives = 0
+        self.missed_count = 0
+
+
+class DriftState(Signals):
+    """A champion version's detectors: :class:`Signals`, its score's, and whether its gap was raised."""
+
+    def __init__(self, version: str, specs: dict[str, DetectorSpec]) -> None:
+        super().__init__(specs)
+        self.version = version
+        self.score = Watched(specs["score"])
+        self.gap_alerted = False
 
 
 class DriftDetector:
     """Pure detection logic for one model: ``update`` returns the alerts (as dicts) one outcome raises.
 
     ``task`` is the model's (the miss-rate detector and the validation gap are a binary model's),
-    ``threshold`` its decision threshold."""
+    ``threshold`` its decision threshold, ``online_name`` what its online learner's alerts name."""
 
     def __init__(self, delta: float, min_samples: int = 300, min_positives: int = 20, *,
                  threshold: float = 0.5, task: str = "binary", missed_delta: float = 0.05,
-                 drift: Drift = Drift()) -> None:
+                 drift: Drift = Drift(), online_name: str = "online") -> None:
         self.specs = detector_specs(drift, delta, missed_delta)
         self.min_samples = min_samples
         self.min_positives = min_positives
         self.threshold = threshold
         self.binary = task == "binary"
-        self.state: DriftState | None = None
+        self.online_name = online_name
+        self.states: OrderedDict[str, DriftState] = OrderedDict()  # champion version -> its detectors
+        self.online = Signals(self.specs)
         self.baselines: dict[str, float] = {}  # model version -> miss rate of positives on its validation split
+
+    def state(self, version: str) -> DriftState:
+        """The detectors of ``version`` (the newest :data:`VERSIONS_KEPT` versions are kept)."""
+        st = self.states.get(version)
+        if st is None:
+            st = self.states[version] = DriftState(version, self.specs)
+            while len(self.states) > VERSIONS_KEPT:
+                self.states.popitem(last=False)
+        return st
 
     def update(self, outcome: dict[str, Any]) -> list[dict[str, Any]]:
         version = outcome["champion_version"]
-        if self.state is None or self.state.version != version:
-            s = self.specs
-            self.state = DriftState(version, Watched(s["error"]), Watched(s["missed_positive"]), Watched(s["score"]))
-        st = self.state
-        score, label = outcome["champion_score"], float(outcome["label"])
-        st.seen += 1
+        label, at = float(outcome["label"]), outcome.get("ts_ms")
+        st = self.state(version)
+        alerts = self._signals(st, outcome["champion_score"], label, at, version, "")
+        gap = self._validation_gap(st) if self.binary and label >= 0.5 else None
+        alerts += [gap] if gap is not None else []
+        change = st.score.update(outcome["champion_score"], at)
+        if change is not None and st.seen >= self.min_samples:
+            alerts.append(self._alert(st.score, "score", "mean_score", change, version, severity="info"))
+        if outcome.get("online_score") is not None:
+            alerts += self._signals(self.online, outcome["online_score"], label, at, self.online_name, "online_")
+        return alerts
+
+    def _signals(self, sig: Signals, score: float, label: float, at: int | None, version: str,
+                 prefix: str) -> list[dict[str, Any]]:
+        """Feed one outcome of one scorer to its error and miss-rate detectors; the alerts they raise."""
+        sig.seen += 1
         alerts = []
         wrong = (score >= self.threshold) != (label >= 0.5)
-        change = st.error.update(float(wrong) if st.error.spec.binary else abs(label - score))
-        if change is not None and change[1] > change[0] and st.seen >= self.min_samples:
-            metric = "decision_error_rate" if st.error.spec.binary else "abs_error"
-            alerts.append(self._alert(st.error, "error", metric, change, version))
+        change = sig.error.update(float(wrong) if sig.error.spec.binary else abs(label - score), at)
+        if change is not None and change.now > change.before and sig.seen >= self.min_samples:
+            metric = "decision_error_rate" if sig.error.spec.binary else "abs_error"
+            alerts.append(self._alert(sig.error, f"{prefix}error", metric, change, version))
         if self.binary and label >= 0.5:
             missed = score < self.threshold
-            st.positives += 1
-            st.missed_count += missed
-            gap = self._validation_gap(st)
-            if gap is not None:
-                alerts.append(gap)
-            change = st.missed.update(float(missed))
-            if change is not None and change[1] > change[0] and st.positives >= self.min_positives:
-                alerts.append(self._alert(st.missed, "missed_positive", "missed_positive_rate", change, version))
-        change = st.score.update(score)
-        if change is not None and st.seen >= self.min_samples:
-            alerts.append(self._alert(st.score, "score", "mean_score", change, version))
+            sig.positives += 1
+            sig.missed_count += missed
+            change = sig.missed.update(float(missed), at)
+            if change is not None and change.now > change.before and sig.positives >= self.min_positives:
+                alerts.append(self._alert(sig.missed, f"{prefix}missed_positive", "missed_positive_rate", change,
+                                          version))
         return alerts
 
     def _validation_gap(self, st: DriftState) -> dict[str, Any] | None:
@@ -133,39 +171,74 @@ class DriftDetector:
         live = st.missed_count / st.positives
         return {
             "detector": "validation_gap", "metric": "missed_positive_rate", "value": live, "threshold": rate,
-            "model_version": st.version,
+            "model_version": st.version, "kind": "model", "severity": "critical", "change_ts": None,
             "message": f"model {st.version} misses {st.missed_count} of {st.positives} live positives ({live:.3f}); "
                        f"its validation bound is {rate:.3f} (binomial p={p_value:.1e})",
         }
 
     @staticmethod
-    def _alert(watched: Watched, signal: str, metric: str, change: tuple[float, float],
-               version: str) -> dict[str, Any]:
-        reference, value = change
+    def _alert(watched: Watched, signal: str, metric: str, change: Alarm, version: str, *,
+               severity: str = "warning") -> dict[str, Any]:
         return {
-            "detector": f"{watched.spec.name.lower()}_{signal}", "metric": metric, "value": value,
-            "threshold": reference, "model_version": version,
-            "message": f"{metric} of model {version} changed: {reference:.4f} -> {value:.4f} ({watched.spec.text})",
+            "detector": f"{watched.spec.name.lower()}_{signal}", "metric": metric, "value": change.now,
+            "threshold": change.before, "model_version": version, "kind": "drift", "severity": severity,
+            "change_ts": change.since_ms,
+            "message": f"{metric} of model {version} changed: {change.before:.4f} -> {change.now:.4f} "
+                       f"({watched.spec.text})",
         }
 
 
+def retrains(alert: dict[str, Any]) -> bool:
+    """Whether an alert asks for a retrain: a validation gap, or an increase of an error or a miss rate."""
+    detector: str = alert["detector"]
+    return detector == "validation_gap" or detector.endswith(tuple(f"_{s}" for s in RETRAIN_SIGNALS))
+
+
+@dataclass
+class PendingRetrain:
+    """A retrain an alert asked for, waiting for mature labels of the new regime (and the cool-down).
+
+    ``young`` holds (event time, positive) of labelled events at or after the change not yet mature."""
+
+    alert_id: str
+    change_ms: int | None
+    young: list[tuple[int, bool]] = field(default_factory=list)
+    labels: int = 0
+    positives: int = 0
+
+    def add(self, ts_ms: int, positive: bool) -> None:
+        if self.change_ms is not None and ts_ms >= self.change_ms:
+            heapq.heappush(self.young, (ts_ms, positive))
+
+    def mature(self, until_ms: int) -> None:
+        """Count the events at most ``until_ms``: their labels are mature."""
+        while self.young and self.young[0][0] <= until_ms:
+            self.positives += heapq.heappop(self.young)[1]
+            self.labels += 1
+
+
 class DriftStage(Stage):
-    """Every model's detectors (see the module docstring); outcomes of models it does not know are ignored."""
+    """Every model's detectors and pending retrains (see the module docstring); outcomes of models it does
+    not know are ignored. ``cooldown`` overrides every model's ``retrain.cooldown_labels``."""
 
     step_id = "drift"
 
-    def __init__(self, project: Project, delta: float, *, cooldown: int = 1000, min_samples: int = 300,
+    def __init__(self, project: Project, delta: float, *, cooldown: int | None = None, min_samples: int = 300,
                  clock: Callable[[], float] = time.time) -> None:
         self._outcomes = T.internal(project, T.I_OUTCOMES)
         self.topics: tuple[str, ...] = (self._outcomes, T.MODEL_EVENTS)
         self.models: dict[str, Model] = {m.name: m for m in project.models}
         self.detectors = {m.name: DriftDetector(delta, min_samples, threshold=m.threshold, task=m.task,
-                                                drift=m.drift) for m in project.models}
-        self.cooldown = cooldown
+                                                drift=m.drift, online_name=m.online_name) for m in project.models}
+        self.cooldown = {m.name: m.retrain.cooldown_labels if cooldown is None else cooldown
+                         for m in project.models}
         self.clock = clock
         self.alerts = 0
         self.retrains = 0
-        self._since_retrain = dict.fromkeys(self.models, cooldown)
+        self.pending: dict[str, PendingRetrain] = {}
+        self._since_retrain = dict(self.cooldown)
+        self._newest_label = dict.fromkeys(self.models, 0)
+        self._recent: dict[str, deque[tuple[int, bool]]] = {m: deque(maxlen=RECENT_OUTCOMES) for m in self.models}
         self._in = {self._outcomes: AvroCodec(T.I_OUTCOMES), T.MODEL_EVENTS: AvroCodec(T.MODEL_EVENTS)}
         self._alert = AvroCodec(T.ALERTS)
         self._retrain = AvroCodec(T.RETRAIN)
@@ -181,8 +254,14 @@ class DriftStage(Stage):
             if detector is None:
                 continue
             self._since_retrain[name] += 1
+            self._newest_label[name] = max(self._newest_label[name], record["label_ts_ms"])
+            seen = (record["ts_ms"], record["label"] >= 0.5)
+            self._recent[name].append(seen)
+            if name in self.pending:
+                self.pending[name].add(*seen)
             for alert in detector.update(record):
                 self._publish(name, {**alert, "event_ts": record["ts_ms"]}, result)
+            self._progress(self.models[name], result)
         return result
 
     def _baseline(self, event: dict[str, Any]) -> None:
@@ -197,16 +276,34 @@ class DriftStage(Stage):
             beta.ppf(0.95, k + 1, n - k))
 
     def _publish(self, name: str, alert: dict[str, Any], result: StepResult) -> None:
-        now_ms = int(self.clock() * 1000)
-        alert = {"alert_id": str(uuid.uuid4()), "ts": now_ms, **alert}
+        alert = {"alert_id": str(uuid.uuid4()), "ts": int(self.clock() * 1000), "model_name": name,
+                 "features": [], **alert}
         self.alerts += 1
         result.produce.append(Produce(T.ALERTS, alert["detector"].encode(), self._alert.encode(alert)))
-        retrains = alert["detector"] == "validation_gap" or alert["detector"].endswith(
-            tuple(f"_{s}" for s in RETRAIN_SIGNALS))
-        if not retrains or self._since_retrain[name] < self.cooldown:
+        if retrains(alert) and name not in self.pending:
+            pending = self.pending[name] = PendingRetrain(alert["alert_id"], alert["change_ts"])
+            for seen in self._recent[name]:  # the change's labels seen before the alert count too
+                pending.add(*seen)
+
+    def _progress(self, model: Model, result: StepResult) -> None:
+        """Send the model's pending retrain request once its policy allows (see the module docstring)."""
+        pending = self.pending.get(model.name)
+        if pending is None:
             return
+        name, policy = model.name, model.retrain
+        maturity_ms = int(model.label.maturity_s * 1000) if isinstance(model.label, LabelStream) else 0
+        pending.mature(self._newest_label[name] - maturity_ms)
+        enough = pending.change_ms is None or (
+            pending.labels >= policy.min_new_labels
+            and (model.task != "binary" or pending.positives >= policy.min_new_positives))
+        if not enough or self._since_retrain[name] < self.cooldown[name]:
+            return
+        del self.pending[name]
         self._since_retrain[name] = 0
         self.retrains += 1
-        request = {"request_id": str(uuid.uuid4()), "model_name": name, "ts": now_ms,
-                   "reason": f"drift alert {alert['alert_id']}", "since_ts": None}
+        placed = "" if pending.change_ms is None else \
+            f"; {pending.labels} mature labels ({pending.positives} positive) since the change"
+        request = {"request_id": str(uuid.uuid4()), "model_name": name, "ts": int(self.clock() * 1000),
+                   "reason": f"drift alert {pending.alert_id}{placed}", "since_ts": None,
+                   "change_ts": pending.change_ms}
         result.produce.append(Produce(T.RETRAIN, name.encode(), self._retrain.encode(request)))

@@ -14,7 +14,7 @@ The new version is registered as a ``candidate`` with its lineage (training
 set time range, rows and content hash, feature views and their fingerprints,
 code version, hyperparameters, the champion it was compared with) and the
 metrics the gates need, measured on the newest quarter of its training set
-for it *and* the current champion (:mod:`models.gates`, with the model's own
+(after a drift, of its rows after the change) for it *and* the current champion (:mod:`models.gates`, with the model's own
 policy and, for a binary model, its decision threshold). If every gate passes
 it is promoted to ``production`` (the previous one is archived); if not it
 stays a candidate and the failed gates are logged and announced. Each
@@ -134,7 +134,8 @@ def _progress(epoch: int, loss_train: float, loss_val: float) -> None:
 
 def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, path: Path,
                      champion: str | None = None, *, task: str = "binary", threshold: float = 0.5,
-                     hyperparameters: dict[str, Any] | None = None,
+                     hyperparameters: dict[str, Any] | None = None, weights: np.ndarray | None = None,
+                     val_after: int | None = None,
                      ) -> tuple[dict[str, float], list[tuple[int, float, float, float]]]:
     """Train the MLP, write its ONNX export to ``path`` (and its TorchScript companion, for the torch serving
     backend, to ``path.with_suffix(".pt")``) and measure what the gates need (runs in the training process).
@@ -148,7 +149,8 @@ def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, pa
     ``champion`` (its ONNX path) is given, the champion's ``champion_auc_val`` and ``champion_ece_val``
     (binary) or ``champion_mae_val`` (regression) on the same validation window."""
     log.info("training a %s model on %d rows, %d features", task, len(y), X.shape[1])
-    trained = train_mlp(X, y, ts, task=task, seed=seed, progress=_progress, **(hyperparameters or {}))
+    trained = train_mlp(X, y, ts, task=task, seed=seed, progress=_progress, weights=weights, val_after=val_after,
+                        **(hyperparameters or {}))
     quality = "auc_val" if task == "binary" else "mae_val"
     log.info("trained: best epoch %d of %d, validation %s %.4f", trained.metrics["best_epoch"],
              trained.metrics["epochs_run"], quality, trained.metrics[quality])
@@ -200,10 +202,12 @@ class RetrainStage(Stage):
         self._pool = worker_pool()
         self._in = {T.RETRAIN: AvroCodec(T.RETRAIN), T.MODEL_COMMANDS: AvroCodec(T.MODEL_COMMANDS)}
         self._out = AvroCodec(T.MODEL_EVENTS)
+        self._alert = AvroCodec(T.ALERTS)
 
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         requests: dict[str, list[tuple[str, int, str]]] = {}  # model -> (reason, since ms, request id)
+        changes: dict[str, int] = {}  # model -> the latest change a request placed (event time, ms)
         for msg, req in decoded(batch, self._in, result):
             if msg.topic == T.MODEL_COMMANDS:
                 result.produce.append(self.command(req))
@@ -213,7 +217,9 @@ class RetrainStage(Stage):
                 log.warning("retrain request %s names no model of project %s (%r): ignored", req["request_id"],
                             self.project.name, name)
                 continue
-            since = req["since_ts"]
+            since, change = req["since_ts"], req.get("change_ts")
+            if change is not None:
+                changes[name] = max(changes.get(name, 0), int(change.timestamp() * 1000))
             requests.setdefault(name, []).append((req["reason"], int(since.timestamp() * 1000) if since else 0,
                                                   req["request_id"]))
         for name, reqs in requests.items():
@@ -227,10 +233,12 @@ class RetrainStage(Stage):
             self.busy = True
             try:
                 transitions = self.train(model, ", ".join(r for r, _, _ in todo), min(s for _, s, _ in todo),
-                                         request_ids=[r for _, _, r in todo])
+                                         request_ids=[r for _, _, r in todo], change_ms=changes.get(name))
             finally:
                 self.busy = False
             result.produce.extend(self._announce(v, why) for v, why in transitions)
+            if transitions and transitions[-1][0].stage == "candidate":
+                result.produce.append(self._gates_alert(model, transitions[-1][0]))
         return result
 
     def _served(self, model: Model, request_ids: list[str]) -> dict[str, ModelVersion]:
@@ -282,11 +290,15 @@ class RetrainStage(Stage):
         return (ts_set.X[order], ts_set.y[order].astype(np.float32), ts_set.event_ts[order], ts_set.sha256)
 
     def train(self, model: Model, reason: str, since_ms: int = 0, *,
-              request_ids: list[str] | tuple[str, ...] = ()) -> list[tuple[ModelVersion, str]]:
+              request_ids: list[str] | tuple[str, ...] = (), change_ms: int | None = None,
+              ) -> list[tuple[ModelVersion, str]]:
         """One training run of ``model``: register it as a candidate, judge it with the gates, promote it to
         production if they pass. Returns the transitions to announce (none when the data cannot train one).
-        ``request_ids``: the retrain requests it serves, kept in the lineage."""
+        ``request_ids``: the retrain requests it serves, kept in the lineage; ``change_ms``: where a drift
+        began (rows at or after it weigh the model's ``retrain.recency_weight``, and the validation window,
+        on which the gates compare the candidate with the champion, is the newest of them)."""
         X, y, ts, content = self.training_set(model, since_ms)
+        weights = None if change_ms is None else np.where(ts >= change_ms, model.retrain.recency_weight, 1.0)
         binary = model.task == "binary"
         run: dict[str, Any] = {"model": model.name, "reason": reason, "rows": len(y)}
         if binary:
@@ -305,7 +317,7 @@ class RetrainStage(Stage):
                 metrics, curve = self._pool.submit(
                     train_and_export, X, y, ts, self.seed, path, champion.artifact_uri if champion else None,
                     task=model.task, threshold=model.threshold,
-                    hyperparameters=model.trainer.hyperparameters()).result()
+                    hyperparameters=model.trainer.hyperparameters(), weights=weights, val_after=change_ms).result()
             except ValueError as exc:  # e.g. the time-based split left one class in the training part
                 run["skipped"] = str(exc)
                 log.warning("retrain of %s skipped: %s", model.name, exc)
@@ -317,6 +329,9 @@ class RetrainStage(Stage):
             lineage = self.lineage(model, reason, X, y, ts, content, champion) | {
                 "gates": decision.summary(), "learning_curve": json.dumps([[round(x, 6) for x in row] for row in curve]),
                 "torchscript_sha256": sha256_file(torchscript), "retrain_requests": ",".join(request_ids)}
+            if weights is not None:
+                lineage |= {"change_ts_ms": str(change_ms), "rows_after_change": str(int((ts >= change_ms).sum())),
+                            "recency_weight": str(model.retrain.recency_weight)}
             version = self.registry.register(model.name, path, metrics=metrics, lineage=lineage, stage="candidate",
                                              companions=[torchscript])
         run.update(version=version.version, gates=decision.summary(), **metrics)
@@ -332,6 +347,17 @@ class RetrainStage(Stage):
             log.warning("retrained %s on %d rows (%s), NOT promoted: %s", model.version_name(version.version),
                         len(y), reason, decision.failed())
         return transitions
+
+    def _gates_alert(self, model: Model, v: ModelVersion) -> Produce:
+        """The alert of a candidate its gates refused: the champion keeps serving."""
+        name = model.version_name(v.version)
+        failed = v.lineage.get("gates", "")
+        alert = {"alert_id": str(uuid.uuid5(EVENT_IDS, f"gates/{v.name}/v{v.version}")),
+                 "ts": int(self.clock() * 1000), "detector": "gates", "metric": "gates_passed", "value": 0.0,
+                 "threshold": 1.0, "model_version": name, "model_name": model.name, "kind": "model",
+                 "severity": "warning", "features": [], "event_ts": None, "change_ts": None,
+                 "message": f"candidate {name} was not promoted, the champion keeps serving: {failed}"}
+        return Produce(T.ALERTS, b"gates", self._alert.encode(alert))
 
     def lineage(self, model: Model, reason: str, X: np.ndarray, y: np.ndarray, ts: np.ndarray, content: str,
                 champion: ModelVersion | None) -> dict[str, str]:

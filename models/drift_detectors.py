@@ -36,7 +36,7 @@ from river.drift import binary
 SEED = 42
 RECENT = 100
 """How many of the latest values make the "now" mean of a detector that keeps no estimate of its own."""
-HISTORY = 20_000
+HISTORY = 5_000
 """How many of the values since the last alarm (with their event times) a :class:`Watched` keeps to place a
 change."""
 
@@ -112,8 +112,9 @@ def parse_detector(text: str) -> DetectorSpec:
 
 @dataclass(frozen=True)
 class Alarm:
-    """A detector's alarm: the signal's mean ``before`` and ``now``, and ``since_ms``, the earliest event time
-    among the values that make ``now`` (None when the values came without times)."""
+    """A detector's alarm: the signal's mean ``before`` and ``now``, and ``since_ms``, the event time where
+    :func:`change_start` places the change among the values since the last alarm (None when the values came
+    without times)."""
 
     before: float
     now: float
@@ -156,19 +157,23 @@ class Watched:
 
 
 def change_start(values: list[float], times: list[int], *, up: bool = True) -> int | None:
-    """The earliest event time after the split of ``values`` (in the order they were fed) whose two sides' means
-    differ most in the direction ``up`` (an increase, else a decrease), weighted as binary segmentation weighs
-    a split (``sqrt(k (n - k) / n)``); None for fewer than two values.
+    """The event time of the split of ``values``, in event-time order, whose two sides' means differ most in the
+    direction ``up`` (an increase, else a decrease), weighted as binary segmentation weighs a split
+    (``sqrt(k (n - k) / n)``); None for fewer than two values. Values come in label order: sorted by their event
+    times first, so that one late label does not drag the change back by its delay.
 
     >>> change_start([0, 0, 0, 1, 1], [10, 11, 12, 13, 14]), change_start([1, 1, 0, 0], [1, 2, 3, 4], up=False)
     (13, 3)
+    >>> change_start([0, 0, 1, 0, 1, 1], [10, 11, 13, 2, 14, 15])  # the 0 at event time 2 was labelled late
+    13
     """
     n = len(values)
     if n < 2:
         return None
-    v = np.asarray(values, dtype=np.float64)
+    order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
+    v = np.asarray(values, dtype=np.float64)[order]
     k = np.arange(1, n)
     head = np.cumsum(v)[:-1]
     gap = (v.sum() - head) / (n - k) - head / k
     split = int(np.argmax((gap if up else -gap) * np.sqrt(k * (n - k) / n))) + 1
-    return int(min(times[split:]))
+    return int(times[order[split]])

@@ -67,7 +67,9 @@ DDL = [
         value Float64, threshold Float64, model_version String, message String
     ) ENGINE = ReplacingMergeTree ORDER BY alert_id""",
     "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS event_ts Nullable(DateTime64(3, 'UTC'))",
-    "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS kind LowCardinality(String) DEFAULT 'drift'",
+    # alerts written before kinds existed: a validation gap is a model's, every other one a drift
+    "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS kind LowCardinality(String) "
+    "DEFAULT if(detector = 'validation_gap', 'model', 'drift')",
     "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS severity LowCardinality(String) DEFAULT 'warning'",
     "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS model_name LowCardinality(String)",
     "ALTER TABLE alerts ADD COLUMN IF NOT EXISTS features Array(String)",

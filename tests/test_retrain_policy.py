@@ -3,7 +3,6 @@ how the run weighs the change, and what a candidate its gates refuse leaves behi
 
 from __future__ import annotations
 
-import itertools
 import random
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -106,19 +105,47 @@ def test_a_drift_retrain_waits_for_positives_of_the_new_regime() -> None:
 
 
 def test_the_cool_down_delays_a_retrain_and_keeps_one_pending() -> None:
-    """A request comes cooldown_labels outcomes after the previous one at the earliest; the alerts in
-    between make no second pending request."""
-    stream = drifting(2000, 3000)
+    """A second change during the cool-down is not dropped: its request goes out once cooldown_labels outcomes
+    have passed since the first."""
+    rng = random.Random(7)
+    stream = []
+    for i in range(7000):  # misses: 5% of positives, then 50% from 2000, then 95% from 4000
+        positive = rng.random() < 0.05
+        rate = 0.05 if i < 2000 else 0.5 if i < 4000 else 0.95
+        stream.append(outcome(i, T0 + 1000 * i, T0 + 1000 * i + 5 * MINUTE, positive, positive and rng.random() < rate))
     free = requests(feed(DriftStage(shop(min_new_labels=0, min_new_positives=0, cooldown_labels=0), 0.002,
                                     min_samples=50), stream))
-    held = DriftStage(shop(min_new_labels=0, min_new_positives=0, cooldown_labels=4500), 0.002, min_samples=50)
-    delayed = requests(feed(held, stream))
-    assert free and free[0][0] < 4500
-    # the stage starts cooled down (no request yet): the first request may go at once; after it, 4500 more
-    assert delayed[0][0] == free[0][0]
-    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(delayed)]
-    assert all(g >= 4500 - 50 for g in gaps), gaps
-    assert len(delayed) <= 1 + len(stream) // 4500
+    held = requests(feed(DriftStage(shop(min_new_labels=0, min_new_positives=0, cooldown_labels=3000), 0.002,
+                                    min_samples=50), stream))
+    assert len(free) >= 2 and free[1][0] - free[0][0] < 3000, free  # two changes, less than 3000 apart
+    assert held[0][0] == free[0][0] and len(held) == 2, held
+    assert 3000 <= held[1][0] - held[0][0] < 3000 + 50  # sent with the batch that ended the cool-down
+
+
+def test_a_validation_gap_sends_a_waiting_retrain_at_once() -> None:
+    stage = DriftStage(shop(min_new_labels=10_000, min_new_positives=0, cooldown_labels=0), 0.002, min_samples=50)
+    produced = feed(stage, drifting(2000, 1000))
+    assert "fraud" in stage.pending and requests(produced) == []  # 10,000 labels of the new regime: waits
+    stage.detectors["fraud"].baselines["fraud-v1"] = 0.05  # its validation split promised 5% missed
+    later = [outcome(3000 + i, T0 + 1000 * (3000 + i), T0 + 1000 * (3000 + i) + 5 * MINUTE, True, True)
+             for i in range(30)]
+    (_, req), = requests(feed(stage, later))
+    assert ms(req["change_ts"]) is not None and "fraud" not in stage.pending
+
+
+def test_late_labels_of_a_replaced_version_inform_but_do_not_retrain() -> None:
+    stage = DriftStage(shop(min_new_labels=0, min_new_positives=0, cooldown_labels=0), 0.002, min_samples=50)
+    det = stage.detectors["fraud"]
+    stream = [{**o, "champion_version": "fraud-v1" if i < 1990 else "fraud-v2", "online_score": 0.02}
+              for i, o in enumerate(drifting(2000, 0))]  # v2 takes over; the online learner catches everything
+    stream += [{**o, "champion_version": "fraud-v1", "online_score": 0.02} for o in drifting(0, 3000, seed=2)]
+    produced = feed(stage, stream)
+    assert det.current == "fraud-v2" and not det.serving("fraud-v1")
+    assert any(topic == T.ALERTS and r["model_version"] == "fraud-v1" for _, topic, r in produced)
+    assert requests(produced) == []
+    for v in range(3, 8):  # only the newest versions keep detectors; an older one's outcomes are ignored
+        det.state(f"fraud-v{v}")
+    assert "fraud-v1" in det.retired and det.state("fraud-v1") is None and len(det.states) == 4
 
 
 def test_a_change_before_the_alert_counts_the_labels_already_seen() -> None:
@@ -151,6 +178,13 @@ def test_weighing_the_rows_after_a_change_learns_the_new_concept() -> None:
         with torch.no_grad():
             auc[name] = roc_auc(y_new.astype(bool), model(torch.from_numpy(X_new)).numpy())
     assert auc["weighted"] > auc["plain"] + 0.03 and auc["weighted"] > 0.9, auc
+
+
+def test_a_change_after_every_row_validates_on_the_whole_window() -> None:
+    X, y, ts = concept_shift(1000, 0)
+    late = train_mlp(X, y, ts, seed=0, val_after=10**9).metrics
+    assert late["n_val"] == 250 == train_mlp(X, y, ts, seed=0).metrics["n_val"]
+    assert train_mlp(X, y, ts, seed=0, val_after=600).metrics["n_val"] == 100  # a quarter of the 400 after 600
 
 
 def test_weights_must_be_positive_and_one_per_row() -> None:
@@ -186,7 +220,11 @@ def test_a_candidate_its_gates_refuse_leaves_the_champion_and_raises_an_alert(
         assert [e["stage"] for e in produced(result, T.MODEL_EVENTS)] == ["candidate"]
         (alert,) = produced(result, T.ALERTS)
         assert (alert["kind"], alert["detector"], alert["model_name"]) == ("model", "gates", MODEL.name)
-        assert "champion keeps serving" in alert["message"] and "latency" in alert["message"]
+        assert "champion keeps serving" in alert["message"] and "latency FAILED" in alert["message"]
+        assert " ok: " not in alert["message"]  # the failed gates only
+        # delivered again after a crash before the commit: not trained again, the same alert again
+        assert [a["alert_id"] for a in produced(stage.handle([request("r2", change)]), T.ALERTS)] == \
+               [alert["alert_id"]]
         assert registry.latest(MODEL.name, stage="production").version == 1  # the champion serves on
         v2 = registry.get(MODEL.name, 2)
         assert v2.lineage["change_ts_ms"] == str(change) and float(v2.lineage["recency_weight"]) == \

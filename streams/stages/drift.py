@@ -34,7 +34,10 @@ or the miss rate, or a validation gap, makes a retrain *pending*. A pending retr
 sent once ``min_new_labels`` mature labels (``min_new_positives`` positives) of events at or after the change
 are in, mature as the retrain stage counts them (at least the label stream's ``maturity_s`` older than the
 newest label); with none placed (a validation gap), at once. Either way at least ``cooldown_labels``
-outcomes after the previous request. The request carries the change (``change_ts``): the run weighs the rows
+outcomes after the previous request. While one waits, a validation gap sends it without waiting for labels,
+a change placed later replaces it, and after ``WAIT_LIMIT`` times ``min_new_labels`` outcomes it goes out
+anyway (logged). Only alerts about the serving version or the online learner retrain: late labels of a
+replaced version inform. The request carries the change (``change_ts``): the run weighs the rows
 after it. The threshold is the model's own (:attr:`streams.project.spec.Model.threshold`), the one inference
 decides with.
 """
@@ -42,6 +45,7 @@ decides with.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import time
 import uuid
@@ -58,10 +62,13 @@ from streams.base import Message, Produce, Stage, StepResult
 from streams.codec import AvroCodec, decoded
 from streams.project.spec import Drift, LabelStream, Model, Project
 
+log = logging.getLogger(__name__)
+
 RETRAIN_SIGNALS = ("error", "missed_positive")  # and the validation gap; the score's alerts only inform
 GAP_P_VALUE = 1e-3
 GAP_MIN_RATE = 0.05  # floor for a validation miss rate measured on few positives
 VERSIONS_KEPT = 4  # champion versions whose detectors are kept (outcomes of older ones are ignored)
+WAIT_LIMIT = 10  # a pending retrain goes out after this many times min_new_labels outcomes (1000 at least)
 RECENT_OUTCOMES = 50_000  # per model: (event time, positive) of the latest outcomes, to count a change's labels
 
 
@@ -113,28 +120,39 @@ class DriftDetector:
         self.binary = task == "binary"
         self.online_name = online_name
         self.states: OrderedDict[str, DriftState] = OrderedDict()  # champion version -> its detectors
+        self.retired: set[str] = set()  # versions whose detectors were dropped: their late outcomes are ignored
+        self.current: str | None = None  # the version seen first most recently: the one serving
         self.online = Signals(self.specs)
         self.baselines: dict[str, float] = {}  # model version -> miss rate of positives on its validation split
 
-    def state(self, version: str) -> DriftState:
-        """The detectors of ``version`` (the newest :data:`VERSIONS_KEPT` versions are kept)."""
+    def state(self, version: str) -> DriftState | None:
+        """The detectors of ``version``: the :data:`VERSIONS_KEPT` versions seen first most recently are kept,
+        an older one's outcomes ignored (None)."""
         st = self.states.get(version)
-        if st is None:
+        if st is None and version not in self.retired:
             st = self.states[version] = DriftState(version, self.specs)
+            self.current = version
             while len(self.states) > VERSIONS_KEPT:
-                self.states.popitem(last=False)
+                self.retired.add(self.states.popitem(last=False)[0])
         return st
+
+    def serving(self, version: str) -> bool:
+        """Whether alerts about ``version`` may retrain: the serving champion's and the online learner's (late
+        labels of a replaced version inform only)."""
+        return version in (self.current, self.online_name)
 
     def update(self, outcome: dict[str, Any]) -> list[dict[str, Any]]:
         version = outcome["champion_version"]
         label, at = float(outcome["label"]), outcome.get("ts_ms")
+        alerts: list[dict[str, Any]] = []
         st = self.state(version)
-        alerts = self._signals(st, outcome["champion_score"], label, at, version, "")
-        gap = self._validation_gap(st) if self.binary and label >= 0.5 else None
-        alerts += [gap] if gap is not None else []
-        change = st.score.update(outcome["champion_score"], at)
-        if change is not None and st.seen >= self.min_samples:
-            alerts.append(self._alert(st.score, "score", "mean_score", change, version, severity="info"))
+        if st is not None:
+            alerts += self._signals(st, outcome["champion_score"], label, at, version, "")
+            gap = self._validation_gap(st) if self.binary and label >= 0.5 else None
+            alerts += [gap] if gap is not None else []
+            change = st.score.update(outcome["champion_score"], at)
+            if change is not None and st.seen >= self.min_samples:
+                alerts.append(self._alert(st.score, "score", "mean_score", change, version, severity="info"))
         if outcome.get("online_score") is not None:
             alerts += self._signals(self.online, outcome["online_score"], label, at, self.online_name, "online_")
         return alerts
@@ -205,6 +223,8 @@ class PendingRetrain:
     young: list[tuple[int, bool]] = field(default_factory=list)
     labels: int = 0
     positives: int = 0
+    waited: int = 0  # outcomes since the alert
+    urgent: bool = False  # a validation gap came meanwhile: go out without waiting for labels
 
     def add(self, ts_ms: int, positive: bool) -> None:
         if self.change_ms is not None and ts_ms >= self.change_ms:
@@ -259,6 +279,7 @@ class DriftStage(Stage):
             self._recent[name].append(seen)
             if name in self.pending:
                 self.pending[name].add(*seen)
+                self.pending[name].waited += 1
             for alert in detector.update(record):
                 self._publish(name, {**alert, "event_ts": record["ts_ms"]}, result)
             self._progress(self.models[name], result)
@@ -280,9 +301,16 @@ class DriftStage(Stage):
                  "features": [], **alert}
         self.alerts += 1
         result.produce.append(Produce(T.ALERTS, alert["detector"].encode(), self._alert.encode(alert)))
-        if retrains(alert) and name not in self.pending:
-            pending = self.pending[name] = PendingRetrain(alert["alert_id"], alert["change_ts"])
-            for seen in self._recent[name]:  # the change's labels seen before the alert count too
+        if not retrains(alert) or not self.detectors[name].serving(alert["model_version"]):
+            return
+        pending, change = self.pending.get(name), alert["change_ts"]
+        if pending is not None and change is None:
+            pending.urgent = True  # the model falls short now: retrain with what there is
+        elif pending is None or (pending.change_ms is not None and change > pending.change_ms):
+            # the first alert, or a change placed later (a new one): count its labels, seen ones too
+            pending = self.pending[name] = PendingRetrain(alert["alert_id"], change,
+                                                          urgent=pending is not None and pending.urgent)
+            for seen in self._recent[name]:
                 pending.add(*seen)
 
     def _progress(self, model: Model, result: StepResult) -> None:
@@ -293,9 +321,14 @@ class DriftStage(Stage):
         name, policy = model.name, model.retrain
         maturity_ms = int(model.label.maturity_s * 1000) if isinstance(model.label, LabelStream) else 0
         pending.mature(self._newest_label[name] - maturity_ms)
-        enough = pending.change_ms is None or (
+        enough = pending.change_ms is None or pending.urgent or (
             pending.labels >= policy.min_new_labels
             and (model.task != "binary" or pending.positives >= policy.min_new_positives))
+        if not enough and pending.waited >= max(WAIT_LIMIT * policy.min_new_labels, 1000):
+            log.warning("retrain of %s sent after %d outcomes without the policy's labels of the new regime "
+                        "(%d mature labels, %d positive, since the change)", name, pending.waited, pending.labels,
+                        pending.positives)
+            enough = True
         if not enough or self._since_retrain[name] < self.cooldown[name]:
             return
         del self.pending[name]

@@ -59,7 +59,7 @@ from confluent_kafka import Producer
 
 from models.base import InvalidModelInput, ModelIntegrityError
 from models.export import export_onnx, export_torchscript, sha256_file
-from models.gates import GatePolicy, decide, expected_calibration_error
+from models.gates import decide, expected_calibration_error
 from models.lineage import code_version
 from models.metrics import roc_auc
 from models.registry import FIRST_REVISION, ModelRegistry, ModelVersion
@@ -77,6 +77,8 @@ from streams.project.spec import LabelStream, Model, Project
 
 log = logging.getLogger(__name__)
 
+MIN_ROWS_AFTER_CHANGE = 40  # rows after a drift's change that a run needs to validate on a quarter of them
+MIN_POSITIVES_AFTER_CHANGE = 8  # and positives (a binary model): two in that quarter, on average
 EVENT_IDS = uuid.UUID("5b0d6c8e-2f7a-4c41-9a57-1f0e6d3b9a21")  # namespace of the derived model.events ids
 
 
@@ -207,7 +209,7 @@ class RetrainStage(Stage):
     def handle(self, batch: list[Message]) -> StepResult:
         result = StepResult()
         requests: dict[str, list[tuple[str, int, str]]] = {}  # model -> (reason, since ms, request id)
-        changes: dict[str, int] = {}  # model -> the latest change a request placed (event time, ms)
+        changes: dict[str, int] = {}  # request id -> the change it placed (event time, ms)
         for msg, req in decoded(batch, self._in, result):
             if msg.topic == T.MODEL_COMMANDS:
                 result.produce.append(self.command(req))
@@ -219,26 +221,30 @@ class RetrainStage(Stage):
                 continue
             since, change = req["since_ts"], req.get("change_ts")
             if change is not None:
-                changes[name] = max(changes.get(name, 0), int(change.timestamp() * 1000))
+                changes[req["request_id"]] = int(change.timestamp() * 1000)
             requests.setdefault(name, []).append((req["reason"], int(since.timestamp() * 1000) if since else 0,
                                                   req["request_id"]))
         for name, reqs in requests.items():
             model = self.project.model(name)
             served = self._served(model, [r for _, _, r in reqs])
             for version in {v.version: v for v in served.values()}.values():
-                result.produce.extend(self._announce(v, why) for v, why in self._finish(model, version))
+                transitions = self._finish(model, version)
+                result.produce.extend(self._announce(v, why) for v, why in transitions)
+                result.produce.extend(self._gates_alert(model, transitions[-1][0]))
             todo = [r for r in reqs if r[2] not in served]
             if not todo:
                 continue
+            # several requests in one run: the latest change any of them placed weighs (a cron's places none)
+            change = max((changes[r] for _, _, r in todo if r in changes), default=None)
             self.busy = True
             try:
                 transitions = self.train(model, ", ".join(r for r, _, _ in todo), min(s for _, s, _ in todo),
-                                         request_ids=[r for _, _, r in todo], change_ms=changes.get(name))
+                                         request_ids=[r for _, _, r in todo], change_ms=change)
             finally:
                 self.busy = False
             result.produce.extend(self._announce(v, why) for v, why in transitions)
-            if transitions and transitions[-1][0].stage == "candidate":
-                result.produce.append(self._gates_alert(model, transitions[-1][0]))
+            if transitions:
+                result.produce.extend(self._gates_alert(model, transitions[-1][0]))
         return result
 
     def _served(self, model: Model, request_ids: list[str]) -> dict[str, ModelVersion]:
@@ -266,6 +272,24 @@ class RetrainStage(Stage):
         if v.stage == "production":
             transitions.append((v, promoted_because(v.lineage.get("gates", ""))))
         return transitions
+
+    @staticmethod
+    def _usable_change(model: Model, change_ms: int | None, ts: np.ndarray, y: np.ndarray) -> int | None:
+        """``change_ms`` if the training set has enough rows after it to validate on a quarter of them
+        (:data:`MIN_ROWS_AFTER_CHANGE`, and for a binary model :data:`MIN_POSITIVES_AFTER_CHANGE` positives),
+        else None (logged): the run then validates on the newest quarter of the whole window, unweighed, as
+        without a change."""
+        if change_ms is None:
+            return None
+        after = ts >= change_ms
+        positives = int(y[after].sum())
+        if int(after.sum()) >= MIN_ROWS_AFTER_CHANGE and (model.task != "binary"
+                                                         or positives >= MIN_POSITIVES_AFTER_CHANGE):
+            return change_ms
+        log.warning("retrain of %s: %d labelled rows (%d positive) after the change at %d are too few to "
+                    "validate on; validating on the newest quarter of the window", model.name, int(after.sum()),
+                    positives, change_ms)
+        return None
 
     @staticmethod
     def maturity_ms(model: Model) -> int:
@@ -298,6 +322,7 @@ class RetrainStage(Stage):
         began (rows at or after it weigh the model's ``retrain.recency_weight``, and the validation window,
         on which the gates compare the candidate with the champion, is the newest of them)."""
         X, y, ts, content = self.training_set(model, since_ms)
+        change_ms = self._usable_change(model, change_ms, ts, y)
         weights = None if change_ms is None else np.where(ts >= change_ms, model.retrain.recency_weight, 1.0)
         binary = model.task == "binary"
         run: dict[str, Any] = {"model": model.name, "reason": reason, "rows": len(y)}
@@ -348,16 +373,19 @@ class RetrainStage(Stage):
                         len(y), reason, decision.failed())
         return transitions
 
-    def _gates_alert(self, model: Model, v: ModelVersion) -> Produce:
-        """The alert of a candidate its gates refused: the champion keeps serving."""
+    def _gates_alert(self, model: Model, v: ModelVersion) -> list[Produce]:
+        """The alert of a candidate its gates refused (the champion keeps serving); none for one they passed.
+        Its id derives from the version, so a crash's redelivery repeats the same alert."""
+        if v.stage != "candidate" or v.metrics.get("gates_passed") == 1.0:
+            return []
         name = model.version_name(v.version)
-        failed = v.lineage.get("gates", "")
+        failed = "; ".join(c for c in v.lineage.get("gates", "").split("; ") if " FAILED: " in c)
         alert = {"alert_id": str(uuid.uuid5(EVENT_IDS, f"gates/{v.name}/v{v.version}")),
                  "ts": int(self.clock() * 1000), "detector": "gates", "metric": "gates_passed", "value": 0.0,
                  "threshold": 1.0, "model_version": name, "model_name": model.name, "kind": "model",
                  "severity": "warning", "features": [], "event_ts": None, "change_ts": None,
                  "message": f"candidate {name} was not promoted, the champion keeps serving: {failed}"}
-        return Produce(T.ALERTS, b"gates", self._alert.encode(alert))
+        return [Produce(T.ALERTS, b"gates", self._alert.encode(alert))]
 
     def lineage(self, model: Model, reason: str, X: np.ndarray, y: np.ndarray, ts: np.ndarray, content: str,
                 champion: ModelVersion | None) -> dict[str, str]:

@@ -34,9 +34,8 @@ OUTCOMES = T.internal(SHOP, T.I_OUTCOMES)
 
 
 def shop(**policy: Any) -> Any:
-    """The shop with the fraud model's retrain policy set to ``policy``."""
-    fraud = SHOP.model("fraud")
-    return replace(SHOP, models=(replace(fraud, retrain=replace(fraud.retrain, **policy)),))
+    """The shop with the fraud model's retrain policy the default one but for ``policy``."""
+    return replace(SHOP, models=(replace(SHOP.model("fraud"), retrain=RetrainPolicy(**policy)),))
 
 
 def outcome(i: int, ts_ms: int, label_ts_ms: int, positive: bool, missed: bool) -> dict[str, Any]:
@@ -146,6 +145,19 @@ def test_late_labels_of_a_replaced_version_inform_but_do_not_retrain() -> None:
     for v in range(3, 8):  # only the newest versions keep detectors; an older one's outcomes are ignored
         det.state(f"fraud-v{v}")
     assert "fraud-v1" in det.retired and det.state("fraud-v1") is None and len(det.states) == 4
+
+
+def test_every_labels_retrains_periodically_and_carries_the_latest_change() -> None:
+    none = requests(feed(DriftStage(shop(), 0.002, min_samples=50), drifting(3000, 0)))
+    stage = DriftStage(shop(every_labels=1000, cooldown_labels=0, min_new_labels=100, min_new_positives=0), 0.002,
+                       min_samples=50)
+    stationary = requests(feed(stage, drifting(3000, 0)))
+    assert none == [] and [i for i, _ in stationary] == [999, 1999, 2999]
+    assert all(r["change_ts"] is None and r["reason"] == "every 1000 labels" for _, r in stationary)
+    after = requests(feed(stage, drifting(0, 4000, seed=3)))  # the misses jump: a drift request, then periodic
+    drift, *periodic = [r for _, r in after]
+    assert drift["reason"].startswith("drift alert") and periodic
+    assert all(r["reason"] == "every 1000 labels" and r["change_ts"] == drift["change_ts"] for r in periodic)
 
 
 def test_a_change_before_the_alert_counts_the_labels_already_seen() -> None:

@@ -27,6 +27,7 @@ from streams.project import (
     Project,
     Range,
     RequestFeature,
+    RetrainPolicy,
     Rules,
     Sliding,
     Source,
@@ -113,6 +114,8 @@ fraud = Model(
     online="logreg", threshold=0.5,
     trainer=MLP(hidden=(32, 16), window_rows=4000, bootstrap_rows=600),
     gates=GatePolicy(auc_margin=0.02, max_p50_ms=10.0, ece_margin=0.05, max_ece=0.5),
+    # the bootstrap champion learns the first hour, while its hour-long windows fill: retrain as labels come
+    retrain=RetrainPolicy(every_labels=1500),
     fallback=Rules(weights={
         "card_count_1m": 0.9,  # bursts of payments on one card
         "card_count_1h": 0.3,

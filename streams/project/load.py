@@ -436,9 +436,10 @@ class _Checker:
             self.add(where, "trainer: epochs, batch size, rows and hidden widths must be positive, "
                             "val_fraction within (0, 1) and lr > 0")
         r = m.retrain
-        if min(r.cooldown_labels, r.min_new_labels, r.min_new_positives) < 0 or not r.recency_weight >= 1:
-            self.add(where, f"retrain: cooldown_labels, min_new_labels and min_new_positives must be >= 0 and "
-                            f"recency_weight >= 1, got {r}")
+        if min(r.cooldown_labels, r.min_new_labels, r.min_new_positives, r.every_labels) < 0 \
+                or not r.recency_weight >= 1:
+            self.add(where, f"retrain: cooldown_labels, min_new_labels, min_new_positives and every_labels must be "
+                            f">= 0 and recency_weight >= 1, got {r}")
 
 
     def prediction_schemas(self, where: str, m: Model) -> None:

@@ -274,12 +274,17 @@ class RetrainPolicy:
     with the champion there) and trains on the rest, each row at or after the change weighed
     ``recency_weight`` times (1: not at all), so the new regime's few rows are not outvoted by the window's
     older ones. A candidate that fails its gates is not promoted: the champion keeps serving and an alert
-    names the failed gates."""
+    names the failed gates.
+
+    ``every_labels`` (0: never) also retrains the model each time that many labelled outcomes followed the
+    previous request, drift or not, carrying the latest change placed: a champion trained early (while
+    windowed features were still filling, say) catches up without waiting for the wall-clock cron."""
 
     cooldown_labels: int = 500
     min_new_labels: int = 300
     min_new_positives: int = 10
     recency_weight: float = 3.0
+    every_labels: int = 0
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,9 @@ newest label); with none placed (a validation gap), at once. Either way at least
 outcomes after the previous request. While one waits, a validation gap sends it without waiting for labels,
 a change placed later replaces it, and after ``WAIT_LIMIT`` times ``min_new_labels`` outcomes it goes out
 anyway (logged). Only alerts about the serving version or the online learner retrain: late labels of a
-replaced version inform. The request carries the change (``change_ts``): the run weighs the rows
+replaced version inform. With ``every_labels``, a model is also retrained each time that many outcomes
+followed the previous request (the cron ``WEIR_RETRAIN_CRON`` retrains by wall-clock time, which a replay
+or a fast stream outruns); such a request carries the latest change a drift request placed. The request carries the change (``change_ts``): the run weighs the rows
 after it. The threshold is the model's own (:attr:`streams.project.spec.Model.threshold`), the one inference
 decides with.
 """
@@ -256,7 +258,9 @@ class DriftStage(Stage):
         self.alerts = 0
         self.retrains = 0
         self.pending: dict[str, PendingRetrain] = {}
-        self._since_retrain = dict(self.cooldown)
+        self._since_retrain = dict(self.cooldown)  # outcomes since the last request (the cool-down)
+        self._since_request = dict.fromkeys(self.models, 0)  # the same, from 0 (the periodic retrain)
+        self._last_change: dict[str, int | None] = dict.fromkeys(self.models)  # the latest change a request sent
         self._newest_label = dict.fromkeys(self.models, 0)
         self._recent: dict[str, deque[tuple[int, bool]]] = {m: deque(maxlen=RECENT_OUTCOMES) for m in self.models}
         self._in = {self._outcomes: AvroCodec(T.I_OUTCOMES), T.MODEL_EVENTS: AvroCodec(T.MODEL_EVENTS)}
@@ -274,6 +278,7 @@ class DriftStage(Stage):
             if detector is None:
                 continue
             self._since_retrain[name] += 1
+            self._since_request[name] += 1
             self._newest_label[name] = max(self._newest_label[name], record["label_ts_ms"])
             seen = (record["ts_ms"], record["label"] >= 0.5)
             self._recent[name].append(seen)
@@ -314,11 +319,14 @@ class DriftStage(Stage):
                 pending.add(*seen)
 
     def _progress(self, model: Model, result: StepResult) -> None:
-        """Send the model's pending retrain request once its policy allows (see the module docstring)."""
-        pending = self.pending.get(model.name)
-        if pending is None:
-            return
+        """Send the model's pending retrain request once its policy allows, or its periodic one (see the module
+        docstring)."""
         name, policy = model.name, model.retrain
+        pending = self.pending.get(name)
+        if pending is None:
+            if policy.every_labels and self._since_request[name] >= policy.every_labels:
+                self._request(name, f"every {policy.every_labels} labels", self._last_change[name], result)
+            return
         maturity_ms = int(model.label.maturity_s * 1000) if isinstance(model.label, LabelStream) else 0
         pending.mature(self._newest_label[name] - maturity_ms)
         enough = pending.change_ms is None or pending.urgent or (
@@ -332,11 +340,15 @@ class DriftStage(Stage):
         if not enough or self._since_retrain[name] < self.cooldown[name]:
             return
         del self.pending[name]
-        self._since_retrain[name] = 0
-        self.retrains += 1
         placed = "" if pending.change_ms is None else \
             f"; {pending.labels} mature labels ({pending.positives} positive) since the change"
+        if pending.change_ms is not None:
+            self._last_change[name] = pending.change_ms
+        self._request(name, f"drift alert {pending.alert_id}{placed}", pending.change_ms, result)
+
+    def _request(self, name: str, reason: str, change_ms: int | None, result: StepResult) -> None:
+        self._since_retrain[name] = self._since_request[name] = 0
+        self.retrains += 1
         request = {"request_id": str(uuid.uuid4()), "model_name": name, "ts": int(self.clock() * 1000),
-                   "reason": f"drift alert {pending.alert_id}{placed}", "since_ts": None,
-                   "change_ts": pending.change_ms}
+                   "reason": reason, "since_ts": None, "change_ts": change_ms}
         result.produce.append(Produce(T.RETRAIN, name.encode(), self._retrain.encode(request)))

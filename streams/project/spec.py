@@ -345,6 +345,12 @@ class Model:
         return tuple(f for f in self.features if isinstance(f, RequestFeature))
 
     @property
+    def maturity_ms(self) -> int:
+        """How much younger than the newest label an event may be and still count as labelled for training (its
+        label stream's ``maturity_s``; a label field is mature at once)."""
+        return int(self.label.maturity_s * 1000) if isinstance(self.label, LabelStream) else 0
+
+    @property
     def online_learner(self) -> str:
         """The online learner's spec: the declared one, else the task's default."""
         from models.online import default_learner

@@ -39,8 +39,8 @@ a change placed later replaces it, and after ``WAIT_LIMIT`` times ``min_new_labe
 anyway (logged). Only alerts about the serving version or the online learner retrain: late labels of a
 replaced version inform. With ``every_labels``, a model is also retrained each time that many outcomes
 followed the previous request (the cron ``WEIR_RETRAIN_CRON`` retrains by wall-clock time, which a replay
-or a fast stream outruns); such a request carries the latest change a drift request placed. The request carries the change (``change_ts``): the run weighs the rows
-after it. The threshold is the model's own (:attr:`streams.project.spec.Model.threshold`), the one inference
+or a fast stream outruns); such a request carries the latest change a drift request placed. The request
+carries the change (``change_ts``): the run weighs the rows after it. The threshold is the model's own (:attr:`streams.project.spec.Model.threshold`), the one inference
 decides with.
 """
 
@@ -62,7 +62,7 @@ from models.drift_detectors import Alarm, DetectorSpec, Watched, parse_detector
 from streams import topics as T
 from streams.base import Message, Produce, Stage, StepResult
 from streams.codec import AvroCodec, decoded
-from streams.project.spec import Drift, LabelStream, Model, Project
+from streams.project.spec import Drift, Model, Project
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +258,8 @@ class DriftStage(Stage):
         self.alerts = 0
         self.retrains = 0
         self.pending: dict[str, PendingRetrain] = {}
-        self._since_retrain = dict(self.cooldown)  # outcomes since the last request (the cool-down)
-        self._since_request = dict.fromkeys(self.models, 0)  # the same, from 0 (the periodic retrain)
+        self._since_request = dict.fromkeys(self.models, 0)  # outcomes since the last request (or the start)
+        self._requested: set[str] = set()  # models with a request sent: the cool-down applies
         self._last_change: dict[str, int | None] = dict.fromkeys(self.models)  # the latest change a request sent
         self._newest_label = dict.fromkeys(self.models, 0)
         self._recent: dict[str, deque[tuple[int, bool]]] = {m: deque(maxlen=RECENT_OUTCOMES) for m in self.models}
@@ -277,7 +277,6 @@ class DriftStage(Stage):
             detector = self.detectors.get(name)
             if detector is None:
                 continue
-            self._since_retrain[name] += 1
             self._since_request[name] += 1
             self._newest_label[name] = max(self._newest_label[name], record["label_ts_ms"])
             seen = (record["ts_ms"], record["label"] >= 0.5)
@@ -327,8 +326,7 @@ class DriftStage(Stage):
             if policy.every_labels and self._since_request[name] >= policy.every_labels:
                 self._request(name, f"every {policy.every_labels} labels", self._last_change[name], result)
             return
-        maturity_ms = int(model.label.maturity_s * 1000) if isinstance(model.label, LabelStream) else 0
-        pending.mature(self._newest_label[name] - maturity_ms)
+        pending.mature(self._newest_label[name] - model.maturity_ms)
         enough = pending.change_ms is None or pending.urgent or (
             pending.labels >= policy.min_new_labels
             and (model.task != "binary" or pending.positives >= policy.min_new_positives))
@@ -337,7 +335,7 @@ class DriftStage(Stage):
                         "(%d mature labels, %d positive, since the change)", name, pending.waited, pending.labels,
                         pending.positives)
             enough = True
-        if not enough or self._since_retrain[name] < self.cooldown[name]:
+        if not enough or (name in self._requested and self._since_request[name] < self.cooldown[name]):
             return
         del self.pending[name]
         placed = "" if pending.change_ms is None else \
@@ -347,7 +345,8 @@ class DriftStage(Stage):
         self._request(name, f"drift alert {pending.alert_id}{placed}", pending.change_ms, result)
 
     def _request(self, name: str, reason: str, change_ms: int | None, result: StepResult) -> None:
-        self._since_retrain[name] = self._since_request[name] = 0
+        self._since_request[name] = 0
+        self._requested.add(name)
         self.retrains += 1
         request = {"request_id": str(uuid.uuid4()), "model_name": name, "ts": int(self.clock() * 1000),
                    "reason": reason, "since_ts": None, "change_ts": change_ms}

@@ -14,8 +14,9 @@ The new version is registered as a ``candidate`` with its lineage (training
 set time range, rows and content hash, feature views and their fingerprints,
 code version, hyperparameters, the champion it was compared with) and the
 metrics the gates need, measured on the newest quarter of its training set
-(after a drift, of its rows after the change) for it *and* the current champion (:mod:`models.gates`, with the model's own
-policy and, for a binary model, its decision threshold). If every gate passes
+(after a drift, of its rows after the change) for it *and* the current
+champion (:mod:`models.gates`, with the model's own policy and, for a binary
+model, its decision threshold). If every gate passes
 it is promoted to ``production`` (the previous one is archived); if not it
 stays a candidate and the failed gates are logged and announced. Each
 transition is one ``model.events`` record (actor, reason, metrics, lineage),
@@ -73,7 +74,7 @@ from streams.codec import AvroCodec, decoded
 from streams.features import offline
 from streams.features.definitions import view_key
 from streams.kafka import producer_config
-from streams.project.spec import LabelStream, Model, Project
+from streams.project.spec import Model, Project
 
 log = logging.getLogger(__name__)
 
@@ -291,12 +292,6 @@ class RetrainStage(Stage):
                     positives, change_ms)
         return None
 
-    @staticmethod
-    def maturity_ms(model: Model) -> int:
-        """How much younger than the newest label an event may be and still be trained on (its label stream's
-        ``maturity_s``)."""
-        return int(model.label.maturity_s * 1000) if isinstance(model.label, LabelStream) else 0
-
     def training_set(self, model: Model, since_ms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
         """The feature platform's point-in-time training set of the model's newest ``window_rows`` labelled
         events whose labels are mature (:func:`streams.features.offline.training_set`): (X, y, event times)
@@ -307,7 +302,7 @@ class RetrainStage(Stage):
         newest labelled events are biased toward the early kind; trained on, they bias the model, and as its
         validation window they may hold no positive at all (no AUC: the quality gate refuses the model)."""
         newest_label = offline.newest_label_ms(self.ch, self.project, model)
-        until = newest_label - self.maturity_ms(model) if newest_label else None
+        until = newest_label - model.maturity_ms if newest_label else None
         ts_set = offline.training_set(self.ch, self.project, model, since_ms=since_ms or None, until_ms=until,
                                       limit=model.trainer.window_rows)
         order = np.argsort(ts_set.event_ts, kind="stable")
@@ -395,7 +390,7 @@ class RetrainStage(Stage):
             "reason": reason, "rows": str(len(y)), **labels, "features": ",".join(model.feature_names),
             "task": model.task, "model_definition": model.definition,
             "ts_min_ms": str(int(ts.min())), "ts_max_ms": str(int(ts.max())), "training_set_sha256": content,
-            "label_maturity_ms": str(self.maturity_ms(model)),
+            "label_maturity_ms": str(model.maturity_ms),
             "training_set": "point-in-time: feature_log as of each labelled event (weir features training-set)",
             "feature_views": ",".join(f"{view_key(r.view)}@{r.view.fingerprint}" for r in model.views),
             "code_version": code_version(), "seed": str(self.seed),
@@ -516,7 +511,7 @@ class RetrainScheduler:
                 self._bootstrapped.add(model.name)
                 continue
             # mature labels: what the retrain stage will train on
-            labelled = offline.mature_labels(self.ch, self.project, model, RetrainStage.maturity_ms(model))
+            labelled = offline.mature_labels(self.ch, self.project, model, model.maturity_ms)
             if labelled >= model.trainer.bootstrap_rows:
                 self._last_bootstrap[model.name] = time.monotonic()
                 self.request(model, f"bootstrap: no champion yet, {labelled} mature labels")

@@ -103,6 +103,15 @@ DDL = [
         view LowCardinality(String), entity_id String, event_id String, ts DateTime64(3, 'UTC'),
         values Array(Float64)
     ) ENGINE = ReplacingMergeTree ORDER BY (view, entity_id, ts, event_id)""",
+    # each closed window of a model version's inputs against its reference: one row per feature (and the score,
+    # role 'prediction'); a re-sent report replaces its rows
+    """CREATE TABLE IF NOT EXISTS feature_drift (
+        model_name LowCardinality(String), model_version LowCardinality(String), window_start DateTime64(3, 'UTC'),
+        window_end DateTime64(3, 'UTC'), feature String, role LowCardinality(String), rows UInt32,
+        reference_rows UInt32, test LowCardinality(String), statistic Float64, threshold Float64, drifted UInt8,
+        psi Float64, null_rate Float64, default_rate Float64, reference_default_rate Float64,
+        out_of_range_rate Float64, drifted_share Float64, ts DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree ORDER BY (model_name, model_version, window_start, role, feature)""",
     """CREATE TABLE IF NOT EXISTS dlq (
         topic String, partition Int32, offset Int64, reason LowCardinality(String), detail String,
         stage String, source_topic String, source_partition Int32, source_offset Int64,

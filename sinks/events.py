@@ -51,6 +51,9 @@ AUDIT_COLS = ("event_id", "model_name", "entity_id", "ts", "predicted_ts", "scor
 SCORED_COLS = ("event_id", "model_name", "entity_id", "ts", "features", "score", "model_version")
 OUTCOME_COLS = ("event_id", "model_name", "label", "ts", "label_ts", "champion_score", "champion_version",
                 "online_score")
+DRIFT_COLS = ("model_name", "model_version", "window_start", "window_end", "feature", "role", "rows", "reference_rows",
+              "test", "statistic", "threshold", "drifted", "psi", "null_rate", "default_rate",
+              "reference_default_rate", "out_of_range_rate", "drifted_share", "ts")
 FLOG_COLS = ("view", "entity_id", "event_id", "ts", "values")
 DLQ_COLS = ("topic", "partition", "offset", "reason", "detail", "stage", "source_topic", "source_partition",
             "source_offset", "key", "value_size", "value_sha256", "ts", "log_id")
@@ -64,6 +67,13 @@ def _scored(r: dict[str, Any]) -> list[Row]:
 def _outcome(r: dict[str, Any]) -> list[Row]:
     return [[r["event_id"], r["model_name"], r["label"], _dt(r["ts_ms"]), _dt(r["label_ts_ms"]), r["champion_score"],
              r["champion_version"], r["online_score"]]]
+
+
+def _feature_drift(r: dict[str, Any]) -> list[Row]:
+    window = [r["model_name"], r["model_version"], _dt(r["window_start_ms"]), _dt(r["window_end_ms"])]
+    return [[*window, c["name"], c["role"], r["rows"], r["reference_rows"], c["test"], c["statistic"], c["threshold"],
+             int(c["drifted"]), c["psi"], c["null_rate"], c["default_rate"], c["reference_default_rate"],
+             c["out_of_range_rate"], r["drifted_share"], _dt(r["ts"])] for c in r["columns"]]
 
 
 def _predictions(key: str) -> Mapper:
@@ -114,6 +124,7 @@ FIXED: dict[str, tuple[str, tuple[str, ...], Mapper]] = {
     T.I_SCORED: ("scored_features", SCORED_COLS, _scored),
     T.I_OUTCOMES: ("outcomes", OUTCOME_COLS, _outcome),
     T.I_FEATURE_LOG: ("feature_log", FLOG_COLS, _feature_log),
+    T.I_FEATURE_DRIFT: ("feature_drift", DRIFT_COLS, _feature_drift),
 }
 """Weir's own topics and their tables, the same in every project (the internal ones are the project's own:
 ``weir.<project>.scored``, …)."""

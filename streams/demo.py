@@ -215,7 +215,7 @@ def summarize(pipeline: Pipeline, model: Model, run: ScenarioRun, produce_s: flo
             "drift_at_event_ms": run.shift_event_ms,
             **S.drift_summary(ch, model, run.shift_event_ms, rules_for(model).version),
         }
-    out |= S.last_third(ch, model)
+    out |= S.inputs(ch, model) | S.last_third(ch, model)
     out |= {
         "retrains": len([r for r in runs if "version" in r]),
         "blocked_by_gates": [r["blocked"] for r in runs if "blocked" in r],

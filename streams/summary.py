@@ -103,6 +103,17 @@ def detection(ch: ClickHouse, model: Model, drift_ms: int) -> dict[str, Any]:
     return {"detection_delay_s": round((int(first) - drift_ms) / 1000, 1), "detection_delay_labels": int(labels)}
 
 
+def inputs(ch: ClickHouse, model: Model) -> dict[str, Any]:
+    """How the model's inputs were watched: windows tested against a reference, and the alerts they raised
+    (``<detector> <version>: <features>``, in event-time order)."""
+    m = {"m": model.name}
+    return {"input_windows": int(ch.scalar("SELECT count() FROM feature_drift FINAL WHERE model_name = {m:String} "
+                                           "AND role = 'prediction'", m) or 0),
+            "input_alerts": [f"{d} {v}: {', '.join(f)}" for d, v, f in ch.rows(
+                "SELECT detector, model_version, features FROM alerts FINAL WHERE model_name = {m:String} "
+                "AND detector IN ('feature_drift', 'data_quality') ORDER BY event_ts", m)]}
+
+
 def last_third(ch: ClickHouse, model: Model) -> dict[str, Any]:
     """The champion's and the online learner's quality over the last third of the run's labelled event time."""
     name = quality_name(model)

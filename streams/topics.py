@@ -27,7 +27,8 @@ I_SCORED = "weir.scored"  # inference -> learn: served vectors and scores, every
 I_OUTCOMES = "weir.outcomes"  # learn -> drift: scored events joined with their labels
 I_FEATURE_LOG = "weir.feature_log"  # features -> ClickHouse feature_log
 I_AUDIT = "weir.audit"  # prediction audit records, to ClickHouse prediction_audit
-PER_PROJECT = [I_SCORED, I_OUTCOMES, I_FEATURE_LOG, I_AUDIT]
+I_FEATURE_DRIFT = "weir.feature_drift"  # drift -> ClickHouse feature_drift: each window's inputs against a reference
+PER_PROJECT = [I_SCORED, I_OUTCOMES, I_FEATURE_LOG, I_AUDIT, I_FEATURE_DRIFT]
 # shared by every project
 REPLAY = "weir.replay"  # `weir replay`: river datasets, one partition, created on demand
 PROJECTS = "weir.projects"  # what `weir apply` registered of each project (views, models: versions, fingerprints)

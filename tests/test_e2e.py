@@ -266,6 +266,22 @@ def test_every_model_is_registered_gated_and_traceable(demo: Any) -> None:
     assert summary["promotions_after_drift"] >= 1 or summary["blocked_by_gates"]
 
 
+def test_each_window_of_inputs_is_tested_against_the_serving_versions_reference(demo: Any) -> None:
+    """The drift stage tests every closed event-time window of a trained version's scored events (13 features and
+    the score) against that version's validation rows, whose size its lineage records."""
+    summary, ch = demo
+    windows = ch.rows("SELECT model_version, window_start, any(rows), any(reference_rows), count(), "
+                      "countIf(role = 'prediction') FROM feature_drift FINAL WHERE model_name = 'fraud' "
+                      "GROUP BY model_version, window_start")
+    assert len(windows) == summary["input_windows"] > 0
+    references = {f"fraud-v{v}": int(lin["reference_rows"]) for v, lin in ch.rows(
+        "SELECT version, lineage FROM model_events FINAL WHERE model_name = 'fraud' AND stage = 'candidate'")}
+    for version, _, rows, reference_rows, columns, predictions in windows:
+        assert (columns, predictions) == (14, 1) and rows >= fraud.monitor.min_rows
+        assert reference_rows == references[version], version
+    assert all(a.split()[0] in ("feature_drift", "data_quality") for a in summary["input_alerts"])
+
+
 def raw_pii(endpoints: Endpoints) -> set[str]:
     """Every raw PII value the shop produced: device ids and IPs of its clicks, emails and payment devices."""
     codec = AvroCodec(CLICKS)

@@ -91,7 +91,7 @@ def test_apply_then_plan_says_what_changed_and_refuses_what_it_must(endpoints: E
     first = sensors(tmp_path, run)
     assert applied_state(boot, reg, first.name) is None
     plan = apply(first, boot, reg)
-    assert set(actions(plan).values()) == {"new"} and len(plan.changes) == 12  # 10 subjects, the view, the model
+    assert set(actions(plan).values()) == {"new"} and len(plan.changes) == 13  # 11 subjects, the view, the model
     again = make_plan(first, reg, applied_state(boot, reg, first.name))
     assert set(actions(again).values()) == {"unchanged"} and again.lines()[0].endswith("nothing to change")
 

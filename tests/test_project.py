@@ -268,7 +268,7 @@ def test_contracts_are_generated_from_the_project(tmp_path: Path) -> None:
     assert set(subjects) == {"weir.sensors.silver.readings", "weir.sensors.silver.checks",
                              "weir.sensors.scoring.readings", "predictions.faulty", "predictions.faulty.online",
                              "predictions.shadow.faulty", "weir.sensors.scored", "weir.sensors.outcomes",
-                             "weir.sensors.audit", "weir.sensors.feature_log"}
+                             "weir.sensors.audit", "weir.sensors.feature_log", "weir.sensors.feature_drift"}
     assert subjects["weir.sensors.scored"] == local_versions("weir.scored")[-1]  # Weir's own schema, the project's topic
     items = subjects["weir.sensors.silver.readings"]["fields"][0]["type"]["items"]["fields"]
     assert [(f["name"], f["type"]) for f in items] == [

@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from examples.fraud_shop.project import card as CARD
 from examples.fraud_shop.project import fraud
+from models.export import sha256_file
 from models.registry import ModelRegistry
 from models.scorer import OnnxScorer
 from sinks.clickhouse import ClickHouse
@@ -23,7 +24,7 @@ from streams.codec import AvroCodec
 from streams.serving.resilience import ScoringChain, rules_for
 from streams.serving.routing import ModelSlot
 from streams.stack import Endpoints
-from streams.stages.drift import DriftStage
+from streams.stages.drift import DriftStage, load_reference
 from streams.stages.inference import InferenceStage
 from streams.stages.retrain import RetrainStage
 from tests.conftest import SHOP
@@ -116,3 +117,10 @@ def test_retrains_validation_baseline_uses_the_declared_threshold(ch: ClickHouse
     assert version.metrics["positives_val"] == positives.sum() > 0
     assert math.isclose(version.metrics["missed_positive_val"], expected, abs_tol=1e-9)
     assert expected != float((scores[positives] < 0.5).mean())  # the data tells the two thresholds apart
+    # the reference the drift stage watches the version's inputs against: those validation rows, and the scores
+    # the served artifact gives them, registered next to it with their checksum in the lineage
+    reference = load_reference(version.artifact_uri)
+    assert reference is not None and reference.rows == n_val == int(version.lineage["reference_rows"])
+    assert np.array_equal(reference.X, X[-n_val:].astype(np.float32))
+    assert np.allclose(reference.scores, scores, atol=1e-4)
+    assert version.lineage["reference_sha256"] == sha256_file(version.path.with_suffix(".npz"))

@@ -13,6 +13,7 @@ from streams.project.spec import (
     Agg,
     Cdc,
     Drift,
+    Monitor,
     Feature,
     FeatureView,
     FirstSeen,
@@ -37,6 +38,6 @@ from streams.project.spec import (
 
 __all__ = [
     "MLP", "TASKS", "Agg", "Cdc", "Drift", "Feature", "FeatureView", "FirstSeen", "GatePolicy", "Hopping", "LabelField",
-    "LabelStream", "Model", "Project", "Range", "RequestFeature", "RetrainPolicy", "Rules", "Scenario", "ScenarioRun", "Sliding",
+    "LabelStream", "Model", "Monitor", "Project", "Range", "RequestFeature", "RetrainPolicy", "Rules", "Scenario", "ScenarioRun", "Sliding",
     "Source", "Task", "Tumbling", "ViewFeatures",
 ]

@@ -440,6 +440,11 @@ class _Checker:
                 or not r.recency_weight >= 1:
             self.add(where, f"retrain: cooldown_labels, min_new_labels, min_new_positives and every_labels must be "
                             f">= 0 and recency_weight >= 1, got {r}")
+        w = m.monitor
+        if not (w.window_s > 0 and w.grace_s >= 0 and w.min_rows >= 1) or not all(
+                0 < x <= 1 for x in (w.drift_share, w.null_rate, w.default_rate_increase, w.out_of_range_rate)):
+            self.add(where, f"monitor: window_s must be > 0, grace_s >= 0, min_rows >= 1 and drift_share, null_rate, "
+                            f"default_rate_increase and out_of_range_rate within (0, 1], got {w}")
 
 
     def prediction_schemas(self, where: str, m: Model) -> None:

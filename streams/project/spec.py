@@ -288,6 +288,29 @@ class RetrainPolicy:
 
 
 @dataclass(frozen=True)
+class Monitor:
+    """How the drift stage watches a model's inputs and score against the serving version's reference (its
+    validation rows; docs/learning.md, "Feature drift and data quality").
+
+    Scored events fall in tumbling windows of ``window_s`` of event time, closed once an event ``grace_s``
+    past their end arrives. Each closed window with at least ``min_rows`` rows of a version that has a
+    reference is tested feature by feature and on the score (Evidently's default tests), and checked for
+    data quality. Alerts: ``feature_drift`` when at least ``drift_share`` of the columns drifted (the
+    features and the score, counted as one more column), ``data_quality`` when a feature's share of nulls reaches
+    ``null_rate``, its share at its default exceeds the reference's by ``default_rate_increase``, or its
+    share outside the reference's range reaches ``out_of_range_rate``. An alert is raised when a window
+    crosses its threshold, not again while the same features stay past it."""
+
+    window_s: float = 900.0
+    grace_s: float = 60.0
+    min_rows: int = 100
+    drift_share: float = 0.5
+    null_rate: float = 0.05
+    default_rate_increase: float = 0.3
+    out_of_range_rate: float = 0.1
+
+
+@dataclass(frozen=True)
 class Rules:
     """The fallback score before any model is trained (and when every model failed):
     ``sigmoid(bias + sum_i w_i * log1p(max(x_i, 0)))`` over the named features, for a binary model; for a
@@ -311,7 +334,7 @@ class Model:
     online learners beside it (name -> learner). ``trainer`` builds the batch models that serve, gated by
     ``gates`` against the champion; ``threshold`` turns a binary model's score into its decision, the same
     one for inference, drift and retraining; ``drift`` names the detectors that watch its outcomes and
-    ``retrain`` when a drift retrains it.
+    ``retrain`` when a drift retrains it, ``monitor`` how its inputs and score are watched.
     ``fallback`` scores before a model exists. Predictions go to
     ``predictions`` (default ``predictions.<name>``), keyed by the scored event's field ``key`` (default the
     source's partition key; canaries are chosen by it), carrying the event's ``carry`` fields.
@@ -330,6 +353,7 @@ class Model:
     gates: GatePolicy = GatePolicy()
     drift: Drift = Drift()
     retrain: RetrainPolicy = RetrainPolicy()
+    monitor: Monitor = Monitor()
     fallback: Rules = Rules()
     predictions: str = ""
     key: str = ""
@@ -361,6 +385,13 @@ class Model:
     def metric(self) -> str:
         """The progressive metric the online learner and the champion are measured by (ROC AUC or MAE)."""
         return "rocauc" if self.task == "binary" else "mae"
+
+    @cached_property
+    def feature_defaults(self) -> tuple[float, ...]:
+        """Each feature's value when it cannot be computed (an empty window, a failed expression), in
+        :attr:`feature_names` order."""
+        return tuple(float(s.default) for v in self.views for s in v.view.specs) + tuple(
+            float(r.default) for r in self.request)
 
     @cached_property
     def feature_names(self) -> tuple[str, ...]:
@@ -395,7 +426,7 @@ class Model:
         """SHA-256 (12 hex digits) of what a trained version of the model depends on: its name, task, scored
         source, features (views with their whole definitions, request features) and label. Changing any of
         them needs a new ``version`` (``weir plan`` refuses it otherwise); the rest (learners, trainer,
-        threshold, gates, drift, retrain policy, fallback, topics) may change without one."""
+        threshold, gates, drift, retrain policy, monitor, fallback, topics) may change without one."""
         return _fingerprint({"name": self.name, "task": self.task, "source": self.source,
                              "features": self.features, "label": self.label})
 

@@ -1,4 +1,4 @@
-"""Drift: watches each model's labelled error and its score distribution; raises alerts and retrains.
+"""Drift: watches each model's labelled error, its score and its inputs; raises alerts and retrains.
 
 Input: the project's ``weir.<project>.outcomes`` (label + champion score + online learner score per scored
 event, in label order, every model's). Per model, river drift detectors, each the one the model declares
@@ -23,6 +23,14 @@ one test. An alert's detector is named ``<detector>_<signal>`` (``adwin_error``,
   positives, a one-sided binomial test of its live miss count against the upper bound of the miss rate it
   had on its own validation split (from ``model.events``). A change detector cannot see a drift that
   happened before the model went live; this test can. It fires at most once per version.
+
+**Inputs** (:mod:`streams.monitoring`): the stage also reads the project's ``weir.<project>.scored`` and
+feeds each model's scored events (features, score, serving version) to its input monitor, which tests
+every closed window of event time against the serving version's reference (its validation rows, registered
+next to it as ``v<N>.npz``; loaded when ``model.events`` first names the version) and checks each feature's
+data quality. Each report goes to ``weir.<project>.feature_drift`` (ClickHouse ``feature_drift``), its
+alerts (``feature_drift``, kind drift; ``data_quality``) to ``alerts``, with an id derived from the window
+so that a redelivery repeats it. They inform: labels say whether the model suffers.
 
 Detectors count outcomes, not time; an alert carries the event time of the outcome that raised it
 (``event_ts``) and where its detector places the change's start (``change_ts``,
@@ -54,14 +62,17 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from scipy.stats import beta, binom
 
 from models.drift_detectors import Alarm, DetectorSpec, Watched, parse_detector
+from models.feature_drift import Reference
 from streams import topics as T
 from streams.base import Message, Produce, Stage, StepResult
 from streams.codec import AvroCodec, decoded
+from streams.monitoring import InputMonitor
 from streams.project.spec import Drift, Model, Project
 
 log = logging.getLogger(__name__)
@@ -239,6 +250,16 @@ class PendingRetrain:
             self.labels += 1
 
 
+def load_reference(artifact_uri: str) -> Reference | None:
+    """The reference registered next to a model's artifact (``v<N>.npz``), if it has one."""
+    path = Path(artifact_uri).with_suffix(".npz")
+    try:
+        return Reference.load(path) if path.is_file() else None
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("reference %s unreadable: %s", path, exc)
+        return None
+
+
 class DriftStage(Stage):
     """Every model's detectors and pending retrains (see the module docstring); outcomes of models it does
     not know are ignored. ``cooldown`` overrides every model's ``retrain.cooldown_labels``."""
@@ -246,9 +267,12 @@ class DriftStage(Stage):
     step_id = "drift"
 
     def __init__(self, project: Project, delta: float, *, cooldown: int | None = None, min_samples: int = 300,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 load_reference: Callable[[str], Reference | None] = load_reference) -> None:
         self._outcomes = T.internal(project, T.I_OUTCOMES)
-        self.topics: tuple[str, ...] = (self._outcomes, T.MODEL_EVENTS)
+        self._scored = T.internal(project, T.I_SCORED)
+        self._reports = T.internal(project, T.I_FEATURE_DRIFT)
+        self.topics: tuple[str, ...] = (self._outcomes, self._scored, T.MODEL_EVENTS)
         self.models: dict[str, Model] = {m.name: m for m in project.models}
         self.detectors = {m.name: DriftDetector(delta, min_samples, threshold=m.threshold, task=m.task,
                                                 drift=m.drift, online_name=m.online_name) for m in project.models}
@@ -263,7 +287,12 @@ class DriftStage(Stage):
         self._last_change: dict[str, int | None] = dict.fromkeys(self.models)  # the latest change a request sent
         self._newest_label = dict.fromkeys(self.models, 0)
         self._recent: dict[str, deque[tuple[int, bool]]] = {m: deque(maxlen=RECENT_OUTCOMES) for m in self.models}
-        self._in = {self._outcomes: AvroCodec(T.I_OUTCOMES), T.MODEL_EVENTS: AvroCodec(T.MODEL_EVENTS)}
+        self.monitors = {m.name: InputMonitor(m) for m in project.models}
+        self.load_reference = load_reference
+        self._known: set[str] = set()  # versions whose reference was looked for
+        self._in = {self._outcomes: AvroCodec(T.I_OUTCOMES), self._scored: AvroCodec(T.I_SCORED),
+                    T.MODEL_EVENTS: AvroCodec(T.MODEL_EVENTS)}
+        self._report = AvroCodec(T.I_FEATURE_DRIFT)
         self._alert = AvroCodec(T.ALERTS)
         self._retrain = AvroCodec(T.RETRAIN)
 
@@ -272,6 +301,10 @@ class DriftStage(Stage):
         for msg, record in decoded(batch, self._in, result):
             if msg.topic == T.MODEL_EVENTS:
                 self._baseline(record)
+                self._reference(record)
+                continue
+            if msg.topic == self._scored:
+                self._watch(record["items"], result)
                 continue
             name = record["model_name"]
             detector = self.detectors.get(name)
@@ -299,6 +332,35 @@ class DriftStage(Stage):
         k = round(m["missed_positive_val"] * n)
         self.detectors[model.name].baselines[model.version_name(event["version"])] = float(
             beta.ppf(0.95, k + 1, n - k))
+
+    def _reference(self, event: dict[str, Any]) -> None:
+        """Load a new version's reference (its validation rows) for its model's input monitor."""
+        model = self.models.get(event["model_name"])
+        if model is None or not event["artifact_uri"]:  # a refused command names no artifact
+            return
+        version = model.version_name(event["version"])
+        if version in self._known:
+            return
+        self._known.add(version)
+        ref = self.load_reference(event["artifact_uri"])
+        if ref is None:
+            log.warning("%s has no reference next to %s: its inputs are not watched", version, event["artifact_uri"])
+        else:
+            self.monitors[model.name].reference(version, ref)
+
+    def _watch(self, items: list[dict[str, Any]], result: StepResult) -> None:
+        """Feed scored events to their model's input monitor; publish the reports and alerts of closed windows."""
+        for item in items:
+            monitor = self.monitors.get(item["model_name"])
+            if monitor is None:
+                continue
+            for report in monitor.add(item["features"], item["score"], item["model_version"], item["ts_ms"]):
+                now = int(self.clock() * 1000)
+                key = f"{report.model_name}/{report.version}/{report.start_ms}"
+                result.produce.append(Produce(self._reports, key.encode(), self._report.encode(report.record(now))))
+                for alert in report.alerts:  # one id per window and detector: a redelivery repeats it
+                    alert_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"weir:{key}/{alert['detector']}"))
+                    self._publish(report.model_name, {"alert_id": alert_id, **alert}, result)
 
     def _publish(self, name: str, alert: dict[str, Any], result: StepResult) -> None:
         alert = {"alert_id": str(uuid.uuid4()), "ts": int(self.clock() * 1000), "model_name": name,

@@ -60,6 +60,7 @@ from confluent_kafka import Producer
 
 from models.base import InvalidModelInput, ModelIntegrityError
 from models.export import export_onnx, export_torchscript, sha256_file
+from models.feature_drift import Reference
 from models.gates import decide, expected_calibration_error
 from models.lineage import code_version
 from models.metrics import roc_auc
@@ -141,7 +142,9 @@ def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, pa
                      val_after: int | None = None,
                      ) -> tuple[dict[str, float], list[tuple[int, float, float, float]]]:
     """Train the MLP, write its ONNX export to ``path`` (and its TorchScript companion, for the torch serving
-    backend, to ``path.with_suffix(".pt")``) and measure what the gates need (runs in the training process).
+    backend, to ``path.with_suffix(".pt")``; its validation rows and scores, the reference the drift stage
+    watches its inputs against, to ``path.with_suffix(".npz")``) and measure what the gates need (runs in the
+    training process).
     Returns the metrics and the learning curve ((epoch, train loss, validation loss, validation quality) per
     epoch).
 
@@ -164,6 +167,7 @@ def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, pa
     X_val, y_val = X[-n_val:], y[-n_val:]
     with torch.no_grad():
         scores = trained.module(torch.from_numpy(X_val)).numpy()
+    Reference(X_val, scores).save(path.with_suffix(".npz"))  # what the drift stage compares live inputs with
     if task == "binary":
         positives = y_val == 1
         metrics["positives_val"] = float(positives.sum())
@@ -345,15 +349,16 @@ class RetrainStage(Stage):
             metrics["train_seconds"] = time.perf_counter() - started
             decision = decide(metrics, model.gates, model.task)
             metrics |= decision.as_metrics()
-            torchscript = path.with_suffix(".pt")
+            torchscript, reference = path.with_suffix(".pt"), path.with_suffix(".npz")
             lineage = self.lineage(model, reason, X, y, ts, content, champion) | {
                 "gates": decision.summary(), "learning_curve": json.dumps([[round(x, 6) for x in row] for row in curve]),
-                "torchscript_sha256": sha256_file(torchscript), "retrain_requests": ",".join(request_ids)}
+                "torchscript_sha256": sha256_file(torchscript), "retrain_requests": ",".join(request_ids),
+                "reference_sha256": sha256_file(reference), "reference_rows": str(int(metrics["n_val"]))}
             if weights is not None:
                 lineage |= {"change_ts_ms": str(change_ms), "rows_after_change": str(int((ts >= change_ms).sum())),
                             "recency_weight": str(model.retrain.recency_weight)}
             version = self.registry.register(model.name, path, metrics=metrics, lineage=lineage, stage="candidate",
-                                             companions=[torchscript])
+                                             companions=[torchscript, reference])
         run.update(version=version.version, gates=decision.summary(), **metrics)
         transitions = [(version, registered_because(reason))]
         if decision.passed:

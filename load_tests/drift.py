@@ -9,7 +9,9 @@ one of the machine's cores (detection must not depend on load), and once without
   (a validation gap, failed gates: a model falling short of its promise, not a change of the data);
 - the detection delay of the first drift alert after the drift, in event-time seconds and in labels;
 - the champion's and the online learner's AUC before and after the drift, and over the last third of the run;
-- retrains and promotions after the drift.
+- retrains and promotions after the drift;
+- the event-time windows whose inputs were tested against the serving version's reference, and the
+  feature-drift and data-quality alerts they raised (counted among the drift alerts above when of kind drift).
 
 Then the targets: every drifting run alerts after the drift and none before it; the champion's AUC over the
 last third is at least the online learner's minus 0.02; the stationary run raises no drift alert. Exit
@@ -95,7 +97,8 @@ def row(run: Run, s: dict[str, Any]) -> dict[str, Any]:
             f"{q}_online_after_drift", f"{q}_champion_last_third", f"{q}_online_last_third",
             "retrains_after_drift", "promotions_after_drift")
     out = {"run": run.name, "seed": run.seed, "hog": run.hog, "drift": run.drift, **{k: s.get(k) for k in keys},
-           "drift_alerts": s.get("drift_alerts"), "model_alerts": s.get("model_alerts", []), "wall_s": s["wall_s"]}
+           "drift_alerts": s.get("drift_alerts"), "model_alerts": s.get("model_alerts", []),
+           "input_windows": s.get("input_windows"), "input_alerts": s.get("input_alerts", []), "wall_s": s["wall_s"]}
     return out
 
 
@@ -124,10 +127,11 @@ def table(rows: list[dict[str, Any]]) -> None:
             ("champ before", f"{q}_champion_before_drift"), ("online before", f"{q}_online_before_drift"),
             ("champ after", f"{q}_champion_after_drift"), ("online after", f"{q}_online_after_drift"),
             ("champ last 1/3", f"{q}_champion_last_third"), ("online last 1/3", f"{q}_online_last_third"),
-            ("retrains", "retrains_after_drift")]
-    print(" | ".join(h for h, _ in cols) + " | model alerts")
+            ("retrains", "retrains_after_drift"), ("input windows", "input_windows")]
+    print(" | ".join(h for h, _ in cols) + " | model alerts | input alerts")
     for r in rows:
-        print(" | ".join(fmt(r.get(k)) for _, k in cols) + " | " + (", ".join(r["model_alerts"]) or "-"))
+        print(" | ".join(fmt(r.get(k)) for _, k in cols) + " | " + (", ".join(r["model_alerts"]) or "-") + " | "
+              + ("; ".join(r["input_alerts"]) or "-"))
 
 
 def main() -> None:

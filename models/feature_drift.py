@@ -1,11 +1,11 @@
 """A model's inputs and score against its reference: per-column drift tests and data quality.
 
-The reference of a trained version is its validation split (the newest rows of its training window, the
-ones most like what it will serve next; :func:`streams.stages.retrain.train_and_export` writes it next to
-the model as ``v<N>.npz``). The window's older rows are no reference: a stream's first rows carry
-windowed features still filling (a count over the last hour, an hour after the stream began), and on a
-demo run the whole training set as reference flagged 7 to 9 of the shop's 13 features in every window
-before any drift; its validation split, 0 or 1.
+The reference of a trained version is the newest :data:`~streams.stages.retrain.REFERENCE_ROWS` rows of
+its training window whose windowed features were complete, and the scores the version gives them
+(:func:`streams.stages.retrain.train_and_export` writes it next to the model as ``v<N>.npz``). A stream's
+first rows are no reference: their windowed features are still filling (a count over the last hour, in the
+stream's first hour; :func:`streams.features.offline.warm_from_ms`), and on demo runs references holding
+them raised feature-drift alerts in windows where nothing had changed.
 
 Which test compares a column follows Evidently's defaults (``_get_default_stattest``): with a reference of
 at most 1,000 rows, a column with more than 5 distinct values (reference and current together) is

@@ -268,7 +268,7 @@ def test_every_model_is_registered_gated_and_traceable(demo: Any) -> None:
 
 def test_each_window_of_inputs_is_tested_against_the_serving_versions_reference(demo: Any) -> None:
     """The drift stage tests every closed event-time window of a trained version's scored events (13 features and
-    the score) against that version's validation rows, whose size its lineage records."""
+    the score) against that version's reference (its newest training rows), whose size its lineage records."""
     summary, ch = demo
     windows = ch.rows("SELECT model_version, window_start, any(rows), any(reference_rows), count(), "
                       "countIf(role = 'prediction') FROM feature_drift FINAL WHERE model_name = 'fraud' "

@@ -26,7 +26,8 @@ from streams.serving.routing import ModelSlot
 from streams.stack import Endpoints
 from streams.stages.drift import DriftStage, load_reference
 from streams.stages.inference import InferenceStage
-from streams.stages.retrain import RetrainStage
+from streams.features import offline
+from streams.stages.retrain import MIN_REFERENCE_ROWS, REFERENCE_ROWS, RetrainStage
 from tests.conftest import SHOP
 from tests.test_training_set import CARD_V, T0, ch, label, log, pay  # noqa: F401 (ch: the fixture)
 
@@ -109,7 +110,7 @@ def test_retrains_validation_baseline_uses_the_declared_threshold(ch: ClickHouse
     assert version.lineage["threshold"] == str(THRESHOLD) and version.lineage["model_definition"] == MODEL.definition
     # the baseline the drift stage holds the model to: its validation positives scored below 0.3, recomputed
     # here from the registered artifact on the same validation rows
-    X, y, _, _ = stage.training_set(MODEL, 0)
+    X, y, ts, _ = stage.training_set(MODEL, 0)
     n_val = int(version.metrics["n_val"])
     scores = OnnxScorer(version.path, "v", prefer_gpu=False).predict(X[-n_val:])
     positives = y[-n_val:] == 1
@@ -117,10 +118,15 @@ def test_retrains_validation_baseline_uses_the_declared_threshold(ch: ClickHouse
     assert version.metrics["positives_val"] == positives.sum() > 0
     assert math.isclose(version.metrics["missed_positive_val"], expected, abs_tol=1e-9)
     assert expected != float((scores[positives] < 0.5).mean())  # the data tells the two thresholds apart
-    # the reference the drift stage watches the version's inputs against: those validation rows, and the scores
-    # the served artifact gives them, registered next to it with their checksum in the lineage
+    # the reference the drift stage watches the version's inputs against: its newest training rows whose windowed
+    # features were complete, and the scores the served artifact gives them, registered next to it with their
+    # checksum in the lineage
     reference = load_reference(version.artifact_uri)
-    assert reference is not None and reference.rows == n_val == int(version.lineage["reference_rows"])
-    assert np.array_equal(reference.X, X[-n_val:].astype(np.float32))
-    assert np.allclose(reference.scores, scores, atol=1e-4)
+    n_ref = int(version.lineage["reference_rows"])
+    warm = offline.warm_from_ms(ch, MODEL)
+    complete = int((ts >= warm).sum())
+    assert reference is not None and reference.rows == n_ref == min(complete, REFERENCE_ROWS) >= MIN_REFERENCE_ROWS
+    assert np.array_equal(reference.X, X[-n_ref:].astype(np.float32)) and ts[-n_ref] >= warm > ts[0]
+    assert np.allclose(reference.scores, OnnxScorer(version.path, "v", prefer_gpu=False).predict(X[-n_ref:]),
+                       atol=1e-4)
     assert version.lineage["reference_sha256"] == sha256_file(version.path.with_suffix(".npz"))

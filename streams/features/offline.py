@@ -238,6 +238,19 @@ def newest_label_ms(ch: ClickHouseReader, project: Project, model: Model) -> int
     return int(value) if value else None
 
 
+def warm_from_ms(ch: ClickHouseReader, model: Model) -> int:
+    """The event time from which each of ``model`` 's windowed features covers a whole window: the latest, over
+    its views, of the view's first ``feature_log`` row plus its longest window. Before it, a count over the last
+    hour counts less than an hour (the stream's first hour). 0 for a model without views."""
+    warm = 0
+    for vf in model.views:
+        first = ch.scalar("SELECT toUnixTimestamp64Milli(min(ts)) FROM feature_log WHERE view = {v:String}",
+                          {"v": view_key(vf.view)})
+        if first:
+            warm = max(warm, int(first) + max(f.window.extent_ms for f in vf.view.specs))
+    return warm
+
+
 def mature_labels(ch: ClickHouseReader, project: Project, model: Model, maturity_ms: int) -> int:
     """How many of the model's labelled events are at least ``maturity_ms`` older than its newest label: what
     a retrain would train on."""

@@ -290,7 +290,7 @@ class RetrainPolicy:
 @dataclass(frozen=True)
 class Monitor:
     """How the drift stage watches a model's inputs and score against the serving version's reference (its
-    validation rows; docs/learning.md, "Feature drift and data quality").
+    newest training rows; docs/learning.md, "Feature drift and data quality").
 
     Scored events fall in tumbling windows of ``window_s`` of event time, closed once an event ``grace_s``
     past their end arrives. Each closed window with at least ``min_rows`` rows of a version that has a

@@ -26,7 +26,7 @@ one test. An alert's detector is named ``<detector>_<signal>`` (``adwin_error``,
 
 **Inputs** (:mod:`streams.monitoring`): the stage also reads the project's ``weir.<project>.scored`` and
 feeds each model's scored events (features, score, serving version) to its input monitor, which tests
-every closed window of event time against the serving version's reference (its validation rows, registered
+every closed window of event time against the serving version's reference (its newest complete training rows, registered
 next to it as ``v<N>.npz``; loaded when ``model.events`` first names the version) and checks each feature's
 data quality. Each report goes to ``weir.<project>.feature_drift`` (ClickHouse ``feature_drift``), its
 alerts (``feature_drift``, kind drift; ``data_quality``) to ``alerts``, with an id derived from the window
@@ -334,7 +334,7 @@ class DriftStage(Stage):
             beta.ppf(0.95, k + 1, n - k))
 
     def _reference(self, event: dict[str, Any]) -> None:
-        """Load a new version's reference (its validation rows) for its model's input monitor."""
+        """Load a new version's reference (its newest training rows) for its model's input monitor."""
         model = self.models.get(event["model_name"])
         if model is None or not event["artifact_uri"]:  # a refused command names no artifact
             return

@@ -81,6 +81,8 @@ log = logging.getLogger(__name__)
 
 MIN_ROWS_AFTER_CHANGE = 40  # rows after a drift's change that a run needs to validate on a quarter of them
 MIN_POSITIVES_AFTER_CHANGE = 8  # and positives (a binary model): two in that quarter, on average
+REFERENCE_ROWS = 1_000  # the newest training rows a version's inputs are watched against (Evidently: KS up to 1,000)
+MIN_REFERENCE_ROWS = 200  # fewer complete rows: no reference (too few to tell a drift from noise)
 EVENT_IDS = uuid.UUID("5b0d6c8e-2f7a-4c41-9a57-1f0e6d3b9a21")  # namespace of the derived model.events ids
 
 
@@ -139,12 +141,12 @@ def _progress(epoch: int, loss_train: float, loss_val: float) -> None:
 def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, path: Path,
                      champion: str | None = None, *, task: str = "binary", threshold: float = 0.5,
                      hyperparameters: dict[str, Any] | None = None, weights: np.ndarray | None = None,
-                     val_after: int | None = None,
+                     val_after: int | None = None, reference_from: int | None = None,
                      ) -> tuple[dict[str, float], list[tuple[int, float, float, float]]]:
     """Train the MLP, write its ONNX export to ``path`` (and its TorchScript companion, for the torch serving
-    backend, to ``path.with_suffix(".pt")``; its validation rows and scores, the reference the drift stage
-    watches its inputs against, to ``path.with_suffix(".npz")``) and measure what the gates need (runs in the
-    training process).
+    backend, to ``path.with_suffix(".pt")``; with ``reference_from``, the rows of ``X`` from that index on
+    and their scores, the reference the drift stage watches its inputs against, to
+    ``path.with_suffix(".npz")``) and measure what the gates need (runs in the training process).
     Returns the metrics and the learning curve ((epoch, train loss, validation loss, validation quality) per
     epoch).
 
@@ -167,7 +169,10 @@ def train_and_export(X: np.ndarray, y: np.ndarray, ts: np.ndarray, seed: int, pa
     X_val, y_val = X[-n_val:], y[-n_val:]
     with torch.no_grad():
         scores = trained.module(torch.from_numpy(X_val)).numpy()
-    Reference(X_val, scores).save(path.with_suffix(".npz"))  # what the drift stage compares live inputs with
+    if reference_from is not None:  # what the drift stage compares live inputs with
+        with torch.no_grad():
+            reference = trained.module(torch.from_numpy(X[reference_from:])).numpy()
+        Reference(X[reference_from:], reference).save(path.with_suffix(".npz"))
     if task == "binary":
         positives = y_val == 1
         metrics["positives_val"] = float(positives.sum())
@@ -312,6 +317,18 @@ class RetrainStage(Stage):
         order = np.argsort(ts_set.event_ts, kind="stable")
         return (ts_set.X[order], ts_set.y[order].astype(np.float32), ts_set.event_ts[order], ts_set.sha256)
 
+    def _reference_from(self, model: Model, ts: np.ndarray) -> int | None:
+        """Where the version's reference starts in its training rows (sorted by time): the newest
+        :data:`REFERENCE_ROWS` whose windowed features were complete (:func:`streams.features.offline.warm_from_ms`),
+        or None (no reference: the version's inputs are not watched) when fewer than :data:`MIN_REFERENCE_ROWS`
+        are."""
+        start = max(int(np.searchsorted(ts, offline.warm_from_ms(self.ch, model))), len(ts) - REFERENCE_ROWS)
+        if len(ts) - start < MIN_REFERENCE_ROWS:
+            log.warning("%s: %d of its %d training rows have complete windowed features: no reference, its inputs "
+                        "will not be watched", model.name, len(ts) - start, len(ts))
+            return None
+        return start
+
     def train(self, model: Model, reason: str, since_ms: int = 0, *,
               request_ids: list[str] | tuple[str, ...] = (), change_ms: int | None = None,
               ) -> list[tuple[ModelVersion, str]]:
@@ -334,6 +351,7 @@ class RetrainStage(Stage):
             log.warning("retrain of %s skipped: %s", model.name, run["skipped"])
             return []
         champion = champion_of(self.registry, model)
+        reference_from = self._reference_from(model, ts)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
@@ -341,7 +359,8 @@ class RetrainStage(Stage):
                 metrics, curve = self._pool.submit(
                     train_and_export, X, y, ts, self.seed, path, champion.artifact_uri if champion else None,
                     task=model.task, threshold=model.threshold,
-                    hyperparameters=model.trainer.hyperparameters(), weights=weights, val_after=change_ms).result()
+                    hyperparameters=model.trainer.hyperparameters(), weights=weights, val_after=change_ms,
+                    reference_from=reference_from).result()
             except ValueError as exc:  # e.g. the time-based split left one class in the training part
                 run["skipped"] = str(exc)
                 log.warning("retrain of %s skipped: %s", model.name, exc)
@@ -353,12 +372,14 @@ class RetrainStage(Stage):
             lineage = self.lineage(model, reason, X, y, ts, content, champion) | {
                 "gates": decision.summary(), "learning_curve": json.dumps([[round(x, 6) for x in row] for row in curve]),
                 "torchscript_sha256": sha256_file(torchscript), "retrain_requests": ",".join(request_ids),
-                "reference_sha256": sha256_file(reference), "reference_rows": str(int(metrics["n_val"]))}
+                "reference_rows": str(0 if reference_from is None else len(ts) - reference_from)}
+            if reference_from is not None:
+                lineage |= {"reference_sha256": sha256_file(reference), "reference_from_ms": str(ts[reference_from])}
             if weights is not None:
                 lineage |= {"change_ts_ms": str(change_ms), "rows_after_change": str(int((ts >= change_ms).sum())),
                             "recency_weight": str(model.retrain.recency_weight)}
             version = self.registry.register(model.name, path, metrics=metrics, lineage=lineage, stage="candidate",
-                                             companions=[torchscript, reference])
+                                             companions=[torchscript] + [reference] * (reference_from is not None))
         run.update(version=version.version, gates=decision.summary(), **metrics)
         transitions = [(version, registered_because(reason))]
         if decision.passed:

@@ -98,7 +98,7 @@ def row(run: Run, s: dict[str, Any]) -> dict[str, Any]:
             "retrains_after_drift", "promotions_after_drift")
     out = {"run": run.name, "seed": run.seed, "hog": run.hog, "drift": run.drift, **{k: s.get(k) for k in keys},
            "drift_alerts": s.get("drift_alerts"), "model_alerts": s.get("model_alerts", []),
-           "input_windows": s.get("input_windows"), "input_alerts": s.get("input_alerts", []), "wall_s": s["wall_s"]}
+           "detected_by": s.get("detected_by"), "input_windows": s.get("input_windows"), "input_alerts": s.get("input_alerts", []), "wall_s": s["wall_s"]}
     return out
 
 
@@ -128,9 +128,10 @@ def table(rows: list[dict[str, Any]]) -> None:
             ("champ after", f"{q}_champion_after_drift"), ("online after", f"{q}_online_after_drift"),
             ("champ last 1/3", f"{q}_champion_last_third"), ("online last 1/3", f"{q}_online_last_third"),
             ("retrains", "retrains_after_drift"), ("input windows", "input_windows")]
-    print(" | ".join(h for h, _ in cols) + " | model alerts | input alerts")
+    print(" | ".join(h for h, _ in cols) + " | detected by | model alerts | input alerts")
     for r in rows:
-        print(" | ".join(fmt(r.get(k)) for _, k in cols) + " | " + (", ".join(r["model_alerts"]) or "-") + " | "
+        print(" | ".join(fmt(r.get(k)) for _, k in cols) + f" | {fmt(r.get('detected_by'))} | "
+              + (", ".join(r["model_alerts"]) or "-") + " | "
               + ("; ".join(r["input_alerts"]) or "-"))
 
 

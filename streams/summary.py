@@ -91,16 +91,19 @@ def counts(ch: ClickHouse, project: Project, model: Model) -> dict[str, int]:
 
 def detection(ch: ClickHouse, model: Model, drift_ms: int) -> dict[str, Any]:
     """How late the first drift alert after the event time ``drift_ms`` came: in event time (seconds) and in
-    labels (the model's labelled events between the drift and the event the alert was raised at)."""
-    first = ch.scalar("SELECT toUnixTimestamp64Milli(min(event_ts)) FROM alerts FINAL WHERE kind = 'drift' "
-                      "AND model_name = {m:String} AND toUnixTimestamp64Milli(event_ts) >= {d:Int64}",
-                      {"m": model.name, "d": drift_ms})
-    if not first:
-        return {"detection_delay_s": None, "detection_delay_labels": None}
+    labels (the model's labelled events between the drift and the event the alert was raised at), and which
+    detector raised it about which version."""
+    found = ch.rows("SELECT toUnixTimestamp64Milli(event_ts), detector, model_version FROM alerts FINAL "
+                    "WHERE kind = 'drift' AND model_name = {m:String} AND toUnixTimestamp64Milli(event_ts) >= {d:Int64} "
+                    "ORDER BY event_ts LIMIT 1", {"m": model.name, "d": drift_ms})
+    if not found:
+        return {"detection_delay_s": None, "detection_delay_labels": None, "detected_by": None}
+    first, detector, version = found[0]
     labels = ch.scalar("SELECT count() FROM outcomes FINAL WHERE model_name = {m:String} AND "
                        "toUnixTimestamp64Milli(ts) BETWEEN {d:Int64} AND {a:Int64}",
                        {"m": model.name, "d": drift_ms, "a": int(first)})
-    return {"detection_delay_s": round((int(first) - drift_ms) / 1000, 1), "detection_delay_labels": int(labels)}
+    return {"detection_delay_s": round((int(first) - drift_ms) / 1000, 1), "detection_delay_labels": int(labels),
+            "detected_by": f"{detector} {version}"}
 
 
 def inputs(ch: ClickHouse, model: Model) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -30,9 +31,9 @@ DEFAULT_PROJECT = "examples.fraud_shop.project:project"
 SHOP = "fraud_shop"
 
 
-def add_project_option(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--project", default=DEFAULT_PROJECT,
-                    help=f"the project: package.module:attribute or path/to/project.py (default {DEFAULT_PROJECT})")
+def add_project_option(ap: argparse.ArgumentParser, default: str = DEFAULT_PROJECT) -> None:
+    ap.add_argument("--project", default=default,
+                    help=f"the project: package.module:attribute or path/to/project.py (default {default})")
 
 
 def load_project(ref: str) -> Project:
@@ -47,6 +48,11 @@ def child_setup(ref: str, registry: str) -> Project:
     project = load_project(ref)
     schemas.use_registry(registry)
     return project
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def fail(script: str, message: str) -> NoReturn:

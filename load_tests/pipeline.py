@@ -317,7 +317,7 @@ def worker(ref: str, endpoints: Endpoints, tmp: Path, stages: tuple[str, ...], s
         pipeline.stop()
 
 
-def _wait(counter: Any, target: int, timeout: float, procs: list[Any], what: str = "predictions") -> float:
+def wait_count(counter: Any, target: int, timeout: float, procs: list[Any], what: str = "predictions") -> float:
     """Seconds until ``counter`` reached ``target``."""
     t0 = time.perf_counter()
     while counter.value < target:
@@ -388,10 +388,10 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
         w = ctx.Process(target=produce, args=(ref, endpoints, args.warm_up, None, 3, 10**9, "warm-", t_warm,
                                               STEP_MS, count))
         w.start(); w.join()
-        _wait(scored, count.value, 180, procs)
+        wait_count(scored, count.value, 180, procs)
         warm = scored.value
         if learns:
-            _wait(learned, warm, 120, procs, "learnt")
+            wait_count(learned, warm, 120, procs, "learnt")
         print(f"after warm-up: broker/redis CPU {services_cpu()}")
         pause.set()
         time.sleep(0.5)
@@ -404,13 +404,13 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
               f"{time.perf_counter() - t0:.1f}s")
         pause.clear()
         t_drain = time.perf_counter()
-        drain_s = _wait(scored, total, 600, procs)
+        drain_s = wait_count(scored, total, 600, procs)
         rate = args.events / drain_s
         print(f"drain: {args.events} events ({total - warm} {load.scored_name}) through {flow} in {drain_s:.1f}s = "
               f"{rate:,.0f} events/s ({args.procs} stage process(es))")
         learn_s = None
         if learns:
-            _wait(learned, total, 600, procs, "learnt")
+            wait_count(learned, total, 600, procs, "learnt")
             learn_s = time.perf_counter() - t_drain
             print(f"learn: every drained {load.scored_name[:-1]} learnt {learn_s:.1f}s after the drain began "
                   f"({args.events / learn_s:,.0f} events/s)")
@@ -430,7 +430,7 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
                                               fit_step(t_lat, n), count))
         q.start(); q.join()
         expected.value = count.value
-        _wait(scored, total + count.value, 300, procs)
+        wait_count(scored, total + count.value, 300, procs)
         try:
             e2e, at_scoring = results.get(timeout=60)
         except queue.Empty:  # some predictions never came: take what it saw (checked below)

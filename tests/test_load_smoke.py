@@ -26,7 +26,9 @@ TIMEOUT_S = 600  # a smoke run takes well under a minute alone; generous for a l
     ["load_tests/chaos.py"],  # its --smoke also asserts its oracle: nothing lost, duplicates identical, no orphan
     ["load_tests/common.py"],  # what they share: loading a project
     ["load_tests/drift.py"],  # two small demos: one under a CPU hog, one without a drift
-], ids=["ingest", "features", "inference", "pipeline-shop", "pipeline-minimal", "chaos", "common", "drift"])
+    ["load_tests/minimal.py"],  # the minimal project through Weir and through a bare hand-written loop
+], ids=["ingest", "features", "inference", "pipeline-shop", "pipeline-minimal", "chaos", "common", "drift",
+        "minimal"])
 def test_load_test_runs_in_smoke_mode(argv: list[str]) -> None:
     python = str(PYTHON) if PYTHON.is_file() else sys.executable
     done = subprocess.run([python, *argv, "--smoke"], cwd=ROOT, capture_output=True, text=True,

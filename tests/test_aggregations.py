@@ -109,8 +109,9 @@ class Reference:
                 out.append(float(len({e[4] for e in sel})))
             elif s.agg is Agg.LAST:
                 out.append(max(sel, key=lambda e: (e[0], e[1]))[3])
-            else:
-                out.append((now - max(e[0] for e in sel)) / 1000)
+            else:  # since_last: the newest event before now
+                earlier = [e[0] for e in sel if e[0] < now]
+                out.append((now - max(earlier)) / 1000 if earlier else s.default)
         return out
 
 
@@ -244,6 +245,8 @@ def test_last_breaks_ties_by_arrival_and_since_last_in_seconds() -> None:
     e.add("e", 4_000, 5.0)
     e.add("f", 3_000, 6.0)  # out of order, ties 3000: arrived last among them
     assert e.values(3_500) == [6.0, 0.5]
+    # as of an event itself (a view computed as of its own events): the time since the one before it
+    assert e.values(4_000) == [5.0, 1.0]
     assert e.values(14_000) == [-1.0, 10.0]  # nothing in (4000, 14000]
 
 

@@ -128,7 +128,8 @@ def _feature(f: Feature, mine: list[tuple[int, dict[str, Any]]], now: int) -> fl
         return float(max(rows, key=lambda r: (r[1]["ts_ms"], r[0]))[1][f.value])
     if f.agg is Agg.DISTINCT:
         return float(len({str(e[f.distinct] or "") for _, e in rows}))
-    return (now - max(e["ts_ms"] for _, e in rows)) / 1000  # since_last
+    earlier = [e["ts_ms"] for _, e in rows if e["ts_ms"] < now]  # since_last: the newest event before now
+    return (now - max(earlier)) / 1000 if earlier else f.default
 
 
 @settings(max_examples=300, deadline=None)
@@ -171,4 +172,5 @@ def test_user_view_new_device_logins_and_time_since_login() -> None:
     # idle for more than the TTL: devices are forgotten, and the next login's device is the user's own again
     assert state.add({"event_id": "e9", "user_id": "u", "ts_ms": 180_000 + USER.ttl_ms + 1,
                       "event_type": "login", "device_id": "d3"}) is Status.ACCEPTED
-    assert state.values("u") == (180_000 + USER.ttl_ms + 1, [1.0, 0.0, 0.0, 0.0, 0.0])
+    # (the login itself is not the one before it: no login in the hour before, the feature's default)
+    assert state.values("u") == (180_000 + USER.ttl_ms + 1, [1.0, 0.0, 0.0, 0.0, 3600.0])

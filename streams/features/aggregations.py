@@ -24,9 +24,11 @@ feature's ``where_tag`` filter): ``count``; ``sum`` (exactly rounded,
 from exactly rounded sums of x and x²: absolute error below about
 ``1e-7 * max|x|``); ``min``; ``max``; ``distinct`` (exact number of distinct
 tags); ``last`` (the value of the event with the greatest ts; among equal ts
-the one that arrived last); ``since_last`` (``(now - ts of the newest event)
-/ 1000``, seconds). On an empty window ``count``, ``sum`` and ``distinct``
-give 0 and every other aggregation gives the feature's ``default``.
+the one that arrived last); ``since_last`` (``(now - ts of the newest event
+before now) / 1000``, seconds: a view computed as of one of its own events
+gives the time since the previous one, not 0; the feature's ``default`` when
+the window holds none before now). On an empty window ``count``, ``sum`` and
+``distinct`` give 0 and every other aggregation gives the feature's ``default``.
 
 **Event time.** :class:`Aggregators` (key -> :class:`EntityAggregator`) keeps
 one watermark, by the rule of :mod:`streams.event_time`: the third greatest
@@ -480,13 +482,14 @@ class EntityAggregator:
                 continue
             vals: list[float] | None = None
             total: float | None = None
-            for o, code, _ in outs:
+            for o, code, default in outs:
                 if code == _COUNT:
                     res[o] = float(n)
                 elif code == _LAST:
                     res[o] = s.vals[hi - 1]
-                elif code == _SINCE:
-                    res[o] = (now - st[hi - 1]) / 1000
+                elif code == _SINCE:  # the newest event before now: one at now is not its own previous one
+                    before = hi if st[hi - 1] < now else bisect_left(st, now, lo, hi)
+                    res[o] = (now - st[before - 1]) / 1000 if before > lo else default
                 elif code == _DISTINCT:
                     res[o] = float(len(set(s.tags[lo:hi])))
                 else:

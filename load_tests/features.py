@@ -26,11 +26,18 @@
    redis-py ``MGET`` of the same keys returning bytes (keys prebuilt, no
    unpacking): the transport's floor. ``perf_counter_ns`` around each call.
 
+3. **state per entity**: per view, the state the stage keeps for the throughput's events (a
+   ``FeatureComputer``, the stage's pure part, fed them alone under ``tracemalloc``): entities held,
+   bytes per entity in memory and in a snapshot; then events two TTLs of event time later, after
+   which the view must hold only their entity (idle entities are dropped after its ``ttl_ms``).
+
 Prints the figures per rep; the last line is one JSON object with
 ``events_per_s`` (weir, median), ``no_redis_events_per_s``, ``redis_write_share``,
 ``handle_share`` (the stage's ``handle``), ``gc_share``, ``no_freezer_events_per_s`` (with ``--gc-baseline``),
 ``fetch_p50_ms_<n>``/``fetch_p99_ms_<n>`` and ``raw_fetch_p50_ms_<n>``/``raw_fetch_p99_ms_<n>``
-for n in 1, 32, 256, and ``write_rate_per_s`` (the background rate achieved).
+for n in 1, 32, 256, ``write_rate_per_s`` (the background rate achieved), per view ``entities_<view>``,
+``state_bytes_per_entity_<view>``, ``snapshot_bytes_per_entity_<view>`` and ``entities_after_ttl_<view>``,
+and the process's ``peak_rss_mb``.
 ``--profile`` adds one cProfile'd weir rep and prints its top functions; ``--gc-baseline`` adds
 a third variant to each rep, weir without the :class:`~streams.gcpolicy.StateFreezer` the
 pipeline gives the stage (the growing window state then stays in the cyclic collector's full
@@ -57,6 +64,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -68,7 +76,7 @@ import numpy as np
 import redis
 from confluent_kafka import Producer
 
-from load_tests.common import add_project_option, load_project, require_shop
+from load_tests.common import add_project_option, load_project, peak_rss_mb, require_shop
 from sinks.redis_store import OnlineStore
 from streams import topics as T
 from streams.codec import AvroCodec
@@ -84,7 +92,7 @@ from streams.pseudonymize import Pseudonymizer
 from streams.runtime import BatchRunner
 from streams.settings import WeirSettings
 from streams.stack import Endpoints, Stack
-from streams.stages.features import FeaturesStage
+from streams.stages.features import FeatureComputer, FeaturesStage
 
 START_MS = int(time.time() * 1000) - 3 * 3600 * 1000  # event times start three hours ago and increase
 PAYMENT_SHARE = 0.15
@@ -93,6 +101,7 @@ BENCH_VIEW = FeatureView("bench30", "entity", 1, source="bench", ttl_ms=2 * HOUR
                          specs=tuple(Feature(f"f{i}", Agg.COUNT, Sliding(HOUR), "bench") for i in range(30)))
 BATCH_SIZES = (1, 32, 256)
 WRITE_BATCH = 100  # entities per background write
+TTL_PROBES = 200  # events of new entities two TTLs later, to show the view drops every earlier one
 
 
 # ---------------------------------------------------------------------------------------------- throughput
@@ -269,6 +278,45 @@ def throughput(project: Project, endpoints: Endpoints, n_events: int, reps: int,
         {"no_freezer_events_per_s": round(statistics.median(frozen))} if frozen else {})
 
 
+# ---------------------------------------------------------------------------------------------- state per entity
+
+
+def state_size(project: Project, msgs: list[tuple[str, int, bytes]]) -> dict[str, float]:
+    """Per view, what the features stage holds per entity after the throughput's events: the view's state built
+    from them alone in a :class:`FeatureComputer` (the stage's own; every partition's in one) under
+    ``tracemalloc`` (bytes allocated per entity held) and its snapshot's bytes per entity; then copies of its
+    newest events as new entities two TTLs of event time later (each filtered lane keeps its own watermark,
+    moved by its own kind of event), after which every earlier entity is past its TTL and must be dropped:
+    the state is bounded by the entities active within one TTL."""
+    source_of = {silver_topic(project, s): s.name for s in project.sources}
+    items = [(source_of[topic], item) for topic, _, value in msgs
+             for item in AvroCodec(topic).decode(value)["items"]]
+    out: dict[str, float] = {}
+    for view in project.views:
+        mine = [item for source, item in items if source == view.source]
+        gc.collect()
+        tracemalloc.start()
+        computer = FeatureComputer([view])
+        for item in mine:
+            computer.add(view.source, item, values=False)
+        used = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        state = computer.states[view.name]
+        held, snapshot = len(state), len(state.snapshot())
+        far = max(item["ts_ms"] for item in mine) + 2 * view.ttl_ms
+        probes = mine[-TTL_PROBES:]  # copies of the newest events: every filtered lane sees its own kind
+        for k, item in enumerate(probes):
+            computer.add(view.source, {**item, view.entity: f"ttl-probe-{k}", "event_id": f"ttl-{k}", "ts_ms": far + k})
+        stale = len(state) - len(probes)
+        out |= {f"entities_{view.name}": held, f"state_bytes_per_entity_{view.name}": round(used / held),
+                f"snapshot_bytes_per_entity_{view.name}": round(snapshot / held),
+                f"entities_after_ttl_{view.name}": stale}
+        print(f"  state of view {view.name}: {held:,} entities, {used / held:,.0f} B each in memory, "
+              f"{snapshot / held:,.0f} B each in a snapshot; {stale} of them held once the watermark passed "
+              f"their TTL ({view.ttl_ms / 3_600_000:g} h)", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- read latency
 
 
@@ -366,10 +414,14 @@ def main() -> None:
         with Stack(settings, project, with_postgres=False) as endpoints:
             tput = throughput(project, endpoints, args.events, args.reps, settings.partitions, args.profile, args.gc_baseline)
             reads = read_latency(endpoints, args.entities, args.reads, args.write_rate)
+    state = state_size(project, messages(project, args.events, settings.partitions))
     print(f"features: {tput['events_per_s']:,} events/s (target ≥ 30,000; {tput['no_redis_events_per_s']:,} without "
           f"Redis writes, which take {tput['redis_write_share']:.0%} of the wall time); fetch p99 for 1 entity "
           f"{reads['fetch_p99_ms_1']} ms (target ≤ 2 ms; raw MGET {reads['raw_fetch_p99_ms_1']} ms)")
-    print(json.dumps(tput | reads))
+    rss = {"peak_rss_mb": round(peak_rss_mb(), 1)}  # the process ran the stage, the reads and the state builds
+    print(f"peak RSS of this process (every features stage of the run, the reads, the state builds): "
+          f"{rss['peak_rss_mb']:,} MiB")
+    print(json.dumps(tput | reads | state | rss))
 
 
 if __name__ == "__main__":

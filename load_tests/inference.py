@@ -60,7 +60,8 @@ exported with :func:`~models.export.export_onnx` and served by
    records' own ``latency_ms`` (stamped at scoring) is reported too.
 
 Prints per-rep figures, a table per model and the half-rate latencies; the last
-line is one JSON object with ``events_per_s``, ``ceiling_events_per_s`` and
+line is one JSON object with ``peak_rss_mb`` (this process's: it ran every inference stage),
+``events_per_s``, ``ceiling_events_per_s`` and
 ``ratio`` (medians at the best setting of the reported model: ``wide`` unless
 ``--model fraud``), ``p50_ms``/``p99_ms`` (subscriber, half rate),
 ``stage_p50_ms``/``stage_p99_ms`` (at scoring), ``rate_per_s`` (half rate
@@ -109,7 +110,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from load_tests.common import add_project_option, child_setup, load_project, require_shop
+from load_tests.common import add_project_option, child_setup, load_project, peak_rss_mb, require_shop
 from models.export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from models.scorer import OnnxScorer, select_providers
 from sinks.redis_store import OnlineStore
@@ -664,7 +665,9 @@ def main() -> None:
     print(f"total {time.perf_counter() - t_start:.0f} s")
     head = results["wide"] if "wide" in results else results[models[0]]
     extra = {f"fraud_{k}": v for k, v in results["fraud"].items() if k != "model"} if len(results) > 1 else {}
-    print(json.dumps(head | extra))
+    rss = round(peak_rss_mb(), 1)  # this process ran every inference stage of the run (and the bare ONNX runs)
+    print(f"peak RSS of this process (the inference stages and the bare ONNX Runtime runs): {rss:,} MiB")
+    print(json.dumps(head | extra | {"peak_rss_mb": rss}))
 
 
 if __name__ == "__main__":

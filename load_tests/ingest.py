@@ -20,8 +20,8 @@ connector has published every change and Kafka acknowledged it (decoding
 
 Prints the figures per rep; the last line is one JSON object with
 ``events_per_s`` (Weir, clicks, median), ``ceiling_events_per_s``, ``ratio``,
-the same for CDC changes through ingest (``cdc_*``), and
-``connector_changes_per_s``.
+the same for CDC changes through ingest (``cdc_*``),
+``connector_changes_per_s`` and ``peak_rss_mb`` (this process's: it ran every ingest stage).
 
 The events are the fraud shop's (``--project``, default the shop: any project declaring its ``clicks``
 and ``payments`` sources). ``--smoke``: a few thousand events, one rep, a small CDC run (well under a
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastavro
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from load_tests.common import add_project_option, load_project, require_shop
+from load_tests.common import add_project_option, load_project, peak_rss_mb, require_shop
 from streams.codec import AvroCodec
 from streams.kafka import consumer_config, ensure_topics, producer_config
 from streams.pipeline import PipelineConfig, ingest_stage
@@ -238,7 +238,10 @@ def main() -> None:
     print(f"clicks: weir {click['events_per_s']:,}/s vs ceiling {click['ceiling_events_per_s']:,}/s "
           f"(ratio {click['ratio']}); CDC changes: weir {cdc['events_per_s']:,}/s vs ceiling "
           f"{cdc['ceiling_events_per_s']:,}/s (ratio {cdc['ratio']})")
-    print(json.dumps(click | {f"cdc_{k}": v for k, v in cdc.items()} | {"connector_changes_per_s": connector}))
+    rss = round(peak_rss_mb(), 1)  # this process ran every ingest stage of the run (and its ceiling loops)
+    print(f"peak RSS of this process (the ingest stages and the ceiling loops): {rss:,} MiB")
+    print(json.dumps(click | {f"cdc_{k}": v for k, v in cdc.items()} | {"connector_changes_per_s": connector,
+                                                                          "peak_rss_mb": rss}))
 
 
 if __name__ == "__main__":

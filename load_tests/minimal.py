@@ -17,8 +17,7 @@ CPU):
   ``learn_one`` (the model's online learner, built as Weir builds it), encode an Avro prediction (the
   model's online prediction schema), produce it; then commit the batch asynchronously. Events/s from the
   first of the N readings processed to the last (the final flush is printed apart); its positions must
-  have moved by N, so every reading was processed exactly once. (Its secs_since_last is the declared
-  "seconds since the previous reading"; Weir's, as of the reading itself, which is in its window, is 0.)
+  have moved by N, so every reading was processed exactly once.
 
 Both first process the same warm-up readings (untimed): every stage and the bare loop joined its group,
 and both learners learnt them. The Weir stages are stopped before the bare loop drains. Prints both rates,
@@ -76,18 +75,6 @@ WINDOW_MS = 60_000  # the view's sliding window (examples/minimal/project.py)
 NO_PREVIOUS_S = 60.0  # secs_since_last without a previous reading in the window (the feature's default)
 HOT_C = 90.0  # the request feature hot: temperature > 90
 BATCH = 500  # messages per consume, as Weir's runners take them
-
-
-# ---------------------------------------------------------------------------------------------- weir
-
-
-def weir_stages(ref: str, endpoints: Endpoints, tmp: Path, stages: tuple[str, ...], scored: Any, learned: Any,
-                stop: Any, pause: Any, cpu: Any, rss: Any) -> None:
-    """load_tests/pipeline.py's stage process, then its peak RSS (MiB) into ``rss``."""
-    try:
-        worker(ref, endpoints, tmp, stages, scored, learned, stop, pause, cpu)
-    finally:
-        rss.value = peak_rss_mb()
 
 
 # ---------------------------------------------------------------------------------------------- bare
@@ -265,8 +252,8 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
     scored, learned, cpu = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Value("d", 0.0)
     stop, pause = ctx.Event(), ctx.Event()
     rss = {"+".join(g): ctx.Value("d", 0.0) for g in groups}
-    procs = [ctx.Process(target=weir_stages, args=(ref, endpoints, tmp, g, scored, learned, stop, pause, cpu,
-                                                   rss["+".join(g)]))
+    procs = [ctx.Process(target=worker, args=(ref, endpoints, tmp, g, scored, learned, stop, pause, cpu,
+                                              rss["+".join(g)]))
              for g in groups]
     for w in procs:
         w.start()

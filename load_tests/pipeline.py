@@ -24,7 +24,8 @@ Projects (``--project``; the events come from a generator per project, chosen by
 minute; figures meaningless, for tests).
 
 Prints figures; the last line is one JSON object with events_per_s, p50_ms, p99_ms (subscriber),
-scoring_p50_ms, scoring_p99_ms (the records' latency_ms), the latency phase's rate and the baseline.
+scoring_p50_ms, scoring_p99_ms (the records' latency_ms), the latency phase's rate, the baseline and each
+stage process's peak RSS (peak_rss_mb, MiB).
 Run: .venv/bin/python load_tests/pipeline.py [--events 200000] [--seconds 20] [--project REF]
 """
 
@@ -50,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from load_tests.common import add_project_option, child_setup, fail, load_project
+from load_tests.common import add_project_option, child_setup, fail, load_project, peak_rss_mb
 from streams.codec import AvroCodec
 from streams.kafka import consumer_config, producer_config
 from streams.project.spec import Project
@@ -283,8 +284,9 @@ def bare_hop(bootstrap: str, rate: float, seconds: float) -> tuple[float, float]
 
 
 def worker(ref: str, endpoints: Endpoints, tmp: Path, stages: tuple[str, ...], scored: Any, learned: Any,
-           stop: Any, pause: Any, cpu: Any) -> None:
-    """A child process running some stages; reports scored (and learnt) events through shared values."""
+           stop: Any, pause: Any, cpu: Any, rss: Any = None) -> None:
+    """A child process running some stages; reports scored (and learnt) events through shared values, and its
+    peak RSS (MiB) into ``rss`` as it stops."""
     from streams.pipeline import Pipeline, PipelineConfig  # here: the load processes need none of it
 
     project = child_setup(ref, endpoints.schema_registry_url)  # a spawned process: take ids from the registry
@@ -315,6 +317,8 @@ def worker(ref: str, endpoints: Endpoints, tmp: Path, stages: tuple[str, ...], s
                   f"mean lag at consume {st.lag_ms_sum / max(st.consumed, 1):.1f} ms", getattr(r, "phases", None), flush=True)
     finally:
         pipeline.stop()
+        if rss is not None:
+            rss.value = peak_rss_mb()
 
 
 def wait_count(counter: Any, target: int, timeout: float, procs: list[Any], what: str = "predictions") -> float:
@@ -374,7 +378,9 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
     groups = load.stages[args.procs]
     flow = " | ".join("+".join(g) for g in groups)
     scored, learned, stop, pause, cpu = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=worker, args=(ref, endpoints, tmp, g, scored, learned, stop, pause, cpu))
+    rss = {"+".join(g): ctx.Value("d", 0.0) for g in groups}
+    procs = [ctx.Process(target=worker, args=(ref, endpoints, tmp, g, scored, learned, stop, pause, cpu,
+                                              rss["+".join(g)]))
              for g in groups]
     for w in procs:
         w.start()
@@ -452,11 +458,14 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
     print(f"baseline, same broker, same rate: one bare produce -> consume hop p50 {hop50:.1f} ms, "
           f"p99 {hop99:.1f} ms")
     print(f"CPU seconds: stage processes {cpu.value:.1f}, services {services_cpu()} (whole run)")
+    peak = {name: round(v.value, 1) for name, v in rss.items()}
+    print(f"peak RSS per stage process (MiB): {peak}")
     print(json.dumps({"project": load.project, "model": load.model, "events_per_s": round(rate),
                       "p50_ms": round(float(p50), 1), "p99_ms": round(float(p99), 1),
                       "scoring_p50_ms": round(float(s50), 1), "scoring_p99_ms": round(float(s99), 1),
                       "latency_rate_events_per_s": round(half), "stage_processes": args.procs,
-                      "bare_hop_p50_ms": round(hop50, 1), "bare_hop_p99_ms": round(hop99, 1)}
+                      "bare_hop_p50_ms": round(hop50, 1), "bare_hop_p99_ms": round(hop99, 1),
+                      "peak_rss_mb": peak}
                      | ({"learn_events_per_s": round(args.events / learn_s)} if learn_s else {})))
 
 

@@ -174,3 +174,19 @@ def test_user_view_new_device_logins_and_time_since_login() -> None:
                       "event_type": "login", "device_id": "d3"}) is Status.ACCEPTED
     # (the login itself is not the one before it: no login in the hour before, the feature's default)
     assert state.values("u") == (180_000 + USER.ttl_ms + 1, [1.0, 0.0, 0.0, 0.0, 3600.0])
+
+
+def test_every_lane_drops_entities_idle_past_the_ttl_at_the_views_watermark() -> None:
+    """A pre-filtered lane (new-device logins) whose filter stops matching still forgets its entities once the
+    view's watermark passes their TTL: its own watermark only moves with its matches."""
+    state = ViewState(USER)
+    for i in range(50):  # each user logs in from a second device: a new-device login each
+        for j, device in enumerate(("d0", "d1")):
+            state.add({"event_id": f"l{i}-{j}", "user_id": f"u{i}", "ts_ms": 1_000 * i + j, "event_type": "login",
+                       "device_id": device})
+    assert len(state) == 50
+    later = 50_000 + 2 * USER.ttl_ms
+    for k in range(20):  # then only page views, two TTLs later
+        state.add({"event_id": f"p{k}", "user_id": f"v{k}", "ts_ms": later + 1_000 * k, "event_type": "page_view",
+                   "device_id": None})
+    assert len(state) == 20  # the 20 new users: every lane dropped the 50 idle ones

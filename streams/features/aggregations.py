@@ -595,6 +595,13 @@ class Aggregators:
                     self._sweep(base)
         return status
 
+    def sweep(self, base: int) -> None:
+        """Drop the keys idle for more than the TTL before ``base``, a watermark base at least this container's
+        own: a feature view's, over all its lanes (a lane whose filter rarely matches would otherwise keep its
+        keys until its next matching event moved its own watermark)."""
+        if base != UNSET:
+            self._sweep(base)
+
     def _sweep(self, base: int) -> None:
         # Idle relative to the *watermark*, not the newest ts: a dropped key may get a new event as old as
         # the watermark, after which queries may reach lateness + extent further back; measured from the

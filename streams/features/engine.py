@@ -28,7 +28,10 @@ view's ``allowed_lateness_ms`` (one outlier cannot move it). An event below it
 is ``LATE`` and changes nothing; an event id the entity already has is a
 ``DUPLICATE`` (ingest dedups before this, so that is a redelivery). An entity's
 values are as of its newest accepted event: a late-but-allowed event updates
-the windows, and the values stay as of the newest event.
+the windows, and the values stay as of the newest event. An entity idle for
+more than the view's ``ttl_ms`` before that watermark is dropped from every
+lane (every eighth of the TTL of watermark progress), a pre-filtered lane
+included even when no event has matched its filter since.
 
 **Derived fields** (:class:`~streams.features.definitions.FirstSeen`) are
 computed before the lanes, from per-entity sets forgotten after ``ttl_ms`` of
@@ -201,6 +204,8 @@ class ViewState:
             if self._next_sweep is None or base >= self._next_sweep:
                 for d in self._derive:
                     d.sweep(base - lateness)
+                for aggs in self._aggs:  # at the view's watermark: a lane's own moves with its matches only
+                    aggs.sweep(base)
                 self._next_sweep = base + max(1, self.view.ttl_ms // 8)
         return status
 

@@ -54,12 +54,12 @@ from load_tests.pipeline import (
     STEP_MS,
     WARM_UP,
     Load,
+    StageProcesses,
     fit_step,
     load_for,
     produce,
     services_cpu,
     wait_count,
-    worker,
 )
 from models.online import SPECS, parse_pipeline
 from sinks.redis_store import pack
@@ -249,14 +249,8 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
     ctx = mp.get_context("spawn")
     ref, n = args.project, args.events
     groups = load.stages[2]
-    scored, learned, cpu = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Value("d", 0.0)
-    stop, pause = ctx.Event(), ctx.Event()
-    rss = {"+".join(g): ctx.Value("d", 0.0) for g in groups}
-    procs = [ctx.Process(target=worker, args=(ref, endpoints, tmp, g, scored, learned, stop, pause, cpu,
-                                              rss["+".join(g)]))
-             for g in groups]
-    for w in procs:
-        w.start()
+    stages = StageProcesses.start(ctx, ref, endpoints, tmp, groups)
+    procs, scored, learned, stop, pause = stages.procs, stages.scored, stages.learned, stages.stop, stages.pause
     ready, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
     count = ctx.Value("q", 0)
     loop: Any = None
@@ -308,11 +302,11 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
             loop.terminate()
     weir_rate, bare_rate = n / learn_s, b["events_per_s"]
     ratio = weir_rate / bare_rate
-    peak = {f"weir_{name}": round(v.value, 1) for name, v in rss.items()} | {"bare": round(b["rss_mb"], 1)}
+    peak = {f"weir_{name}": v for name, v in stages.peak_rss().items()} | {"bare": round(b["rss_mb"], 1)}
     flow = " | ".join("+".join(g) for g in groups)
     print(f"weir: {n} {load.scored_name} through {flow}: scored in {drain_s:.1f}s "
           f"({n / drain_s:,.0f} events/s), learnt in {learn_s:.1f}s = {weir_rate:,.0f} events/s; "
-          f"broker/redis CPU {weir_cpu}; stage processes {cpu.value:.1f} CPU s (warm-up included)")
+          f"broker/redis CPU {weir_cpu}; stage processes {stages.cpu.value:.1f} CPU s (warm-up included)")
     print(f"bare: {n} {load.scored_name}, one process, first to last processed in {b['seconds']:.1f}s = "
           f"{bare_rate:,.0f} events/s ({b['cpu_s']:.1f} CPU s; final flush {b['flush_s'] * 1000:.0f} ms "
           f"after); broker/redis CPU {bare_cpu}")

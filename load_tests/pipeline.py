@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -321,6 +322,35 @@ def worker(ref: str, endpoints: Endpoints, tmp: Path, stages: tuple[str, ...], s
             rss.value = peak_rss_mb()
 
 
+@dataclass
+class StageProcesses:
+    """The stage processes of a run, one :func:`worker` per group of stages, and what they share: the scored and
+    learnt counts, the stop and pause events, their CPU seconds and each one's peak RSS (MiB) by group name."""
+
+    procs: list[Any]
+    scored: Any
+    learned: Any
+    stop: Any
+    pause: Any
+    cpu: Any
+    rss: dict[str, Any]
+
+    @classmethod
+    def start(cls, ctx: Any, ref: str, endpoints: Endpoints, tmp: Path,
+              groups: list[tuple[str, ...]]) -> StageProcesses:
+        shared = (ctx.Value("q", 0), ctx.Value("q", 0), ctx.Event(), ctx.Event(), ctx.Value("d", 0.0))
+        rss = {"+".join(g): ctx.Value("d", 0.0) for g in groups}
+        procs = [ctx.Process(target=worker, args=(ref, endpoints, tmp, g, *shared, rss["+".join(g)]))
+                 for g in groups]
+        for p in procs:
+            p.start()
+        return cls(procs, *shared, rss)
+
+    def peak_rss(self) -> dict[str, float]:
+        """Each stage process's peak RSS (MiB), once it stopped."""
+        return {name: round(v.value, 1) for name, v in self.rss.items()}
+
+
 def wait_count(counter: Any, target: int, timeout: float, procs: list[Any], what: str = "predictions") -> float:
     """Seconds until ``counter`` reached ``target``."""
     t0 = time.perf_counter()
@@ -377,13 +407,8 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
     ref, kafka = args.project, endpoints.kafka_bootstrap
     groups = load.stages[args.procs]
     flow = " | ".join("+".join(g) for g in groups)
-    scored, learned, stop, pause, cpu = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
-    rss = {"+".join(g): ctx.Value("d", 0.0) for g in groups}
-    procs = [ctx.Process(target=worker, args=(ref, endpoints, tmp, g, scored, learned, stop, pause, cpu,
-                                              rss["+".join(g)]))
-             for g in groups]
-    for w in procs:
-        w.start()
+    stages = StageProcesses.start(ctx, ref, endpoints, tmp, groups)
+    procs, scored, learned, stop, pause = stages.procs, stages.scored, stages.learned, stages.stop, stages.pause
     learns = any("learn" in g for g in groups)
     sub_stop, results = ctx.Event(), ctx.Queue()
     try:
@@ -457,8 +482,8 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
     hop50, hop99 = bare_hop(kafka, half, min(args.seconds, 10))
     print(f"baseline, same broker, same rate: one bare produce -> consume hop p50 {hop50:.1f} ms, "
           f"p99 {hop99:.1f} ms")
-    print(f"CPU seconds: stage processes {cpu.value:.1f}, services {services_cpu()} (whole run)")
-    peak = {name: round(v.value, 1) for name, v in rss.items()}
+    print(f"CPU seconds: stage processes {stages.cpu.value:.1f}, services {services_cpu()} (whole run)")
+    peak = stages.peak_rss()
     print(f"peak RSS per stage process (MiB): {peak}")
     print(json.dumps({"project": load.project, "model": load.model, "events_per_s": round(rate),
                       "p50_ms": round(float(p50), 1), "p99_ms": round(float(p99), 1),

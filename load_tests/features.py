@@ -289,8 +289,8 @@ def state_size(project: Project, msgs: list[tuple[str, int, bytes]]) -> dict[str
     moved by its own kind of event), after which every earlier entity is past its TTL and must be dropped:
     the state is bounded by the entities active within one TTL."""
     source_of = {silver_topic(project, s): s.name for s in project.sources}
-    items = [(source_of[topic], item) for topic, _, value in msgs
-             for item in AvroCodec(topic).decode(value)["items"]]
+    codecs = {topic: AvroCodec(topic) for topic in {topic for topic, _, _ in msgs}}
+    items = [(source_of[topic], item) for topic, _, value in msgs for item in codecs[topic].decode(value)["items"]]
     out: dict[str, float] = {}
     for view in project.views:
         mine = [item for source, item in items if source == view.source]

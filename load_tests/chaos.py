@@ -296,24 +296,36 @@ def event_ids(topic: str, msgs: list[Any]) -> set[str]:
 def committed_ahead(project: Project, bootstrap: str, predicted: set[str] | None = None) -> dict[str, int]:
     """Per hot-path stage of the first model, the events below its group's committed offsets whose output is
     missing (each one a commit ahead of its work): features (silver → scoring) and inference (scoring →
-    predictions; ``predicted``: the event ids with a prediction, when the caller has read them). Read while no
-    ``weir up`` runs, so the outputs are complete."""
+    predictions; ``predicted``: the event ids with a prediction, when the caller has read them). Inference
+    fused into the features runner (the default when both are in a process) commits nothing of its own: then
+    the features' commits must cover the predictions too. Read while no ``weir up`` runs, so the outputs are
+    complete."""
     model = project.models[0]
     source = project.source(model.source)
     silver, scoring = silver_topic(project, source), scoring_topic(project, source)
+    predicted = predicted if predicted is not None else set(predictions(project, bootstrap))
     outputs = {"features": event_ids(scoring, read_all(bootstrap, [scoring], idle_s=2.0)),
-               f"inference-{model.name}": predicted if predicted is not None else set(predictions(project, bootstrap))}
+               f"inference-{model.name}": predicted}
+    done = {stage: group_offsets(bootstrap, f"weir-{stage}", topic)
+            for stage, topic in (("features", silver), (f"inference-{model.name}", scoring))}
+    if all(offset < 0 for offset in done[f"inference-{model.name}"].values()):  # fused
+        outputs["features"] &= predicted
     out = {}
     for stage, topic in (("features", silver), (f"inference-{model.name}", scoring)):
-        reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"weir-{stage}", "enable.auto.commit": False})
-        try:  # the group's committed offsets, read by a member that never joins it
-            done = {tp.partition: tp.offset for tp in reader.committed(
-                [TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=30)}
-        finally:
-            reader.close()
-        below = [m for m in read_all(bootstrap, [topic], idle_s=2.0) if m.offset() < done.get(m.partition(), -1)]
+        below = [m for m in read_all(bootstrap, [topic], idle_s=2.0) if m.offset() < done[stage].get(m.partition(), -1)]
         out[stage] = len(event_ids(topic, below) - outputs[stage])
     return out
+
+
+def group_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset of each partition of ``topic`` (-1: none), read by a member that never
+    joins it."""
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        return {tp.partition: tp.offset for tp in reader.committed(
+            [TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=30)}
+    finally:
+        reader.close()
 
 
 class _NoStore:

@@ -68,6 +68,7 @@ class PipelineConfig:
     batch_max_size: int = 500
     batch_max_wait_ms: int = 5
     fetch_wait_ms: int = 10
+    fuse: bool = True  # inference runs on the features runner when both are in this process (see Pipeline.start)
     inference_max_batch: int = 256
     inference_max_wait_ms: int = 5
     inference_backend: str = "onnx"
@@ -149,17 +150,27 @@ class Pipeline:
             self._start_cdc()
         if "ingest" in wanted:
             self._run(ingest_stage(p, c, e.redis_url), hot=True)
+        inference = {m.name: self._start_inference(m) for m in p.models} if "inference" in wanted else {}
+        fused: dict[str, list[Stage]] = {}
         if "features" in wanted:
             # window state survives a crash (docs/features.md)
             snapshots = SignedSnapshots.from_url(e.redis_url, c.pseudonym_key)
             stage = FeaturesStage(p, OnlineStore(e.redis_url), snapshots=snapshots,
                                   checkpoint_every_s=c.features_checkpoint_s,
                                   after_commit_hook=StateFreezer())  # the windows: out of full GC scans
+            if c.fuse:  # inference takes the scoring records in memory: one broker hop less (docs/runtime.md)
+                for scorer in inference.values():
+                    if scorer.topics[0] in stage.scoring_topics:
+                        fused.setdefault(scorer.topics[0], []).append(scorer)
             if stage.topics:
-                self._run(stage, hot=True, max_batch=16)  # micro-batches of up to 500 events each
+                self._run(stage, hot=True, max_batch=16, fused=fused)  # micro-batches of up to 500 events each
+        on_features = {s.step_id for stages in fused.values() for s in stages}
         for model in p.models:
-            if "inference" in wanted:
-                self._start_inference(model)
+            own = inference.get(model.name)
+            if own is not None and own.step_id not in on_features:
+                # a scoring message carries up to batch_max_size events: the runner gathers messages (8 per
+                # consume call) until they hold one inference batch or the inference max wait passed
+                self._run(own, hot=True, max_batch=8, max_wait_ms=c.inference_max_wait_ms)
             if "learn" in wanted:
                 self._start_learn(model)
         if "drift" in wanted and p.models:
@@ -186,7 +197,8 @@ class Pipeline:
         self._run(LearnStage(self.project, model, learner, online_version(model.online_learner), snapshots=snaps,
                              challengers=challengers, checkpoint_every_s=c.learn_checkpoint_s))
 
-    def _start_inference(self, model: Model) -> None:
+    def _start_inference(self, model: Model) -> InferenceStage:
+        """The model's inference stage (not started: see :meth:`start`) and its model watch (started)."""
         c, e = self.config, self.endpoints
         rules = rules_for(model)
         slot = ModelSlot(rules)  # until model.events names a production version
@@ -200,14 +212,13 @@ class Pipeline:
         store = OnlineStore(e.redis_url, timeout_s=c.inference_redis_timeout_ms / 1000)
         stage = InferenceStage(self.project, model, store, slot, max_batch=c.inference_max_batch, chain=chain,
                                cache=cache, audit_vectors=c.audit_vectors)
-        # a scoring message carries up to batch_max_size events: the runner gathers messages (8 per consume
-        # call) until they hold one inference batch or the inference max wait passed
-        self._run(stage, hot=True, max_batch=8, max_wait_ms=c.inference_max_wait_ms)
+        self.stages[stage.step_id] = stage
         watch = ModelWatchStage(model, slot, canary_fraction=c.canary_fraction, backend=c.inference_backend)
         # every partition from the start in each process: no group to join (5-23 s on the embedded broker)
         self._run(watch, group_id=f"{c.group_prefix}-{watch.step_id}-{time.time_ns()}", max_wait_ms=200,
                   member=(0, 1))
         self.stages[f"slot-{model.name}"] = slot
+        return stage
 
     def metadata(self) -> Any:
         """The Kafka cluster's metadata as at start (read once): see :func:`streams.kafka.cluster_metadata`."""
@@ -232,7 +243,8 @@ class Pipeline:
         return str(now or "") != self.log_id()
 
     def _run(self, stage: Stage, *, hot: bool = False, group_id: str | None = None, max_batch: int | None = None,
-             max_wait_ms: int | None = None, member: tuple[int, int] | None = None) -> None:
+             max_wait_ms: int | None = None, member: tuple[int, int] | None = None,
+             fused: dict[str, list[Stage]] | None = None) -> None:
         """Start ``stage`` on a runner. Hot-path stages (ingest, features, inference) use the
         configured batch wait (unless given) and fetch wait, and the configured ``member`` share; the others
         fetch lazily (100 ms), sparing the broker."""
@@ -249,6 +261,7 @@ class Pipeline:
             dlq_guard=DlqGuard(c.dlq_max_ratio, c.dlq_window, c.dlq_min_events),  # one per runner: it has state
             guard_pause_s=c.dlq_pause_s,
             member=member or (c.member if hot else None),
+            fused=fused,
         )
         runner.start()
         self.runners[stage.step_id] = runner
@@ -301,6 +314,10 @@ class Pipeline:
     def health(self) -> dict[str, Any]:
         """Every stage's (and the CDC connector's) state: ``ok`` is true when each is running."""
         stages = {name: runner.health() for name, runner in self.runners.items()}
+        for host, runner in self.runners.items():  # a fused stage is as well as the runner it runs on
+            for name, stats in runner.fused_stats.items():
+                stages[name] = stages[host] | {"consumed": stats.consumed, "dead_lettered": stats.dead_lettered,
+                                               "runs_on": host}
         if self.cdc is not None:
             stages["cdc"] = dict(self.cdc_health)
         return {"project": self.project.name, "ok": all(h["state"] == "running" for h in stages.values()),
@@ -308,8 +325,12 @@ class Pipeline:
 
     def metrics(self) -> str:
         """Every runner's counters in the Prometheus text format (:mod:`streams.metrics`)."""
-        return render({name: (h["state"], h["retries"], runner.stats)
-                       for name, runner in self.runners.items() if (h := runner.health())})
+        out = {}
+        for name, runner in self.runners.items():
+            h = runner.health()
+            out[name] = (h["state"], h["retries"], runner.stats)
+            out.update({fused: (h["state"], h["retries"], stats) for fused, stats in runner.fused_stats.items()})
+        return render(out)
 
     def check(self) -> dict[str, Any]:
         """Log each stage that changed state since the last call (a failing stage is retried, a stage the DLQ
@@ -346,4 +367,6 @@ class Pipeline:
             self.ch.close()
 
     def stats(self) -> dict[str, Any]:
-        return {name: vars(r.stats) for name, r in self.runners.items()}
+        out = {name: vars(r.stats) for name, r in self.runners.items()}
+        out.update({name: vars(st) for r in self.runners.values() for name, st in r.fused_stats.items()})
+        return out

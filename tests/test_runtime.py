@@ -226,3 +226,84 @@ def test_members_without_a_group_split_the_partitions_and_resume_from_their_comm
     produce(40)
     again = run(1, 10)
     assert sorted(again.seen) == sorted((p, o) for p in (1, 3) for o in range(10, 20))  # only what is new
+
+
+class Relay(Stage):
+    """Upstream of a fused pair: each message on to ``mid``, same key, value and partition."""
+
+    step_id = "relay"
+
+    def __init__(self, topic: str, mid: str) -> None:
+        self.topics = (topic,)
+        self.mid = mid
+
+    def handle(self, batch: list[Message]) -> StepResult:
+        return StepResult([Produce(self.mid, m.key, m.value, partition=m.partition) for m in batch])
+
+
+class Tail(Stage):
+    """Downstream of a fused pair: records what it was handed, answers each message on ``out`` (its first
+    ``fail_first`` calls fail, as a bug or a dependency down would)."""
+
+    step_id = "tail"
+
+    def __init__(self, mid: str, out: str, fail_first: int = 0) -> None:
+        self.topics = (mid,)
+        self.out = out
+        self.fail_first = fail_first
+        self.handed: list[tuple[str, int, bytes | None]] = []
+
+    def handle(self, batch: list[Message]) -> StepResult:
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            raise ConnectionError("down")
+        self.handed.extend((m.topic, m.partition, m.value) for m in batch)
+        return StepResult([Produce(self.out, m.key, b"re:" + (m.value or b""), partition=m.partition) for m in batch])
+
+
+def _read(bootstrap: str, topic: str, partitions: int, n: int) -> list[tuple[int, bytes]]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"r-{topic}", "enable.auto.commit": False})
+    c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    got: list[tuple[int, bytes]] = []
+    deadline = time.time() + 30
+    while time.time() < deadline and len(got) < n:
+        got += [(m.partition(), m.value()) for m in c.consume(1000, 0.5) if m.error() is None]
+    c.close()
+    return got
+
+
+def test_a_fused_stage_gets_the_records_in_memory_and_the_topic_is_still_written(endpoints: Endpoints) -> None:
+    """Fusion (``fused``): the downstream stage gets every record its upstream produces to its topic, in order
+    and on the same partition, without reading the broker; the topic still holds them, the downstream's outputs
+    are produced, and the upstream's commit covers both; a failure in the downstream stage rewinds the upstream
+    to its committed offsets, so nothing is lost."""
+    topic, mid, out = (f"test.runtime.{uuid.uuid4().hex[:8]}{s}" for s in ("", ".mid", ".out"))
+    ensure_topics(endpoints.kafka_bootstrap, [topic, mid, out], 2)
+    producer = Producer(producer_config(endpoints.kafka_bootstrap))
+    for i in range(100):
+        producer.produce(topic, str(i).encode(), partition=i % 2)
+        if i % 20 == 19:
+            producer.flush(10)
+            time.sleep(0.05)
+    assert producer.flush(10) == 0
+    tail = Tail(mid, out, fail_first=2)
+    runner = BatchRunner(Relay(topic, mid), endpoints.kafka_bootstrap, group_id=f"g-{topic}", max_batch=15,
+                         max_wait_ms=5, backoff_s=0.2, fused={mid: [tail]})
+    runner.start()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and (runner.stats.committed.get((topic, 0)) != 50
+                                          or runner.stats.committed.get((topic, 1)) != 50):
+            time.sleep(0.05)
+        health = runner.health()
+    finally:
+        runner.stop()
+    assert runner.error is None and health["fused"] == ["tail"] and health["retries"] == 2
+    for p in (0, 1):  # per partition, in order, each value once: the failed batches were not handed on
+        assert [v for t, q, v in tail.handed if q == p] == [str(i).encode() for i in range(p, 100, 2)]
+    assert {t for t, _, _ in tail.handed} == {mid}
+    assert runner.fused_stats["tail"].consumed == 100
+    assert sorted(_read(endpoints.kafka_bootstrap, mid, 2, 100)) == sorted((i % 2, str(i).encode())
+                                                                          for i in range(100))
+    assert sorted(_read(endpoints.kafka_bootstrap, out, 2, 100)) == sorted((i % 2, b"re:" + str(i).encode())
+                                                                          for i in range(100))

@@ -175,6 +175,7 @@ class FeaturesStage(StatefulStage):
             self._inputs[names.get(topic, topic)] = _Input(source.name, source.partition_key, AvroCodec(topic),
                                                            scoring)
         self.topics: tuple[str, ...] = tuple(self._inputs)
+        self.scoring_topics = tuple(i.scoring[0] for i in self._inputs.values() if i.scoring is not None)
         self.partitions: dict[TopicPartition, FeatureComputer] = {}  # the state of each input partition
         self.late = self.duplicates = 0  # events the views refused (outside replay), for tests and metrics
         log_topic = T.internal(project, T.I_FEATURE_LOG)

